@@ -1,0 +1,150 @@
+"""Command-line flags of ``train_coreset_distribution.py`` (SPEC section 0).
+
+Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
+``--backbone_weights``, ``--random_init``, ``--nb_mask``, ``--embedding_root_path``,
+``--max_train_images`` and ``--debug`` are ours.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from pni.features import BACKBONES
+
+DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _odd_positive(text: str) -> int:
+    value = int(text)
+    if value <= 0 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive odd integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="PNI: build coresets, learn the neighbourhood and position priors for one "
+        "category, then score its test set (anomaly maps + AUROC).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("stages (a stage whose flag is absent loads its saved artefacts)")
+    g.add_argument("--train_coreset", action="store_true", help="build the embedding and distribution coresets")
+    g.add_argument("--train_nb_dist", action="store_true", help="train the neighbourhood MLP")
+    g.add_argument("--train_coor_dist", action="store_true", help="count the position priors")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_path", default="../dataset/MVTecAD", help="dataset root folder")
+    g.add_argument("--dataset_category", default="MVTec", choices=DATASET_CATEGORIES, help="dataset layout")
+    g.add_argument("--category", default="bottle", help="product category (sub-folder of --dataset_path)")
+    g.add_argument("--resize", type=_positive_int, default=512, help="shorter image side after resizing")
+    g.add_argument("--imagesize", type=_positive_int, default=480, help="centre-crop size")
+    g.add_argument("--num_workers", type=_non_negative_int, default=0, help="data loader worker processes")
+    g.add_argument("--max_train_images", type=_positive_int, default=None,
+                   help="use only the first N training images (quick experiments)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--project_root_path", default="./result", help="where test results and score_result.csv go")
+    g.add_argument("--embedding_root_path", default=".",
+                   help="folder holding embeddings_layer2+layer3/ (BTAD_embedding/, VisA_embedding/)")
+    g.add_argument("--seed", type=int, default=22, help="random seed")
+
+    g = p.add_argument_group("features")
+    g.add_argument("--backbone", "-b", default="WR101", choices=list(BACKBONES), help="ImageNet backbone")
+    g.add_argument("--backbone_weights", default=None, metavar="PATH",
+                   help="torchvision state dict of the backbone (default: the torch hub cache)")
+    g.add_argument("--random_init", action="store_true",
+                   help="randomly initialised backbone (tests and offline demos only)")
+    g.add_argument("--layer_index", nargs="+", default=["layer2", "layer3"], choices=LAYERS,
+                   help="backbone layers whose features are used")
+    g.add_argument("--pretrain_embed_dimension", type=_positive_int, default=1024, help="per-layer pooled size")
+    g.add_argument("--target_embed_dimension", type=_positive_int, default=1024, help="final feature size E")
+    g.add_argument("--patchsize", type=_odd_positive, default=5, help="local aggregation window (odd)")
+
+    g = p.add_argument_group("coreset")
+    g.add_argument("--subsampling_percentage", "-p", type=_fraction, default=0.01,
+                   help="embedding coreset size as a fraction of all training patches")
+    g.add_argument("--dist_coreset_size", type=_positive_int, default=2048, help="distribution coreset size")
+    g.add_argument("--anomaly_nn", type=_positive_int, default=3, help="neighbours for the PatchCore score")
+
+    g = p.add_argument_group("neighbourhood and position priors")
+    g.add_argument("--dist_padding", type=_positive_int, default=4, help="half-width dp of the neighbourhood window")
+    g.add_argument("--num_layers", type=_positive_int, default=10, help="linear layers of the neighbourhood MLP")
+    g.add_argument("--num_epochs", type=_positive_int, default=15, help="MLP training epochs")
+    g.add_argument("--learning_rate", type=_positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--step_size", type=_positive_int, default=5, help="StepLR period (epochs), gamma 0.1")
+    g.add_argument("--dist_batchsize", type=_positive_int, default=2048, help="MLP batch size")
+
+    g = p.add_argument_group("scoring")
+    g.add_argument("--softmax_temperature_alpha", type=_positive_float, default=2.0, help="softmax temperature")
+    g.add_argument("--prob_gamma", type=_positive_float, default=0.99, help="g in prob = g*exp(-g*d)")
+    g.add_argument("--softmax_nb_gamma", type=_non_negative_float, default=0.5,
+                   help="neighbourhood threshold: softmax > gamma / coreset size")
+    g.add_argument("--softmax_coor_gamma", type=_non_negative_float, default=0.5,
+                   help="position threshold: prior > gamma / coreset size")
+    g.add_argument("--blursigma", type=_non_negative_float, default=8.0, help="Gaussian blur of the maps (pixels)")
+    g.add_argument("--nb_mask", default="official", choices=("official", "paper"),
+                   help="'official' reproduces the published code's indexing, 'paper' the described method")
+
+    g = p.add_argument_group("devices")
+    g.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    g.add_argument("--devices", default="auto", help="Lightning devices: auto, N, or a list")
+    g.add_argument("--strategy", default="auto", help="Lightning strategy: auto or ddp")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.imagesize > args.resize:
+        parser.error(f"--imagesize ({args.imagesize}) must not exceed --resize ({args.resize})")
+    if args.random_init and args.backbone_weights:
+        parser.error("--random_init and --backbone_weights exclude each other")
+    return args
+
+
+def embedding_dir(args: argparse.Namespace) -> Path:
+    """Artefact folder of the original: ``[BTAD_|VisA_]embedding/embeddings_<layers>/<category>/<backbone>``."""
+    root = Path(args.embedding_root_path)
+    if args.dataset_category == "BTAD":
+        root = root / "BTAD_embedding"
+    elif args.dataset_category == "VisA":
+        root = root / "VisA_embedding"
+    return root / f"embeddings_{'+'.join(args.layer_index)}" / args.category / args.backbone

@@ -1,0 +1,153 @@
+"""Greedy k-center coresets (PatchCore) and the faiss indexes that store them (SPEC section 3).
+
+The feature bank is streamed in chunks through a sparse random projection; the greedy
+selection then keeps one ``(N,)`` vector of distances to the chosen set, so memory stays
+O(N * projected_dim), never N x N.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import faiss
+import numpy as np
+import torch
+from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+
+from pni.io import atomic_path
+
+JL_EPS = 0.9
+
+
+def projection_matrix(n_samples: int, dim: int, seed: int, eps: float = JL_EPS) -> torch.Tensor | None:
+    """Sparse random projection ``(dim, d)`` with ``d`` from Johnson-Lindenstrauss at ``eps``.
+
+    Returns ``None`` when ``d >= dim`` (projecting would not reduce anything), in which case
+    the greedy search runs on the features themselves.
+    """
+    d = int(johnson_lindenstrauss_min_dim(n_samples, eps=eps))
+    if d >= dim:
+        return None
+    proj = SparseRandomProjection(n_components=d, random_state=seed)
+    proj.fit(np.zeros((1, dim), dtype=np.float32))
+    return torch.from_numpy(proj.components_.toarray().astype(np.float32)).T.contiguous()
+
+
+def project_chunks(
+    chunks: Iterable[np.ndarray | torch.Tensor],
+    n_total: int,
+    matrix: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Stream feature chunks ``(n_i, E)`` through ``matrix`` ``(E, d)`` into one
+    preallocated ``(n_total, d)`` tensor on ``device``."""
+    out: torch.Tensor | None = None
+    start = 0
+    for chunk in chunks:
+        x = torch.as_tensor(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk)
+        x = x.to(device=device, dtype=torch.float32)
+        y = x @ matrix.to(device) if matrix is not None else x
+        if out is None:
+            out = torch.empty((n_total, y.shape[1]), dtype=torch.float32, device=device)
+        out[start : start + len(y)] = y
+        start += len(y)
+    if out is None or start != n_total:
+        raise ValueError(f"expected {n_total} feature rows, got {start}")
+    return out
+
+
+def greedy_order(
+    points: torch.Tensor,
+    n_select: int,
+    start_index: int,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> torch.Tensor:
+    """Approximate greedy k-center: start at ``start_index``, then repeatedly take the
+    point farthest (Euclidean) from the chosen set.
+
+    points ``(N, d)`` -> LongTensor ``(n_select,)`` of row indices in selection order.
+    """
+    n = points.shape[0]
+    if not 0 < n_select <= n:
+        raise ValueError(f"cannot select {n_select} of {n} points")
+    sq_norms = (points * points).sum(dim=1)
+    min_dist = torch.full((n,), float("inf"), device=points.device)
+    selected = torch.empty(n_select, dtype=torch.long, device=points.device)
+    idx = torch.tensor(start_index, device=points.device)
+    steps: Iterable[int] = range(n_select)
+    if progress is not None:
+        steps = progress(steps)
+    for step in steps:
+        selected[step] = idx
+        centre = points[idx]
+        # squared distances: same argmax as the Euclidean ones, one pass over the bank
+        dist = sq_norms - 2.0 * (points @ centre) + sq_norms[idx]
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[idx] = -1.0  # chosen points never win again (guards rounding)
+        idx = torch.argmax(min_dist)
+    return selected.cpu()
+
+
+def greedy_coreset(
+    chunks: Callable[[], Iterator[np.ndarray]],
+    n_total: int,
+    dim: int,
+    n_select: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> torch.Tensor:
+    """Project the features given by ``chunks()`` (a fresh iterator of ``(n_i, dim)`` arrays
+    covering ``n_total`` rows) and return ``n_select`` greedy k-center indices."""
+    matrix = projection_matrix(n_total, dim, seed)
+    projected = project_chunks(chunks(), n_total, matrix, device)
+    start = int(np.random.default_rng(seed).integers(n_total))
+    return greedy_order(projected, n_select, start, progress)
+
+
+# ---------------------------------------------------------------- faiss indexes
+
+
+def build_index(vectors: np.ndarray | torch.Tensor) -> faiss.Index:
+    """A flat L2 faiss index holding ``vectors`` ``(K, E)``."""
+    v = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    index = faiss.IndexFlatL2(v.shape[1])
+    index.add(v)
+    return index
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write a faiss index atomically."""
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index(path: str | os.PathLike) -> faiss.Index:
+    """Read a faiss index written by :func:`save_index` (or the original code)."""
+    return faiss.read_index(str(Path(path)))
+
+
+def index_vectors(index: faiss.Index) -> np.ndarray:
+    """All vectors stored in a flat index, ``(K, E)`` float32."""
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def use_gpu_index(index: faiss.Index) -> faiss.Index:
+    """Move ``index`` to the GPU when faiss-gpu and CUDA are present, else return it."""
+    if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index)
+    return index
+
+
+def nearest_ids(index: faiss.Index, queries: np.ndarray | torch.Tensor, chunk: int = 65536) -> np.ndarray:
+    """Id of the nearest index entry for each query row ``(N, E)`` -> ``(N,)`` int64."""
+    q = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
+    out = np.empty(len(q), dtype=np.int64)
+    for s in range(0, len(q), chunk):
+        block = np.ascontiguousarray(q[s : s + chunk], dtype=np.float32)
+        _, ids = index.search(block, 1)
+        out[s : s + chunk] = ids[:, 0]
+    return out

@@ -1,0 +1,198 @@
+"""The two learned priors over the coreset (SPEC section 4).
+
+- Neighbourhood: an MLP that reads the features around a position (centre excluded) and
+  predicts which distribution-coreset entry the centre feature is nearest to.
+- Position: for each grid position, the normalised histogram of nearest embedding-coreset
+  ids over the training images, spread over a ``(2*dp+1)^2`` window.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pni.errors import PNIError
+from pni.io import atomic_path
+
+HIDDEN_WIDTH = 2048
+
+
+def window_offsets(dist_padding: int) -> torch.Tensor:
+    """Row-major ``(dr, dc)`` offsets of the ``(2dp+1)^2`` window without its centre:
+    ``((2dp+1)^2 - 1, 2)`` long."""
+    r = torch.arange(-dist_padding, dist_padding + 1)
+    grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)
+    keep = (grid != 0).any(dim=1)
+    return grid[keep]
+
+
+def gather_windows(
+    grids: np.ndarray | torch.Tensor,
+    image_ids: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    dist_padding: int,
+) -> torch.Tensor:
+    """Neighbourhood inputs for a batch of positions.
+
+    grids ``(N_img, R, C, E)`` (array, memory map or tensor); image_ids, rows, cols ``(B,)``
+    -> ``(B, ((2dp+1)^2 - 1) * E)``: the features of the window around each position in
+    row-major order, each position's ``E`` values contiguous, zeros outside the grid.
+    """
+    n_img, n_rows, n_cols, dim = grids.shape
+    offsets = window_offsets(dist_padding).to(rows.device)
+    rr = rows[:, None] + offsets[None, :, 0]
+    cc = cols[:, None] + offsets[None, :, 1]
+    valid = (rr >= 0) & (rr < n_rows) & (cc >= 0) & (cc < n_cols)
+    rr_c = rr.clamp(0, n_rows - 1)
+    cc_c = cc.clamp(0, n_cols - 1)
+    ii = image_ids[:, None].expand_as(rr)
+    if isinstance(grids, torch.Tensor):
+        feats = grids[ii, rr_c, cc_c]
+    else:
+        feats = torch.from_numpy(np.asarray(grids[ii.numpy(), rr_c.numpy(), cc_c.numpy()], dtype=np.float32))
+    feats = feats.to(torch.float32) * valid[..., None].to(feats.device)
+    return feats.reshape(len(rows), -1)
+
+
+def grid_windows(grid: torch.Tensor, positions: torch.Tensor, dist_padding: int) -> torch.Tensor:
+    """Windows of one image's grid ``(R, C, E)`` at flat ``positions`` ``(B,)`` ->
+    ``(B, ((2dp+1)^2 - 1) * E)``."""
+    n_cols = grid.shape[1]
+    zeros = torch.zeros_like(positions)
+    return gather_windows(grid[None], zeros, positions // n_cols, positions % n_cols, dist_padding)
+
+
+class NeighbourhoodMLP(nn.Module):
+    """Neighbourhood prior: window features -> logits over the distribution coreset.
+
+    ``num_layers`` linear layers: hidden ones are Linear -> BatchNorm1d -> ReLU -> Dropout,
+    the last maps to ``num_classes`` logits. Parameter names follow the original
+    (``first_layer``, ``hidden_layers.<i>``, ``last_layer``) so its checkpoints load.
+    forward: ``(B, in_features)`` -> ``(B, num_classes)``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, num_layers: int = 10, hidden: int = HIDDEN_WIDTH,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        if num_layers < 2:
+            raise PNIError(f"--num_layers must be at least 2, got {num_layers}")
+
+        def block(n_in: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(n_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout))
+
+        self.first_layer = block(in_features)
+        self.hidden_layers = nn.ModuleList([block(hidden) for _ in range(num_layers - 2)])
+        self.last_layer = nn.Sequential(nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first_layer(x)
+        for layer in self.hidden_layers:
+            x = layer(x)
+        return self.last_layer(x)
+
+
+def mlp_file_name(dist_padding: int, dist_coreset_size: int, num_layers: int) -> str:
+    return f"best_model_dp{dist_padding}_dcs{dist_coreset_size}_n{num_layers}.pt"
+
+
+def save_mlp_checkpoint(path: str | os.PathLike, model: nn.Module, settings: dict[str, Any],
+                        train_loss: float, val_loss: float) -> None:
+    """Save ``{'model': state_dict, 'settings': dict, 'train_loss', 'val_loss'}`` atomically;
+    loadable with ``torch.load(weights_only=True)``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"model": state, "settings": dict(settings), "train_loss": float(train_loss),
+               "val_loss": float(val_loss)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_mlp_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load an MLP checkpoint (ours or the original's) without unpickling code.
+
+    The original stores an ``argparse.Namespace`` under ``args``; it is allow-listed and
+    turned into a plain dict under ``settings``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PNIError(f"missing neighbourhood model {path} (run with --train_nb_dist to make it)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PNIError(f"cannot read neighbourhood model {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise PNIError(f"{path} is not a neighbourhood model checkpoint (no 'model' entry)")
+    settings = payload.get("settings")
+    if settings is None and "args" in payload:
+        settings = vars(payload["args"]) if isinstance(payload["args"], argparse.Namespace) else dict(payload["args"])
+    payload["settings"] = settings or {}
+    return payload
+
+
+def mlp_from_state_dict(state: dict[str, torch.Tensor]) -> NeighbourhoodMLP:
+    """Rebuild a :class:`NeighbourhoodMLP` whose sizes are read off ``state``."""
+    try:
+        in_features = state["first_layer.0.weight"].shape[1]
+        hidden = state["first_layer.0.weight"].shape[0]
+        num_classes = state["last_layer.0.weight"].shape[0]
+    except KeyError as exc:
+        raise PNIError(f"neighbourhood model state dict lacks {exc}") from None
+    n_hidden = len({k.split(".")[1] for k in state if k.startswith("hidden_layers.")})
+    model = NeighbourhoodMLP(in_features, num_classes, num_layers=n_hidden + 2, hidden=hidden)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- position prior
+
+
+def position_prior_counts(
+    nearest: torch.Tensor,
+    grid_shape: tuple[int, int],
+    coreset_size: int,
+    dist_padding: int,
+    positions: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Accumulate the position histogram.
+
+    nearest ``(N_img, Q)``: nearest coreset id of each image at the ``Q`` flat grid
+    ``positions`` (default: all ``R*C``). For a position ``(r, c)`` labelled ``k``, one is
+    added to ``counts[(r', c'), k]`` for every ``(r', c')`` within ``dist_padding`` of it
+    (clipped to the grid). Returns ``counts`` ``(R*C, coreset_size)`` float32.
+    """
+    n_rows, n_cols = grid_shape
+    if positions is None:
+        positions = torch.arange(n_rows * n_cols)
+    if counts is None:
+        counts = torch.zeros(n_rows * n_cols, coreset_size, dtype=torch.float32)
+    rows = (positions // n_cols)[None, :].expand_as(nearest)
+    cols = (positions % n_cols)[None, :].expand_as(nearest)
+    r = torch.arange(-dist_padding, dist_padding + 1)
+    labels = nearest.reshape(-1)
+    ones = torch.ones(labels.shape[0], dtype=counts.dtype)
+    for dr in r.tolist():
+        for dc in r.tolist():  # (2dp+1)^2 vectorised passes, each over all images at once
+            rr = rows.reshape(-1) + dr
+            cc = cols.reshape(-1) + dc
+            ok = (rr >= 0) & (rr < n_rows) & (cc >= 0) & (cc < n_cols)
+            target = rr[ok] * n_cols + cc[ok]
+            counts.index_put_((target, labels[ok]), ones[ok], accumulate=True)
+    return counts
+
+
+def normalise_rows(counts: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum; all-zero rows stay zero."""
+    total = counts.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, counts / total.clamp_min(1e-12), torch.zeros_like(counts))
+
+
+def position_prior_file_name(subsampling_percentage: float, with_edge: bool) -> str:
+    base = f"coor_model_sp{int(subsampling_percentage * 100)}"
+    return base + ("_with_edge.npy" if with_edge else ".npy")

@@ -1,0 +1,231 @@
+"""LightningModules: thin glue that runs the compute modules on the Lightning device,
+with Lightning's progress bars, devices and (for the MLP and test scoring) strategies.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pni.coreset import greedy_coreset
+from pni.distributions import NeighbourhoodMLP, gather_windows, grid_windows
+from pni.features import PatchFeatureExtractor
+
+
+class IndexedDataset(Dataset):
+    """Adds the item's position in the dataset as ``index``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.base[i])
+        item["index"] = i
+        return item
+
+
+# ---------------------------------------------------------------- stage 1: feature bank + coreset
+
+
+class FeatureBankModule(pl.LightningModule):
+    """Fills a preallocated feature bank ``(N_img, R, C, E)`` (array or memory map) by
+    running the patch feature extractor over a dataset (``trainer.predict``)."""
+
+    def __init__(self, extractor: PatchFeatureExtractor, bank: np.ndarray) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.bank = bank
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        feats = self.extractor(batch["image"])
+        self.bank[batch["index"].cpu().numpy()] = feats.to(torch.float32).cpu().numpy().astype(self.bank.dtype)
+        return None
+
+
+class CoresetModule(FeatureBankModule):
+    """Feature bank plus greedy k-center selection on the Lightning device, run at the end
+    of ``trainer.predict``. After it, ``selections`` holds ``{'with_edge': LongTensor,
+    'without_edge': LongTensor}`` of flat indices (see :meth:`flat_rows`)."""
+
+    def __init__(self, extractor: PatchFeatureExtractor, bank: np.ndarray, pad: int,
+                 n_select: dict[str, int], seed: int, show_progress: bool = True) -> None:
+        super().__init__(extractor, bank)
+        self.pad = pad
+        self.n_select = n_select
+        self.seed = seed
+        self.show_progress = show_progress
+        self.selections: dict[str, torch.Tensor] = {}
+
+    def flat_rows(self, variant: str) -> Callable[[], Any]:
+        """A factory of per-image chunks ``(n_i, E)`` of the bank for one variant."""
+        bank, pad = self.bank, self.pad
+
+        def chunks():
+            for i in range(bank.shape[0]):
+                grid = bank[i] if variant == "with_edge" else bank[i, pad: bank.shape[1] - pad, pad: bank.shape[2] - pad]
+                yield np.asarray(grid, dtype=np.float32).reshape(-1, bank.shape[-1])
+
+        return chunks
+
+    def on_predict_epoch_end(self) -> None:
+        from tqdm.auto import tqdm
+
+        n_img, n_rows, n_cols, dim = self.bank.shape
+        sizes = {"with_edge": n_img * n_rows * n_cols,
+                 "without_edge": n_img * (n_rows - 2 * self.pad) * (n_cols - 2 * self.pad)}
+        for variant, n_select in self.n_select.items():
+            def progress(it, variant=variant):
+                return tqdm(it, desc=f"coreset ({variant.replace('_', ' ')})", disable=not self.show_progress,
+                            mininterval=1.0, leave=False)
+
+            self.selections[variant] = greedy_coreset(
+                self.flat_rows(variant), sizes[variant], dim, n_select, self.seed, self.device, progress
+            )
+
+
+# ---------------------------------------------------------------- stage 2: neighbourhood MLP
+
+
+class WindowCollate:
+    """Builds a batch of (window features, label) from flat sample ids, reading the stored
+    feature grids directly (windows are never materialised for the whole set)."""
+
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, pad: int, dist_padding: int) -> None:
+        self.bank = bank
+        self.labels = torch.as_tensor(labels, dtype=torch.long)  # (N_img, P_int)
+        self.pad = pad
+        self.dist_padding = dist_padding
+        self.cols_int = bank.shape[2] - 2 * pad
+
+    def __call__(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        p_int = self.labels.shape[1]
+        img, pos = ids // p_int, ids % p_int
+        rows = pos // self.cols_int + self.pad
+        cols = pos % self.cols_int + self.pad
+        x = gather_windows(self.bank, img, rows, cols, self.dist_padding)
+        return x, self.labels[img, pos]
+
+
+class NeighbourhoodModule(pl.LightningModule):
+    """Trains :class:`NeighbourhoodMLP` with cross-entropy, Adam and StepLR; calls
+    ``on_best(model, train_loss, val_loss)`` whenever the validation loss improves."""
+
+    def __init__(self, in_features: int, num_classes: int, num_layers: int, learning_rate: float,
+                 step_size: int, on_best: Callable[[torch.nn.Module, float, float], None] | None = None) -> None:
+        super().__init__()
+        self.model = NeighbourhoodMLP(in_features, num_classes, num_layers)
+        self.learning_rate = learning_rate
+        self.step_size = step_size
+        self.on_best = on_best
+        self.best_val = math.inf
+        self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log(f"{split}_loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True,
+                 batch_size=len(y), sync_dist=split == "val")
+        self._sums[split][0] += float(loss.detach()) * len(y)
+        self._sums[split][1] += len(y)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        self._sums["train"] = [0.0, 0]
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums["val"] = [0.0, 0]
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        val = self.trainer.callback_metrics.get("val_loss")
+        val = float(val) if val is not None else self._sums["val"][0] / max(self._sums["val"][1], 1)
+        s, n = self._sums["train"]
+        train = s / n if n else float("nan")
+        if val < self.best_val:
+            self.best_val = val
+            if self.on_best is not None and self.trainer.is_global_zero:
+                self.on_best(self.model, train, val)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.step_size, gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def split_train_val(n_samples: int, seed: int, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random train/validation split of ``range(n_samples)`` (seeded)."""
+    perm = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n_samples * val_fraction)))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def window_loader(ids: torch.Tensor, collate: WindowCollate, batch_size: int, shuffle: bool, seed: int,
+                  num_workers: int = 0) -> DataLoader:
+    return DataLoader(ids.tolist(), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+# ---------------------------------------------------------------- stage 4: test scoring
+
+
+class AnomalyTestModule(pl.LightningModule):
+    """Scores test images (features -> neighbourhood logits -> PNI maps) and hands each
+    image's result to ``sink(item_meta, result)``; returns nothing per step.
+
+    ``scorer(features (R,C,E), nb_logits (P_int,D)) -> result`` is the per-image scoring
+    function bound to its artefacts (see ``pni.scoring``).
+    """
+
+    def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, pad: int, dist_padding: int,
+                 scorer: Callable[[torch.Tensor, torch.Tensor], Any], sink: Callable[[dict, Any], None],
+                 window_chunk: int = 1024) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.mlp = mlp.eval()
+        self.pad = pad
+        self.dist_padding = dist_padding
+        self.scorer = scorer
+        self.sink = sink
+        self.window_chunk = window_chunk
+
+    @torch.no_grad()
+    def nb_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        """Neighbourhood MLP logits at the interior positions of one grid ``(R, C, E)``
+        -> ``(P_int, D)``; windows built chunk by chunk."""
+        n_rows, n_cols, _ = grid.shape
+        p = self.pad
+        rr, cc = torch.meshgrid(torch.arange(p, n_rows - p), torch.arange(p, n_cols - p), indexing="ij")
+        positions = (rr * n_cols + cc).reshape(-1).to(grid.device)
+        out = [self.mlp(grid_windows(grid, positions[s: s + self.window_chunk], self.dist_padding))
+               for s in range(0, len(positions), self.window_chunk)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.mlp.eval()
+        feats = self.extractor(batch["image"])
+        for b in range(feats.shape[0]):
+            logits = self.nb_logits(feats[b])
+            result = self.scorer(feats[b], logits)
+            meta = {k: (v[b] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in batch.items()}
+            self.sink(meta, result)

@@ -1,0 +1,102 @@
+"""Per-image result files and the score table of a test run (SPEC section 5).
+
+Layout (see docs/DESIGN.md): ``<project_root>/<category>/<backbone>/anomaly/lightning_logs/
+version_<k>/sample/{type}_{stem}[...].npy`` plus ``image_scores.csv`` beside ``sample/``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
+
+MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
+SETTING_COLUMNS: tuple[str, ...] = (
+    "category", "backbone", "version", "seed", "imagesize", "subsampling_percentage", "anomaly_nn",
+    "dist_coreset_size", "dist_padding", "num_layers", "nb_mask",
+)
+SCORE_COLUMNS: tuple[str, ...] = tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC"))
+
+
+def run_dir(project_root: str | os.PathLike, category: str, backbone: str) -> Path:
+    """``<project_root>/<category>/<backbone>/anomaly`` (Lightning's logger save_dir)."""
+    return Path(project_root) / category / backbone / "anomaly"
+
+
+def version_dirs(project_root: str | os.PathLike, category: str, backbone: str) -> list[Path]:
+    """Existing ``version_<k>`` folders, oldest first (by k)."""
+    logs = run_dir(project_root, category, backbone) / "lightning_logs"
+    found = [p for p in logs.glob("version_*") if re.fullmatch(r"version_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def heatmap_jpeg(path: str | os.PathLike, amap: np.ndarray) -> None:
+    """Write a jet heat map (per-image min-max) as JPEG."""
+    lo, hi = float(amap.min()), float(amap.max())
+    norm = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+    colour = cv2.applyColorMap(np.uint8(np.round(norm * 255)), cv2.COLORMAP_JET)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), colour):
+            raise OSError(f"cannot write {path}")
+
+
+def write_sample(
+    sample_dir: str | os.PathLike,
+    defect_type: str,
+    stem: str,
+    image: np.ndarray,
+    gt: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    jpeg: bool = True,
+) -> None:
+    """Write one test image's files: image (uint8 HxWx3), gt (uint8 HxW, 1 = defect) and the
+    anomaly maps (float32 HxW) as ``.npy``, plus jet JPEGs of the maps."""
+    sample_dir = Path(sample_dir)
+    prefix = sample_dir / f"{defect_type}_{stem}"
+    save_npy(f"{prefix}.npy", np.asarray(image, dtype=np.uint8))
+    save_npy(f"{prefix}_gt.npy", np.asarray(gt, dtype=np.uint8))
+    for name, amap in maps.items():
+        save_npy(f"{prefix}_amap_{name}.npy", np.asarray(amap, dtype=np.float32))
+        if jpeg:
+            heatmap_jpeg(f"{prefix}_amap_{name}.jpg", amap)
+
+
+def read_sample(sample_dir: str | os.PathLike, defect_type: str, stem: str,
+                map_names: Sequence[str] = MAP_NAMES) -> dict[str, np.ndarray]:
+    """Read back what :func:`write_sample` wrote (never unpickles)."""
+    prefix = Path(sample_dir) / f"{defect_type}_{stem}"
+    out = {"image": load_npy(f"{prefix}.npy"), "gt": load_npy(f"{prefix}_gt.npy")}
+    for name in map_names:
+        out[name] = load_npy(f"{prefix}_amap_{name}.npy")
+    return out
+
+
+IMAGE_SCORE_COLUMNS: tuple[str, ...] = ("defect_type", "stem", "label") + MAP_NAMES
+
+
+def write_image_scores(path: str | os.PathLike, rows: Sequence[Sequence]) -> None:
+    """``image_scores.csv``: one row per test image with each map family's image score."""
+    write_csv(path, IMAGE_SCORE_COLUMNS, rows)
+
+
+def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
+                        scores: Mapping[str, float]) -> list:
+    """Append one run's row to ``score_result.csv`` (header on creation); return the row."""
+    row = [settings.get(c, "") for c in SETTING_COLUMNS] + [f"{scores[c]:.6f}" for c in SCORE_COLUMNS]
+    append_csv_rows(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS), [row])
+    return row
+
+
+def format_score_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """A plain-text table: one line per category with P-/I-AUROC of each map family."""
+    head = ["category"] + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
+    lines = [head]
+    for r in rows:
+        lines.append([str(r["category"])] + [f"{100 * float(r[c]):.2f}" for c in SCORE_COLUMNS])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)

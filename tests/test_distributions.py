@@ -1,0 +1,110 @@
+"""Neighbourhood windows, the MLP and its checkpoints, and the position prior."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from pni.distributions import (
+    NeighbourhoodMLP,
+    gather_windows,
+    load_mlp_checkpoint,
+    mlp_from_state_dict,
+    normalise_rows,
+    position_prior_counts,
+    save_mlp_checkpoint,
+    window_offsets,
+)
+from pni.errors import PNIError
+
+
+def naive_window(grid: np.ndarray, r: int, c: int, dp: int) -> np.ndarray:
+    rows, cols, dim = grid.shape
+    out = []
+    for dr in range(-dp, dp + 1):
+        for dc in range(-dp, dp + 1):
+            if dr == 0 and dc == 0:
+                continue
+            rr, cc = r + dr, c + dc
+            out.append(grid[rr, cc] if 0 <= rr < rows and 0 <= cc < cols else np.zeros(dim, grid.dtype))
+    return np.concatenate(out)
+
+
+def test_windows_match_naive_reference_for_arrays_and_tensors():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(3, 7, 6, 4)).astype(np.float32)
+    img = torch.tensor([0, 2, 1, 2])
+    rows = torch.tensor([0, 3, 6, 5])
+    cols = torch.tensor([0, 2, 5, 1])
+    expected = np.stack([naive_window(bank[i], r, c, 2) for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())])
+    np.testing.assert_array_equal(gather_windows(bank, img, rows, cols, 2).numpy(), expected)
+    np.testing.assert_array_equal(gather_windows(torch.from_numpy(bank), img, rows, cols, 2).numpy(), expected)
+    assert len(window_offsets(4)) == 80
+
+
+def test_mlp_parameter_names_follow_the_original():
+    model = NeighbourhoodMLP(12, 5, num_layers=4, hidden=16)
+    keys = set(model.state_dict())
+    for k in ("first_layer.0.weight", "first_layer.1.running_mean", "hidden_layers.0.0.weight",
+              "hidden_layers.1.1.bias", "last_layer.0.weight"):
+        assert k in keys
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 4
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = NeighbourhoodMLP(12, 5, num_layers=3, hidden=16).eval()
+    path = tmp_path / "best_model_dp1_dcs5_n3.pt"
+    save_mlp_checkpoint(path, model, {"dist_padding": 1}, 1.5, 1.2)
+    raw = torch.load(path, weights_only=True)  # plain tensors and numbers only
+    assert raw["val_loss"] == pytest.approx(1.2)
+    loaded = mlp_from_state_dict(load_mlp_checkpoint(path)["model"])
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_original_checkpoint_with_namespace_loads(tmp_path):
+    model = NeighbourhoodMLP(12, 5, num_layers=3, hidden=16).eval()
+    path = tmp_path / "orig.pt"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(dist_padding=1, num_layers=3),
+                "train_loss": 0.5, "val_loss": 0.6}, path)
+    ckpt = load_mlp_checkpoint(path)
+    assert ckpt["settings"] == {"dist_padding": 1, "num_layers": 3}
+    assert mlp_from_state_dict(ckpt["model"]).last_layer[0].out_features == 5
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Evil()}, path)
+    with pytest.raises(PNIError, match="cannot read"):
+        load_mlp_checkpoint(path)
+
+
+def naive_position_counts(labels: np.ndarray, positions, rows, cols, k, dp):
+    counts = np.zeros((rows * cols, k))
+    for img in range(labels.shape[0]):
+        for q, pos in enumerate(positions):
+            r, c = divmod(pos, cols)
+            for rr in range(max(0, r - dp), min(rows, r + dp + 1)):
+                for cc in range(max(0, c - dp), min(cols, c + dp + 1)):
+                    counts[rr * cols + cc, labels[img, q]] += 1
+    return counts
+
+
+def test_position_prior_matches_naive_reference():
+    rng = np.random.default_rng(4)
+    rows, cols, k, dp = 6, 5, 9, 1
+    positions = [r * cols + c for r in range(1, rows - 1) for c in range(1, cols - 1)]
+    labels = rng.integers(0, k - 2, size=(3, len(positions)))  # entries k-2, k-1 never used
+    counts = position_prior_counts(torch.as_tensor(labels), (rows, cols), k, dp,
+                                   positions=torch.as_tensor(positions))
+    expected = naive_position_counts(labels, positions, rows, cols, k, dp)
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    prior = normalise_rows(counts)
+    np.testing.assert_allclose(prior.sum(1).numpy(), 1.0, rtol=1e-6)
+    assert (prior[:, k - 2:] == 0).all()
+    empty = normalise_rows(torch.zeros(2, 3))
+    assert torch.equal(empty, torch.zeros(2, 3))

@@ -1,0 +1,361 @@
+"""Scoring (SPEC section 5): the vectorised code against a naive loop-by-loop reference."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from pni.errors import PNIError
+from pni.scoring import (
+    MAP_NAMES,
+    ScoringArtefacts,
+    ScoringConfig,
+    gaussian_blur,
+    interior_indices,
+    nb_scores,
+    nearest_ids,
+    pad_interior,
+    pairwise_distances,
+    resize_and_blur,
+    score_batch,
+    score_image,
+)
+
+R = C = 6
+E, K1, K2, D, PS = 8, 20, 25, 7, 3  # patchsize 3 -> pp = 1
+PP = (PS - 1) // 2
+P = R * C
+P_INT = (R - 2 * PP) * (C - 2 * PP)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive reference, written from the SPEC with plain loops.
+
+
+def _dist(a: np.ndarray, b: np.ndarray) -> float:
+    return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
+
+
+def _neg_log_max(probs: list[float], mask: list[bool]) -> float:
+    return -math.log(max(p * (1.0 if a else 0.0) for p, a in zip(probs, mask)))
+
+
+def naive_m(emb: np.ndarray, dcs: np.ndarray) -> np.ndarray:
+    return np.array([int(np.argmin([_dist(e, c) for c in dcs])) for e in emb])
+
+
+def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg: ScoringConfig):
+    """Coarse (R, C) maps and image scores the way the original computes them."""
+    g = cfg.prob_gamma
+    rows, cols, _ = feat.shape
+    pp = (cfg.patchsize - 1) // 2
+    k1, k2 = len(emb1), len(emb2)
+
+    # With edge, all positions.
+    pc_pixel, knn_rows, coor = [], [], []
+    for r in range(rows):
+        for c in range(cols):
+            i = r * cols + c
+            d = [_dist(feat[r, c], e) for e in emb2]
+            knn = sorted(d)[: cfg.anomaly_nn]
+            pc_pixel.append(knn[0])
+            knn_rows.append(knn)
+            probs = [g * math.exp(-g * x) for x in d]
+            mask = [prior2[i, k] > cfg.softmax_coor_gamma / k2 for k in range(k2)]
+            mask[int(np.argmax(d))] = True
+            coor.append(_neg_log_max(probs, mask))
+    best = int(np.argmax(pc_pixel))
+    s_star = pc_pixel[best]
+    if cfg.anomaly_nn == 1:
+        w = 1.0
+    else:
+        w = 1.0 - math.exp(s_star) / sum(math.exp(x) for x in knn_rows[best])
+    image_pc = w * s_star
+
+    # Without edge, interior positions.
+    nb, pos = [], []
+    j = 0
+    for r in range(pp, rows - pp):
+        for c in range(pp, cols - pp):
+            i = r * cols + c
+            d = [_dist(feat[r, c], e) for e in emb1]
+            probs = [g * math.exp(-g * x) for x in d]
+            z = [float(v) / cfg.softmax_temperature_alpha for v in logits[j]]
+            ex = [math.exp(v - max(z)) for v in z]
+            soft = [v / sum(ex) for v in ex]
+            allowed_dist = [s > cfg.softmax_nb_gamma / k1 for s in soft]
+            if cfg.nb_mask == "paper":
+                mask = [allowed_dist[m[k]] for k in range(k1)]
+                mask[int(np.argmax(d))] = True
+                nb.append(_neg_log_max(probs, mask))
+            else:
+                dd = [_dist(feat[r, c], x) for x in dcs]
+                order = sorted(range(len(dcs)), key=lambda q: dd[q])
+                by_rank = [allowed_dist[order[q]] for q in range(len(dcs))]
+                mask = [by_rank[m[k]] for k in range(k1)]  # column k: k-th nearest entry
+                mask[-1] = True
+                probs_sorted = [g * math.exp(-g * x) for x in sorted(d)]
+                nb.append(_neg_log_max(probs_sorted, mask))
+            pmask = [prior1[i, k] > cfg.softmax_coor_gamma / k1 for k in range(k1)]
+            pmask[int(np.argmax(d))] = True
+            pos.append(_neg_log_max(probs, pmask))
+            j += 1
+
+    ri, ci = rows - 2 * pp, cols - 2 * pp
+    nb_int = np.array(nb).reshape(ri, ci)
+    nbc_int = ((np.array(nb) + np.array(pos)) / 2).reshape(ri, ci)
+    coarse = {
+        "nb": np.pad(nb_int, pp, mode="edge"),
+        "coor": np.array(coor).reshape(rows, cols),
+        "patchcore": np.array(pc_pixel).reshape(rows, cols),
+        "nb_coor": np.pad(nbc_int, pp, mode="edge"),
+    }
+    image = {"nb": nb_int.max(), "coor": max(coor), "patchcore": image_pc,
+             "nb_coor": nbc_int.max()}
+    return coarse, image
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _prior(rng: np.random.Generator, rows: int, k: int, zero_rows: int = 3) -> np.ndarray:
+    counts = rng.integers(0, 4, size=(rows, k)) * (rng.random((rows, k)) < 0.4)
+    counts[rng.choice(rows, zero_rows, replace=False)] = 0
+    sums = counts.sum(axis=1, keepdims=True)
+    return np.where(sums > 0, counts / np.maximum(sums, 1), 0.0)
+
+
+def make_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    feat = rng.normal(size=(R, C, E))
+    emb2 = rng.normal(size=(K2, E))
+    emb1 = rng.normal(size=(K1, E))
+    dcs = emb1[:D] + 0.05 * rng.normal(size=(D, E))
+    logits = 6.0 * rng.normal(size=(P_INT, D))
+    prior1 = _prior(rng, P, K1)
+    prior2 = _prior(rng, P, K2)
+    return feat, logits, emb1, emb2, dcs, prior1, prior2
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+
+def run_both(inputs, cfg: ScoringConfig):
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
+    m = naive_m(emb1, dcs)
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    assert art.embedding_to_distribution.tolist() == m.tolist()
+    got = score_image(_t(feat), _t(logits), art, cfg)
+    want = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg)
+    return got, want
+
+
+def assert_matches(got, want):
+    coarse, image = want
+    for name in MAP_NAMES:
+        np.testing.assert_allclose(got.coarse[name].numpy(), coarse[name], rtol=0, atol=1e-5,
+                                   err_msg=name)
+        assert got.image[name] == pytest.approx(image[name], abs=1e-5), name
+
+
+CFG = ScoringConfig(patchsize=PS, imagesize=16, blursigma=1.5, chunk_size=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+@pytest.mark.parametrize("anomaly_nn", [1, 3])
+def test_matches_naive_reference(mode, anomaly_nn):
+    inputs = make_inputs(1)
+    cfg = replace(CFG, nb_mask=mode, anomaly_nn=anomaly_nn)
+    got, want = run_both(inputs, cfg)
+    assert_matches(got, want)
+    if anomaly_nn == 1:  # w = 1
+        assert got.image["patchcore"] == pytest.approx(want[0]["patchcore"].max(), abs=1e-12)
+
+    # The inputs exercise both outcomes of both masks.
+    _, logits, *_, prior1, prior2 = inputs
+    soft = torch.softmax(_t(logits) / cfg.softmax_temperature_alpha, dim=1)
+    allowed = soft > cfg.softmax_nb_gamma / K1
+    assert allowed.any() and not allowed.all()
+    assert (prior2 > cfg.softmax_coor_gamma / K2).any()
+    assert (prior1.sum(axis=1) == 0).any() and (prior2.sum(axis=1) == 0).any()
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_farthest_fallback_when_nothing_allowed(mode):
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = make_inputs(2)
+    prior1[:] = 0.0
+    prior2[:] = 0.0  # all-zero prior rows: only the farthest entry counts
+    inputs = (feat, logits, emb1, emb2, dcs, prior1, prior2)
+    cfg = replace(CFG, nb_mask=mode, softmax_nb_gamma=float(K1))  # threshold 1: none allowed
+    got, want = run_both(inputs, cfg)
+    assert_matches(got, want)
+
+    g = cfg.prob_gamma
+    d1 = torch.cdist(_t(feat).reshape(P, E), _t(emb1))[interior_indices(R, C, PP)]
+    d2 = torch.cdist(_t(feat).reshape(P, E), _t(emb2))
+    far1 = (g * d1.amax(1) - math.log(g)).reshape(R - 2 * PP, C - 2 * PP)
+    far2 = (g * d2.amax(1) - math.log(g)).reshape(R, C)
+    torch.testing.assert_close(got.coarse["coor"], far2)
+    torch.testing.assert_close(got.coarse["nb"], pad_interior(far1, PP))
+    torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(far1, PP))
+
+
+def test_official_and_paper_modes():
+    inputs = make_inputs(3)
+    off, _ = run_both(inputs, replace(CFG, nb_mask="official"))
+    pap, _ = run_both(inputs, replace(CFG, nb_mask="paper"))
+    assert not torch.allclose(off.coarse["nb"], pap.coarse["nb"])
+    assert torch.equal(off.coarse["coor"], pap.coarse["coor"])
+
+    # When the neighbourhood mask allows every entry, both are the plain nearest-entry score.
+    cfg = replace(CFG, softmax_nb_gamma=0.0)
+    off, want_off = run_both(inputs, replace(cfg, nb_mask="official"))
+    pap, want_pap = run_both(inputs, replace(cfg, nb_mask="paper"))
+    assert_matches(off, want_off)
+    assert_matches(pap, want_pap)
+    torch.testing.assert_close(off.coarse["nb"], pap.coarse["nb"])
+    g = cfg.prob_gamma
+    d1 = torch.cdist(_t(inputs[0]).reshape(P, E), _t(inputs[2]))[interior_indices(R, C, PP)]
+    nearest = (g * d1.amin(1) - math.log(g)).reshape(R - 2 * PP, C - 2 * PP)
+    torch.testing.assert_close(off.coarse["nb"], pad_interior(nearest, PP))
+
+
+def test_official_mask_uses_ranks_not_ids():
+    # One feature, distribution entries ranked [2, 0, 1]; only entry 2 (rank 0) is allowed.
+    dist_emb = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
+    dist_d = torch.tensor([[2.0, 3.0, 1.0]], dtype=torch.float64)
+    allowed_d = torch.tensor([[False, False, True]])
+    m = torch.tensor([0, 1, 2])
+    g = 1.0
+    # paper: entry k allowed where m(k) = k is -> entry 2 (d = 2.0).
+    assert nb_scores(dist_emb, allowed_d, m, g, "paper").item() == pytest.approx(2.0)
+    # official: sorted column k allowed where rank m(k) = k is -> column 0 (d = 1.0).
+    assert nb_scores(dist_emb, allowed_d, m, g, "official", dist_d).item() == pytest.approx(1.0)
+
+
+def test_chunk_size_and_batch_invariance():
+    inputs = make_inputs(4)
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2),
+                                 chunk_size=3)
+    ref = score_image(_t(feat), _t(logits), art, CFG)
+    for chunk in (1, 5, 17, 10_000):
+        got = score_image(_t(feat), _t(logits), art, replace(CFG, chunk_size=chunk))
+        for name in MAP_NAMES:
+            torch.testing.assert_close(got.coarse[name], ref.coarse[name], rtol=0, atol=1e-12)
+            torch.testing.assert_close(got.maps[name], ref.maps[name], rtol=0, atol=1e-12)
+            assert got.image[name] == pytest.approx(ref.image[name], abs=1e-12)
+
+    # A batch gives each image's own result.
+    feat_b = np.stack([feat, make_inputs(5)[0]])
+    logits_b = np.stack([logits, make_inputs(5)[1]])
+    batch = score_batch(_t(feat_b), _t(logits_b), art, replace(CFG, chunk_size=7))
+    for i in range(2):
+        one = score_image(_t(feat_b[i]), _t(logits_b[i]), art, CFG)
+        for name in MAP_NAMES:
+            torch.testing.assert_close(batch[i].coarse[name], one.coarse[name])
+            torch.testing.assert_close(batch[i].maps[name], one.maps[name])
+            assert batch[i].image[name] == pytest.approx(one.image[name], abs=1e-12)
+
+
+def test_full_size_maps_are_resized_and_blurred():
+    inputs = make_inputs(6)
+    got, _ = run_both(inputs, CFG)
+    for name in MAP_NAMES:
+        assert got.maps[name].shape == (CFG.imagesize, CFG.imagesize)
+        up = F.interpolate(got.coarse[name][None, None], size=(CFG.imagesize,) * 2,
+                           mode="bilinear", align_corners=False)[0, 0].numpy()
+        want = gaussian_filter(up, sigma=CFG.blursigma, mode="reflect", truncate=4.0)
+        np.testing.assert_allclose(got.maps[name].numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_float32_runs_and_is_close():
+    inputs = make_inputs(7)
+    got64, _ = run_both(inputs, CFG)
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    got32 = score_image(_t(feat).float(), _t(logits).float(), art.to(dtype=torch.float32), CFG)
+    assert art.to(dtype=torch.float32).embedding_to_distribution.dtype == torch.long
+    for name in MAP_NAMES:
+        assert got32.maps[name].dtype == torch.float32
+        torch.testing.assert_close(got32.coarse[name].double(), got64.coarse[name],
+                                   rtol=0, atol=1e-4)
+
+
+def test_pairwise_distances_equals_cdist():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(13, 8, generator=g, dtype=torch.float64)
+    want = torch.cdist(x, y)
+    for chunk in (None, 1, 7, 50, 1000):
+        torch.testing.assert_close(pairwise_distances(x, y, chunk), want, rtol=0, atol=1e-10)
+    same = pairwise_distances(y, y)
+    assert not torch.isnan(same).any()
+    torch.testing.assert_close(same.diagonal(), torch.zeros(13, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    assert nearest_ids(x, y, 4).tolist() == want.argmin(1).tolist()
+
+
+@pytest.mark.parametrize("shape,sigma", [((20, 23), 2.0), ((9, 11), 4.0), ((32, 32), 8.0)])
+def test_blur_equals_scipy_reflect(shape, sigma):
+    rng = np.random.default_rng(0)
+    img = rng.random(shape)
+    want = gaussian_filter(img, sigma=sigma, mode="reflect", truncate=4.0)
+    got = gaussian_blur(torch.from_numpy(img), sigma).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    got32 = gaussian_blur(torch.from_numpy(img).float()[None], sigma)[0].numpy()
+    np.testing.assert_allclose(got32, want, rtol=0, atol=1e-5)
+
+
+def test_resize_and_blur_shape():
+    maps = torch.rand(3, 5, 7)
+    assert resize_and_blur(maps, 12, 1.0).shape == (3, 12, 12)
+    torch.testing.assert_close(resize_and_blur(maps, 12, 0.0),
+                               F.interpolate(maps[:, None], size=(12, 12), mode="bilinear",
+                                             align_corners=False)[:, 0])
+
+
+def test_interior_and_padding():
+    idx = interior_indices(4, 5, 1)
+    assert idx.tolist() == [6, 7, 8, 11, 12, 13]
+    assert interior_indices(3, 3, 0).tolist() == list(range(9))
+    padded = pad_interior(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 1)
+    assert padded.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+    with pytest.raises(PNIError):
+        interior_indices(4, 4, 2)
+
+
+def test_mismatched_artefacts_raise():
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = make_inputs(8)
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1[:-1]), _t(prior2))
+    with pytest.raises(PNIError, match="position prior"):
+        score_image(_t(feat), _t(logits), art, CFG)
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    with pytest.raises(PNIError, match="nb_mask"):
+        score_image(_t(feat), _t(logits), art, replace(CFG, nb_mask="other"))
+    with pytest.raises(PNIError, match="logits"):
+        score_image(_t(feat), _t(logits[:-1]), art, CFG)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    inputs = make_inputs(9)
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    cpu = score_image(_t(feat), _t(logits), art, CFG)
+    gpu = score_image(_t(feat).cuda(), _t(logits).cuda(), art.to("cuda"), CFG)
+    for name in MAP_NAMES:
+        assert gpu.maps[name].is_cuda
+        torch.testing.assert_close(gpu.maps[name].cpu(), cpu.maps[name])
+        assert gpu.image[name] == pytest.approx(cpu.image[name], abs=1e-9)

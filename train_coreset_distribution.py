@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Train PNI for one category and score its test set (see README and ../shared/SPEC.md)."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pni.cli import run_cli
+    from pni.config import parse_args
+    from pni.pipeline import run
+
+    args = parse_args(argv)
+    return run_cli(lambda: run(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
