@@ -119,6 +119,7 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
         warnings.filterwarnings("ignore", ".*_pytree.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*predict returned None.*")
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
         yield

@@ -1,0 +1,151 @@
+"""Image and mask loading and the test-time transforms (SPEC section 1).
+
+Images: resize the shorter side to ``resize`` (bilinear), centre-crop ``imagesize``,
+ImageNet normalisation. Masks: the same geometry, then a pixel is defective only where
+the resized mask is exactly 1 (see :func:`mask_transform`).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from pni.errors import PNIError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Modes whose pixel values are integers wider than 8 bits (16-bit PNG/TIFF).
+_WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _open_decoded(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode ``path``; any failure is a one-line PNIError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. palette-with-transparency notes
+            with Image.open(path) as img:
+                img.load()  # decode now: truncated files fail here, not later
+                return img.copy()
+    except FileNotFoundError as exc:
+        raise PNIError(f"image file not found: {path}") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PNIError(f"cannot read image {path}: {_first_line(exc)}") from exc
+
+
+def _wide_to_uint8(img: Image.Image) -> np.ndarray:
+    """16-bit (or 32-bit int / float) single-channel image -> uint8 array HxW."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(arr.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Load any image file as 8-bit RGB (grayscale, 16-bit, palette, RGBA converted)."""
+    img = _open_decoded(path)
+    if img.mode in _WIDE_INT_MODES or img.mode == "F":
+        return Image.fromarray(_wide_to_uint8(img)).convert("RGB")
+    if img.mode == "RGB":
+        return img
+    try:
+        if img.mode in ("PA", "P") and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")  # alpha is dropped
+    except (OSError, ValueError) as exc:
+        raise PNIError(f"cannot convert image {path} (mode {img.mode}) to RGB: {_first_line(exc)}") from exc
+
+
+def load_mask(path: str | os.PathLike, binarize: bool = False) -> Image.Image:
+    """Load a mask as an 8-bit single-channel ("L") image.
+
+    ``binarize=True`` (VisA) maps every raw pixel value > 0 to 255 before any resizing;
+    otherwise values are kept (MVTec/BTAD masks are 0/255) and 16-bit masks are scaled
+    to 8 bits.
+    """
+    img = _open_decoded(path)
+    if binarize:
+        if img.mode in ("LA", "La"):
+            img = img.convert("L")
+        elif img.mode in ("RGBA", "RGBa", "PA"):
+            img = img.convert("RGB")
+        raw = np.asarray(img)  # palette images give indices, which is what we want
+        if raw.ndim == 3:
+            raw = raw.max(axis=2)
+        return Image.fromarray(np.where(raw > 0, 255, 0).astype(np.uint8))
+    if img.mode in _WIDE_INT_MODES or img.mode == "F":
+        return Image.fromarray(_wide_to_uint8(img))
+    if img.mode == "L":
+        return img
+    try:
+        return img.convert("L")
+    except (OSError, ValueError) as exc:
+        raise PNIError(f"cannot convert mask {path} (mode {img.mode}) to grayscale: {_first_line(exc)}") from exc
+
+
+def image_transform(resize: int = 512, imagesize: int = 480) -> Callable[[Image.Image], torch.Tensor]:
+    """RGB PIL image -> float32 tensor 3 x imagesize x imagesize, ImageNet-normalised."""
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(imagesize),
+            T.ToTensor(),
+            T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+class _TruncatedMask:
+    """Picklable (for DataLoader workers) mask geometry + truncation; see mask_transform."""
+
+    def __init__(self, resize: int, imagesize: int) -> None:
+        self.geometry = T.Compose(
+            [
+                T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(imagesize),
+                T.ToTensor(),
+            ]
+        )
+
+    def __call__(self, mask: Image.Image) -> torch.Tensor:
+        if mask.mode != "L":
+            raise ValueError(f"mask_transform expects an 'L' image, got mode {mask.mode}")
+        value = self.geometry(mask)  # 1xHxW in [0, 1]; 255 maps to exactly 1.0
+        return torch.trunc(value).clamp_(0, 1)
+
+
+def mask_transform(resize: int = 512, imagesize: int = 480) -> Callable[[Image.Image], torch.Tensor]:
+    """8-bit "L" mask -> float32 tensor 1 x imagesize x imagesize with values in {0, 1}.
+
+    The mask is resized bilinearly like the image and scaled to 0..1; a pixel is
+    defective only where that value is exactly 1. This copies the original code, which
+    casts the interpolated float mask to int (truncation): boundary pixels with
+    partial coverage become normal, so masks are slightly eroded. Kept on purpose so that
+    pixel metrics match the published numbers.
+    """
+    return _TruncatedMask(resize, imagesize)
+
+
+def denormalize(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Undo ImageNet normalisation: tensor 3xHxW -> uint8 array HxWx3 (RGB).
+
+    Rounds to the nearest integer (the original truncates), so normalising a uint8
+    image and denormalising it gives the same bytes back.
+    """
+    x = torch.as_tensor(image).detach().to("cpu", torch.float64)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"denormalize expects a 3xHxW image, got shape {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    x = (x * std + mean) * 255.0
+    return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: build the small built-in dataset, run every PNI stage on
+# each of its categories on the CPU, print the score tables. A few minutes on 2 cores.
+#
+# Settings are scaled down from the paper's (see README, "The demo"): 128 px images,
+# ResNet-18 (ImageNet weights when they are in the torch hub cache, else a randomly
+# initialised one: nothing is downloaded), 256-dim features, 10% coreset, 128-entry
+# distribution coreset, dp = 2, a 3-layer MLP trained for 4 epochs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DEMO_ROOT=${DEMO_ROOT:-demo_output}
+DATASET=$DEMO_ROOT/dataset
+RESULT=$DEMO_ROOT/result
+export MPLBACKEND=Agg
+
+"$PY" -m pni.data.synthetic --output_path "$DATASET"
+
+if "$PY" -c "import sys; from pni.features import hub_checkpoint_dir, weights_file_name; \
+sys.exit(0 if (hub_checkpoint_dir() / weights_file_name('R18')).is_file() else 1)"; then
+  WEIGHTS=()
+  echo "demo: using ImageNet ResNet-18 weights from the torch hub cache"
+else
+  WEIGHTS=(--random_init)
+  echo "demo: no ImageNet ResNet-18 weights in the torch hub cache: using a randomly initialised backbone"
+fi
+
+for CATEGORY in texture layered stripes; do
+  "$PY" train_coreset_distribution.py --train_coreset --train_nb_dist --train_coor_dist \
+    --dataset_path "$DATASET" --dataset_category MVTec --category "$CATEGORY" \
+    --project_root_path "$RESULT" --embedding_root_path "$DEMO_ROOT" \
+    --backbone R18 "${WEIGHTS[@]}" --resize 128 --imagesize 128 \
+    --pretrain_embed_dimension 256 --target_embed_dimension 256 \
+    --subsampling_percentage 0.1 --dist_coreset_size 128 --dist_padding 2 \
+    --num_layers 3 --num_epochs 4 --step_size 3 --dist_batchsize 256 --blursigma 2 \
+    --seed 22
+done
+
+"$PY" -m pni.report --project_root_path "$RESULT" --categories texture layered stripes --backbone R18
