@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,7 +23,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.errors import PNIError
+from pni.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,19 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         from pni.analysis import analyse
 
         analyse(args.project_root_path, calc_pro=args.calc_pro, visualize=args.visualize,
                 max_steps=args.max_steps, calc_misclassified=args.calc_misclassified_sample,
                 is_btad=args.is_BTAD, is_mvtec_small=args.is_MVTec_small,
                 compare_with_patchcore=args.compare_with_patchcore)
-    except PNIError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(work, debug=args.debug)
 
 
 if __name__ == "__main__":

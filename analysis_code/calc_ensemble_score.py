@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.errors import PNIError
+from pni.cli import run_cli
 from pni.results import MAP_NAMES
 
 
@@ -40,17 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         from pni.ensemble import run_ensemble
 
         run_ensemble(args.project_root_path, args.ensemble_root_path, args.category,
                      args.backbone_list, args.save_type, args.version_num)
-    except PNIError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(work, debug=args.debug)
 
 
 if __name__ == "__main__":

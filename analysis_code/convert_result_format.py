@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +20,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.errors import PNIError
+from pni.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +39,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.is_BTAD and args.is_MVTec_small:
         print("error: --is_BTAD and --is_MVTec_small exclude each other", file=sys.stderr)
         return 2
-    try:
+    def work() -> None:
         from pni.ravel import convert
 
         convert(args.before_result_root_dir, args.after_result_root_dir, args.is_BTAD, args.is_MVTec_small)
-    except PNIError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(work, debug=args.debug)
 
 
 if __name__ == "__main__":
