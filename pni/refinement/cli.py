@@ -1,0 +1,109 @@
+"""Command line of ``pixelwise_refinement.py``: refine a ravel folder, or train then refine."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Sequence
+
+from pni.cli import run_cli
+from pni.errors import PNIError
+
+from .data import DEFAULT_CROP_FRACTION, GEOMETRIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, SPEC section 7). "
+                    "Without --train: load --checkpoint_path and refine --input_data_path into "
+                    "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "
+                    "normal images), write --checkpoint_path, then refine if --output_data_path is given.")
+    p.add_argument("--category", nargs="+", default=["all"],
+                   help="categories to process, from the folder's index.csv (default: all)")
+    p.add_argument("--input_data_path", default=None, help="ravel folder to refine")
+    p.add_argument("--output_data_path", default=None, help="ravel folder to write (must differ from input)")
+    p.add_argument("--blend_weight", type=float, default=0.1,
+                   help="output = blend*refined + (1-blend)*map (default 0.1)")
+    p.add_argument("--geometry", choices=GEOMETRIES, default="aligned",
+                   help="aligned (default) or original: crop+zoom the map as the original code did")
+    p.add_argument("--crop_fraction", type=float, default=DEFAULT_CROP_FRACTION,
+                   help="centre-crop fraction of the map for --geometry original (default 0.9: 288/320)")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (default auto)")
+    p.add_argument("--devices", default="auto", help="Lightning devices for training; inference uses one")
+    p.add_argument("--checkpoint_path", default="./refinement_model.pt",
+                   help="weights to load (inference) or to write (training)")
+    p.add_argument("--train", action="store_true", help="train the refinement model")
+    p.add_argument("--train_data", choices=("ravel", "synthetic"), default="ravel",
+                   help="training data: a ravel folder or synthetic defects on --normal_image_dir")
+    p.add_argument("--train_data_path", default=None,
+                   help="ravel folder to train on (default: --input_data_path)")
+    p.add_argument("--normal_image_dir", default=None, help="normal images for --train_data synthetic")
+    p.add_argument("--samples_per_image", type=int, default=4,
+                   help="synthetic samples per normal image per epoch (default 4)")
+    p.add_argument("--num_epochs", type=int, default=10)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--image_size", type=int, default=320, help="model input size (multiple of 32)")
+    p.add_argument("--backbone_weights", default=None,
+                   help="DenseNet-161 ImageNet weights for a fresh model (default: torch hub cache if present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Execute the parsed command (raises PNIError on user errors)."""
+    import pytorch_lightning as pl  # heavy imports after parsing, so --help stays fast
+
+    from .data import RavelRefinementDataset, SyntheticRefinementDataset
+    from .infer import refine_ravel_folder
+    from .model import build_fresh_model, load_refinement_checkpoint
+    from .train import parse_devices, select_device
+
+    if args.image_size <= 0 or args.image_size % 32:
+        raise PNIError(f"--image_size must be a positive multiple of 32, got {args.image_size}")
+    if args.batch_size < 1 or args.num_epochs < 1:
+        raise PNIError("--batch_size and --num_epochs must be at least 1")
+    devices = parse_devices(args.devices)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    progress = not args.no_progress
+    if args.train:
+        from .lightning import fit_refinement
+
+        if args.train_data == "synthetic":
+            if not args.normal_image_dir:
+                raise PNIError("--train_data synthetic needs --normal_image_dir")
+            dataset = SyntheticRefinementDataset(args.normal_image_dir, args.image_size, args.samples_per_image,
+                                                 args.seed, args.geometry, args.crop_fraction)
+        else:
+            path = args.train_data_path or args.input_data_path
+            if not path:
+                raise PNIError("--train_data ravel needs --train_data_path or --input_data_path")
+            if args.output_data_path and not args.train_data_path:
+                warnings.warn("training on the ravel folder that is then refined: its masks are the test "
+                              "labels, so scores of the output are optimistic")
+            dataset = RavelRefinementDataset(path, args.image_size, args.category, args.geometry,
+                                             args.crop_fraction)
+        model = build_fresh_model(args.backbone_weights)
+        model = fit_refinement(model, dataset, args.checkpoint_path, args.num_epochs, args.learning_rate,
+                               args.batch_size, args.accelerator, devices, args.num_workers, progress)
+        print(f"wrote {args.checkpoint_path}")
+        if not args.output_data_path:
+            return
+    else:
+        model = load_refinement_checkpoint(args.checkpoint_path)
+    if not args.input_data_path or not args.output_data_path:
+        raise PNIError("refining needs --input_data_path and --output_data_path")
+    n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
+                            args.blend_weight, args.image_size, args.geometry, args.crop_fraction,
+                            select_device(args.accelerator, devices), args.batch_size, args.num_workers,
+                            progress)
+    print(f"refined {n} maps -> {args.output_data_path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn ``PNIError`` into one stderr line and exit status 2."""
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), debug=args.debug)
