@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: build the small built-in dataset, run every PNI stage on
-# each of its categories on the CPU, print the score tables. A few minutes on 2 cores.
+# each of its categories on the CPU, print the score tables, then run the analysis scripts
+# (ensemble, ravel format, AUROC/AUPRO, pictures in $DEMO_ROOT/result/ensemble_ravel/viz/).
+# A few minutes on 2 cores.
 #
 # Settings are scaled down from the paper's (see README, "The demo"): 128 px images,
 # ResNet-18 (ImageNet weights when they are in the torch hub cache, else a randomly
@@ -37,3 +39,15 @@ for CATEGORY in texture layered stripes; do
 done
 
 "$PY" -m pni.report --project_root_path "$RESULT" --categories texture layered stripes --backbone R18
+
+# Analysis as in the evaluate_amap_on_*.sh scripts: ensemble (R18 alone), ravel, scores + pictures.
+"$PY" analysis_code/calc_ensemble_score.py --category texture layered stripes --backbone_list R18 \
+  --project_root_path "$RESULT" --ensemble_root_path "$RESULT/ensemble_result"
+"$PY" analysis_code/convert_result_format.py \
+  --before_result_root_dir "$RESULT/ensemble_result" --after_result_root_dir "$RESULT/ensemble_ravel"
+"$PY" analysis_code/analysis_amap.py --project_root_path "$RESULT/ensemble_ravel" --visualize --calc_pro
+echo "demo: pictures (image, ground truth, heat map, heat map with the predicted region outlined in orange) in $RESULT/ensemble_ravel/viz/<category>/"
+echo "      e.g. $RESULT/ensemble_ravel/viz/texture/*_heatmap_on_img_with_mask.png; index.csv there maps numbers to files"
+
+# Refinement: a refiner trained on synthetic defects of the training images; before/after.
+PY="$PY" DEMO_ROOT="$DEMO_ROOT" bash scripts/demo_refinement.sh

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training data: a ravel folder or synthetic defects on --normal_image_dir")
     p.add_argument("--train_data_path", default=None,
                    help="ravel folder to train on (default: --input_data_path)")
-    p.add_argument("--normal_image_dir", default=None, help="normal images for --train_data synthetic")
+    p.add_argument("--normal_image_dir", nargs="+", default=None,
+                   help="folder(s) of normal images for --train_data synthetic (searched recursively)")
     p.add_argument("--samples_per_image", type=int, default=4,
                    help="synthetic samples per normal image per epoch (default 4)")
     p.add_argument("--num_epochs", type=int, default=10)

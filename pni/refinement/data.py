@@ -334,17 +334,23 @@ def imperfect_map(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(amap, 0.0, 1.0).astype(np.float32)
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise PNIError(f"--normal_image_dir: folder not found: {folder}")
+    items = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not items:
+        raise PNIError(f"--normal_image_dir: no images in {folder}")
+    return items
+
+
 def load_normal_images(source: str | os.PathLike | Sequence) -> list:
-    """Normal images as a list of paths or arrays: a folder (searched recursively) or a list."""
+    """Normal images as a list of paths or arrays: a folder (searched recursively), a list of
+    folders, or a list of images (paths or arrays)."""
     if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise PNIError(f"--normal_image_dir: folder not found: {folder}")
-        items = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not items:
-            raise PNIError(f"--normal_image_dir: no images in {folder}")
-        return items
+        return _folder_images(Path(source))
     items = list(source)
+    if items and all(isinstance(i, (str, os.PathLike)) and Path(i).is_dir() for i in items):
+        return [p for folder in items for p in _folder_images(Path(folder))]
     if not items:
         raise PNIError("no normal images given for synthetic training")
     return items
