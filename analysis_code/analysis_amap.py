@@ -23,11 +23,11 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--project_root_path", default="./result/ensemble_ravel")
     p.add_argument("--calc_pro", action="store_true", help="also compute AUPRO (both definitions)")
     p.add_argument("--compare_with_patchcore", action="store_true",

@@ -18,12 +18,12 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 from pni.results import MAP_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--category", nargs="+", default=None,
                    help="one or more categories (default: all found under --project_root_path)")
     p.add_argument("--project_root_path", default="./result")

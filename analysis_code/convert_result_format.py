@@ -20,11 +20,11 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before_result_root_dir", default="./result/ensemble_result")
     p.add_argument("--after_result_root_dir", default="./result/ensemble_ravel")
     p.add_argument("--is_BTAD", action="store_true", help="BTAD categories 01 02 03")

@@ -85,6 +85,16 @@ def load_entries(root: Path, is_btad: bool = False, is_mvtec_small: bool = False
     return entries
 
 
+def check_files(root: Path, entries: Sequence[Entry], visualize: bool = False) -> None:
+    """Every ravel file the analysis will read exists (checked before anything is written)."""
+    for e in entries:
+        paths = (pred_path(root, e.index), gt_path(root, e.index)) + ((image_path(root, e.index),) if visualize else ())
+        for p in paths:
+            if not p.is_file():
+                raise PNIError(f"missing ravel file {p} ({e.category} {e.defect_type}/{e.stem} in "
+                               f"{root / 'index.csv'})" if e.stem and e.defect_type else f"missing ravel file {p}")
+
+
 def group_by_category(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
     groups: dict[str, list[Entry]] = {}
     for e in entries:
@@ -233,6 +243,7 @@ def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = F
     if max_steps < 1:
         raise PNIError(f"--max_steps must be >= 1, got {max_steps}")
     entries = load_entries(root, is_btad, is_mvtec_small)
+    check_files(root, entries, visualize)
     columns = score_columns(calc_pro)
     rows, wrong = [], []
     for cat, group in group_by_category(entries).items():

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from pni.cli import ArgumentParser
 from pni.features import BACKBONES
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
@@ -59,7 +60,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="PNI: build coresets, learn the neighbourhood and position priors for one "
         "category, then score its test set (anomaly maps + AUROC).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -124,8 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("devices")
     g.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
-    g.add_argument("--devices", default="auto", help="Lightning devices: auto, N, or a list")
+    g.add_argument("--devices", default="auto",
+                   help="Lightning devices: auto (one device), N, or a list; N > 1 runs the MLP training and "
+                        "the test scoring on N processes (DDP)")
     g.add_argument("--strategy", default="auto", help="Lightning strategy: auto or ddp")
+    g.add_argument("--precision", default="32-true", choices=("32-true", "16-mixed", "bf16-mixed"),
+                   help="Lightning precision of the MLP training and of the backbone + MLP at test time "
+                        "(distances and maps stay float32); mixed precision is for GPUs, opt-in")
+    g.add_argument("--feature_bank_dtype", default="float32", choices=("float32", "float16"),
+                   help="storage of the training feature bank (float16 halves its memory; coresets are "
+                        "then rounded to float16 precision)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -53,10 +53,11 @@ def gather_windows(
     cc_c = cc.clamp(0, n_cols - 1)
     ii = image_ids[:, None].expand_as(rr)
     if isinstance(grids, torch.Tensor):
-        feats = grids[ii, rr_c, cc_c]
-    else:
+        feats = grids[ii, rr_c, cc_c]  # advanced indexing: a fresh tensor
+    else:  # memory map or array, float32 or float16: one fresh float32 copy of the windows
         feats = torch.from_numpy(np.asarray(grids[ii.numpy(), rr_c.numpy(), cc_c.numpy()], dtype=np.float32))
-    feats = feats.to(torch.float32) * valid[..., None].to(feats.device)
+    feats = feats.to(torch.float32)
+    feats.mul_(valid[..., None].to(device=feats.device, dtype=feats.dtype))  # in place: no second copy
     return feats.reshape(len(rows), -1)
 
 

@@ -223,6 +223,9 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
     if not backbones:
         raise PNIError("--backbone_list is empty")
     cats = list(categories) if categories else find_categories(project_root, backbones[0])
+    for cat in cats:  # every category's runs and files exist before the first file is written
+        match_runs([BackboneRun(b, v, list_samples(v)) for b in backbones
+                    for v in [select_version(project_root, cat, b, version_num)]])
     rows = []
     for cat in cats:
         row = ensemble_category(project_root, cat, backbones, ensemble_root, save_type, version_num)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pni.errors import PNIError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -30,9 +32,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     infer the format from the extension (numpy, PIL, cv2) still work.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     sfx = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{sfx}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{sfx}", dir=path.parent)
+    except OSError as exc:
+        raise PNIError(f"cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artefacts get the usual mode
@@ -43,6 +48,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def make_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Create folder ``path`` (and its parents); failure is a one-line PNIError naming it
+    (and the flag that chose it, if given)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = f" (from {flag})" if flag else ""
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+        raise PNIError(f"cannot create output folder {path}{where}: {reason}") from exc
+    return path
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -81,7 +100,7 @@ def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterab
     """Append ``rows`` to a CSV file, writing ``header`` first if the file is new.
 
     The whole file is rewritten through a temporary name, so a crash never leaves a
-    truncated CSV. An existing file with a different header is an error.
+    truncated CSV. An existing file with a different header is an error (PNIError).
     """
     path = Path(path)
     existing: list[list[str]] = []
@@ -89,7 +108,7 @@ def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterab
         with open(path, newline="") as fh:
             existing = list(csv.reader(fh))
         if existing and existing[0] != list(header):
-            raise ValueError(
+            raise PNIError(
                 f"{path}: existing header {existing[0]} differs from {list(header)}; "
                 "move the old file away or use another --project_root_path"
             )

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from pni.coreset import greedy_coreset
 from pni.distributions import NeighbourhoodMLP, gather_windows, grid_windows
 from pni.features import PatchFeatureExtractor
+from pni.memory import release_pages, rows_for
 
 
 class IndexedDataset(Dataset):
@@ -48,6 +49,7 @@ class FeatureBankModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         feats = self.extractor(batch["image"])
         self.bank[batch["index"].cpu().numpy()] = feats.to(torch.float32).cpu().numpy().astype(self.bank.dtype)
+        release_pages(self.bank)  # a memory-mapped bank stays in the page cache, not in this process
         return None
 
 
@@ -73,6 +75,9 @@ class CoresetModule(FeatureBankModule):
             for i in range(bank.shape[0]):
                 grid = bank[i] if variant == "with_edge" else bank[i, pad: bank.shape[1] - pad, pad: bank.shape[2] - pad]
                 yield np.asarray(grid, dtype=np.float32).reshape(-1, bank.shape[-1])
+                if i % 16 == 15:
+                    release_pages(bank)  # streaming a memory map must not make it all resident
+            release_pages(bank)
 
         return chunks
 
@@ -198,7 +203,7 @@ class AnomalyTestModule(pl.LightningModule):
 
     def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, pad: int, dist_padding: int,
                  scorer: Callable[[torch.Tensor, torch.Tensor], Any], sink: Callable[[dict, Any], None],
-                 window_chunk: int = 1024) -> None:
+                 window_chunk: int | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.mlp = mlp.eval()
@@ -216,16 +221,23 @@ class AnomalyTestModule(pl.LightningModule):
         p = self.pad
         rr, cc = torch.meshgrid(torch.arange(p, n_rows - p), torch.arange(p, n_cols - p), indexing="ij")
         positions = (rr * n_cols + cc).reshape(-1).to(grid.device)
-        out = [self.mlp(grid_windows(grid, positions[s: s + self.window_chunk], self.dist_padding))
-               for s in range(0, len(positions), self.window_chunk)]
+        chunk = self.window_chunk
+        if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
+            n_win = (2 * self.dist_padding + 1) ** 2 - 1
+            chunk = rows_for(4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
+                             fraction=0.125, device=grid.device, lo=64, hi=8192)
+        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding))
+               for s in range(0, len(positions), chunk)]
         return torch.cat(out)
 
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.mlp.eval()
-        feats = self.extractor(batch["image"])
+        feats = self.extractor(batch["image"])  # in reduced precision under --precision 16-mixed
         for b in range(feats.shape[0]):
             logits = self.nb_logits(feats[b])
-            result = self.scorer(feats[b], logits)
+            # Distances, masks and maps always in float32: mixed precision stops at the MLP.
+            with torch.autocast(device_type=feats.device.type, enabled=False):
+                result = self.scorer(feats[b].float(), logits.float())
             meta = {k: (v[b] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in batch.items()}
             self.sink(meta, result)

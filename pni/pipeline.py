@@ -4,25 +4,45 @@
 Stages whose ``--train_*`` flag is absent load their saved artefacts instead; each stage
 records its settings in a JSON file beside its artefacts, and later runs refuse artefacts
 made with incompatible settings.
+
+Interruptions: every file is written under a temporary name and renamed. Before a stage
+rewrites its artefacts its settings file is replaced by an "incomplete" mark, and the real
+settings are written only after the last artefact, so a run killed half-way leaves nothing
+that a later run would trust. The position priors and the neighbourhood model record a
+digest of the coresets they were made from. Test results are written to a hidden
+``lightning_logs/.version_<k>.partial-*`` folder that becomes ``version_<k>`` only when
+complete (and is removed when scoring fails).
+
+Test hook: the environment variable ``PNI_TEST_KILL_AT=<point>`` kills the process with
+SIGKILL at one of ``coreset_index`` (after the first coreset file), ``nb_checkpoint``
+(after the first saved MLP checkpoint), ``coor_prior`` (after the first position prior)
+or ``test_sample`` (after the first scored test image); the tests use it to check that an
+interrupted run can be re-run.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
+import shutil
+import signal
+import socket
+import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from pni import coreset as cs
+from pni import distributed
 from pni.config import embedding_dir
 from pni.data.datasets import build_datasets
 from pni.data.transforms import denormalize
@@ -37,7 +57,7 @@ from pni.distributions import (
 )
 from pni.errors import PNIError
 from pni.features import build_feature_extractor
-from pni.io import load_json, load_npy, save_json, save_npy
+from pni.io import load_json, load_npy, make_dir, save_json, save_npy
 from pni.lightning import (
     AnomalyTestModule,
     CoresetModule,
@@ -48,11 +68,16 @@ from pni.lightning import (
     split_train_val,
     window_loader,
 )
+from pni.memory import available_bytes, rows_for
 from pni.metrics import image_auroc, pixel_auroc
 from pni.results import (
     MAP_NAMES,
     append_score_result,
+    check_score_result,
     format_score_table,
+    run_dir,
+    read_sample,
+    version_dirs,
     write_image_scores,
     write_sample,
 )
@@ -66,6 +91,13 @@ FEATURE_KEYS = ("dataset_category", "category", "backbone", "layer_index", "pret
 CORESET_KEYS = FEATURE_KEYS + ("subsampling_percentage", "dist_coreset_size", "seed")
 NB_KEYS = CORESET_KEYS + ("dist_padding", "num_layers")
 COOR_KEYS = CORESET_KEYS + ("dist_padding",)
+# Settings of the original's checkpoints (an argparse Namespace) that must match the flags:
+# only those that change what the model means (its seed or epochs do not).
+ORIGINAL_NB_KEYS = ("backbone", "layer_index", "pretrain_embed_dimension", "target_embed_dimension", "patchsize",
+                    "dist_padding", "dist_coreset_size", "num_layers")
+STAGE_FLAGS = {"coreset_settings.json": "--train_coreset", "nb_settings.json": "--train_nb_dist",
+               "coor_settings.json": "--train_coor_dist"}
+DIGEST_KEY = "coreset_digest"
 
 # Above this size the training feature bank lives in a memory-mapped file, not in RAM.
 IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30))
@@ -84,17 +116,86 @@ def _settings(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]
     return {k: getattr(args, k) for k in keys}
 
 
-def _check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str) -> None:
-    if not path.is_file():
-        return  # artefacts from the original code carry no settings record
-    saved = load_json(path)
+def _test_hook(point: str) -> None:
+    """``PNI_TEST_KILL_AT=<point>`` kills this process at ``point`` (see the module docstring)."""
+    if os.environ.get("PNI_TEST_KILL_AT") == point:
+        print(f"PNI_TEST_KILL_AT={point}: killing the process", flush=True)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def coreset_digest(coresets: dict[str, np.ndarray]) -> str:
+    """A short digest of the coreset vectors, recorded by the stages built on them."""
+    h = hashlib.sha256()
+    for key in sorted(coresets):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(coresets[key], dtype=np.float32).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _owner_tag() -> str:
+    """``<host>~<pid>``: put in the names of scratch folders so that a later run can tell
+    those of killed runs (same host, process gone) from those of running ones."""
+    return f"{socket.gethostname().replace('-', '_').replace('~', '_')}~{os.getpid()}"
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the folders ``folder/<pattern>`` whose name holds ``-<host>~<pid>-`` of a process
+    of this host that no longer exists (scratch space or partial results of a killed run)."""
+    host = _owner_tag().split("~")[0]
+    for p in (folder.glob(pattern) if folder.is_dir() else ()):
+        owner = re.search(r"-([^-~]+)~(\d+)-", p.name)
+        if owner is None or owner.group(1) != host or not p.is_dir():
+            continue
+        try:
+            os.kill(int(owner.group(2)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists, owned by someone else
+        log.info("removing %s, left by a killed run", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _begin_stage(path: Path) -> None:
+    """Mark a stage's artefacts as being rewritten, before the first of them is touched."""
+    save_json(path, {"incomplete": True, "note": "a run stopped while writing these artefacts"})
+
+
+def _stage_flag(path: Path) -> str:
+    return STAGE_FLAGS.get(path.name, "its --train_* flag")
+
+
+def _compare(saved: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> str:
+    """``--flag new (saved: old)`` for every key in ``keys`` and ``saved`` that differs."""
     wanted = _settings(args, keys)
     wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}
+    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
     diff = {k: (saved[k], wanted[k]) for k in keys if k in saved and saved[k] != wanted[k]}
-    if diff:
-        detail = ", ".join(f"--{k} {new} (saved: {old})" for k, (old, new) in diff.items())
+    return ", ".join(f"--{k} {new} (saved: {old})" for k, (old, new) in diff.items())
+
+
+def _check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str,
+                    digest: str | None = None) -> None:
+    """Refuse the artefacts beside ``path`` if its settings differ from the flags, if an
+    earlier run stopped while writing them, or (``digest``) if they were made from other
+    coresets than the current ones."""
+    if not path.is_file():
+        return  # artefacts from the original code carry no settings record
+    try:
+        saved = load_json(path)
+    except (OSError, ValueError) as exc:
+        raise PNIError(f"cannot read {path}: {exc}; re-run with {_stage_flag(path)}") from None
+    if not isinstance(saved, dict) or saved.get("incomplete"):
+        raise PNIError(f"{what} in {path.parent} are incomplete (an earlier run stopped while writing them); "
+                       f"re-run with {_stage_flag(path)}")
+    detail = _compare(saved, args, keys)
+    if detail:
         raise PNIError(f"{what} in {path.parent} were made with other settings: {detail}; "
-                       f"re-run with its --train_* flag or change the flags back")
+                       f"re-run with {_stage_flag(path)} or change the flags back")
+    if digest is not None and saved.get(DIGEST_KEY) not in (None, digest):
+        raise PNIError(f"{what} in {path.parent} were made from other coresets than the ones there now "
+                       f"(see {path.name}); re-run with {_stage_flag(path)}")
 
 
 def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
@@ -128,26 +229,84 @@ def _quiet_lightning() -> Iterator[None]:
 # ---------------------------------------------------------------- stage helpers
 
 
-def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, **module_kwargs):
-    """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``."""
-    probe = extractor(train_ds[0]["image"][None])
+def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, on_disk: bool = False,
+                 **module_kwargs):
+    """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``
+    (``--feature_bank_dtype``): an array, or a memory map in ``scratch`` when it is larger
+    than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it)."""
+    probe, per_image = _probe(extractor, train_ds[0]["image"])
+    dtype = np.dtype(getattr(args, "feature_bank_dtype", "float32"))
     shape = (len(train_ds),) + tuple(probe.shape[1:])
-    nbytes = int(np.prod(shape)) * 4
-    if nbytes > IN_MEMORY_BANK_BYTES:
-        bank = np.lib.format.open_memmap(scratch / "train_features.npy", mode="w+", dtype=np.float32, shape=shape)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes > IN_MEMORY_BANK_BYTES or on_disk:
+        bank = np.lib.format.open_memmap(scratch / "train_features.npy", mode="w+", dtype=dtype, shape=shape)
     else:
-        bank = np.empty(shape, dtype=np.float32)
+        bank = np.empty(shape, dtype=dtype)
     module = module_cls(extractor, bank, **module_kwargs)
-    loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args), shuffle=False,
+    # Extraction temporaries of a batch: at most a quarter of the bank (at least 256 MiB) on
+    # the host, so the stage's peak stays near the bank's own size; half the free GPU memory.
+    budget = None if _on_gpu(args) else min(available_bytes() // 4, max(256 * 2**20, nbytes // 4))
+    loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args, per_image, budget), shuffle=False,
                         num_workers=args.num_workers)
     with _quiet_lightning():
         _trainer(args, devices=1, strategy="auto").predict(module, loader, return_predictions=False)
     return bank, module
 
 
-def _batch_size(args: argparse.Namespace) -> int:
-    # ~8 images of 480 px per batch; more for small images.
-    return max(1, min(32, int(8 * (480 / args.imagesize) ** 2)))
+def _ddp_bank(bank: np.ndarray | None) -> np.ndarray:
+    """Rank 0's memory-mapped bank, opened read-only by the other DDP ranks (its path is
+    handed over in the environment before they start)."""
+    if distributed.is_child():
+        return load_npy(distributed.shared("bank", lambda: ""), mmap_mode="r")
+    path = getattr(bank, "filename", None)
+    if path is None:
+        raise RuntimeError("the feature bank must be a memory map under DDP")
+    bank.flush()
+    distributed.shared("bank", lambda: str(path))
+    return bank
+
+
+def _share_bank(args: argparse.Namespace) -> bool:
+    """The bank goes to a file when DDP ranks train the MLP on it (they open it read-only)."""
+    return bool(getattr(args, "ddp", False)) and bool(args.train_nb_dist)
+
+
+def _on_gpu(args: argparse.Namespace) -> bool:
+    return args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def _probe(extractor, image: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """Features of one image and an estimate of the extraction temporaries per image (bytes):
+    the patch neighbourhoods of every layer on the first layer's grid, about twice over."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    body = getattr(extractor, "body", None)
+    hook = None
+    if isinstance(body, torch.nn.Module):
+        hook = body.register_forward_hook(
+            lambda _m, _i, out: shapes.update({k: tuple(v.shape) for k, v in out.items()})
+            if isinstance(out, dict) else None)
+    try:
+        probe = extractor(image[None])
+    finally:
+        if hook is not None:
+            hook.remove()
+    if not shapes:
+        return probe, None
+    rows, cols = probe.shape[1:3]
+    ps2 = getattr(extractor, "patchsize", 1) ** 2
+    return probe, 2 * 4 * rows * cols * ps2 * sum(s[1] for s in shapes.values())
+
+
+def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, budget: int | None = None) -> int:
+    """Images per extraction batch: ~8 of 480 px (more for small images), fewer when their
+    temporaries (``per_image_bytes`` each) would not fit ``budget`` (default: a quarter of
+    the host's available memory, half the GPU's free memory)."""
+    default = max(1, min(32, int(8 * (480 / args.imagesize) ** 2)))
+    if not per_image_bytes:
+        return default
+    if budget is None:
+        budget = available_bytes("cuda") // 2 if _on_gpu(args) else available_bytes() // 4
+    return max(1, min(default, int(budget // per_image_bytes)))
 
 
 def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> np.ndarray:
@@ -169,17 +328,23 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
         raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} exceeds the {n_without} interior training "
                        "patches; lower it or add training images")
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
-    bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, pad=pad,
+    bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args), pad=pad,
                                 n_select=n_select, seed=args.seed)
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
     flat = bank.reshape(-1, bank.shape[-1])
     interior = bank[:, pad:n_rows - pad, pad:n_cols - pad].reshape(-1, bank.shape[-1])
     names = coreset_file_names(args)
-    cs.save_index(cs.build_index(interior[sel_without[:k_emb]]), out_dir / names["without_edge"])
-    cs.save_index(cs.build_index(interior[sel_without[: args.dist_coreset_size]]), out_dir / names["distribution"])
-    cs.save_index(cs.build_index(flat[sel_with]), out_dir / names["with_edge"])
-    save_json(out_dir / "coreset_settings.json", _settings(args, CORESET_KEYS))
+    vectors = {"without_edge": np.ascontiguousarray(interior[sel_without[:k_emb]], dtype=np.float32),
+               "distribution": np.ascontiguousarray(interior[sel_without[: args.dist_coreset_size]],
+                                                    dtype=np.float32),
+               "with_edge": np.ascontiguousarray(flat[sel_with], dtype=np.float32)}
+    _begin_stage(out_dir / "coreset_settings.json")
+    for key in ("without_edge", "distribution", "with_edge"):
+        cs.save_index(cs.build_index(vectors[key]), out_dir / names[key])
+        _test_hook("coreset_index")
+    save_json(out_dir / "coreset_settings.json",
+              {**_settings(args, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)})
     log.info("coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches",
              k_emb, k_emb_edge, args.dist_coreset_size, n_without, n_with)
     return bank
@@ -187,7 +352,8 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
 
 def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
     """The three coresets as arrays ``(K, E)``."""
-    _check_settings(out_dir / "coreset_settings.json", args, CORESET_KEYS, "coresets")
+    settings_path = out_dir / "coreset_settings.json"
+    _check_settings(settings_path, args, CORESET_KEYS, "coresets")
     out = {}
     for key, name in coreset_file_names(args).items():
         path = out_dir / name
@@ -197,9 +363,17 @@ def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
             out[key] = cs.index_vectors(cs.load_index(path))
         except Exception as exc:
             raise PNIError(f"cannot read coreset {path}: {str(exc).splitlines()[0]}") from None
-        if out[key].shape[1] != args.target_embed_dimension:
-            raise PNIError(f"{path} holds {out[key].shape[1]}-dim features, but --target_embed_dimension is "
+        if out[key].ndim != 2 or out[key].shape[1] != args.target_embed_dimension:
+            raise PNIError(f"{path} holds {out[key].shape[-1]}-dim features, but --target_embed_dimension is "
                            f"{args.target_embed_dimension}")
+    if len(out["distribution"]) != args.dist_coreset_size:
+        raise PNIError(f"{out_dir / coreset_file_names(args)['distribution']} holds {len(out['distribution'])} "
+                       f"entries, but --dist_coreset_size is {args.dist_coreset_size}")
+    if settings_path.is_file():
+        recorded = load_json(settings_path).get(DIGEST_KEY)
+        if recorded is not None and recorded != coreset_digest(out):
+            raise PNIError(f"the coreset files in {out_dir} are not the ones {settings_path.name} was written for "
+                           "(replaced or copied from another run?); re-run with --train_coreset")
     return out
 
 
@@ -213,10 +387,17 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     labels = np.stack([cs.nearest_ids(index, np.asarray(interior[i]).reshape(-1, dim)) for i in range(n_img)])
     n_windows = (2 * args.dist_padding + 1) ** 2 - 1
     ckpt = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
-    settings = _settings(args, NB_KEYS)
+    settings = {**_settings(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
+    child = distributed.is_child()  # DDP ranks > 0 train but write nothing
+    if not child:
+        _begin_stage(out_dir / "nb_settings.json")
+        ckpt.unlink(missing_ok=True)
+    # The same seed gives the same model whichever other stages ran before in this process.
+    pl.seed_everything(args.seed, workers=True, verbose=False)
 
     def on_best(model, train_loss, val_loss):
         save_mlp_checkpoint(ckpt, model, settings, train_loss, val_loss)
+        _test_hook("nb_checkpoint")
 
     module = NeighbourhoodModule(n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate,
                                  args.step_size, on_best)
@@ -225,8 +406,13 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
     val_loader = window_loader(val_ids, collate, args.dist_batchsize, False, args.seed, args.num_workers)
     with _quiet_lightning():
-        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, strategy=args.strategy)
+        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
+                           **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
         trainer.fit(module, train_loader, val_loader)
+    if child:
+        return
+    if not ckpt.is_file():
+        raise PNIError(f"the neighbourhood MLP never reached a finite validation loss; no {ckpt} written")
     save_json(out_dir / "nb_settings.json", settings)
 
 
@@ -235,6 +421,7 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
     with-edge coreset), normalised per position, as ``.npy``."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
+    _begin_stage(out_dir / "coor_settings.json")
     rr, cc = np.meshgrid(np.arange(pad, n_rows - pad), np.arange(pad, n_cols - pad), indexing="ij")
     interior_pos = torch.as_tensor((rr * n_cols + cc).reshape(-1))
     for with_edge in (False, True):
@@ -253,22 +440,55 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
                                       args.dist_padding, positions=interior_pos, counts=counts)
         prior = normalise_rows(counts).numpy()
         save_npy(out_dir / position_prior_file_name(args.subsampling_percentage, with_edge), prior)
-    save_json(out_dir / "coor_settings.json", _settings(args, COOR_KEYS))
+        _test_hook("coor_prior")
+    save_json(out_dir / "coor_settings.json", {**_settings(args, COOR_KEYS), DIGEST_KEY: coreset_digest(coresets)})
 
 
 def load_position_priors(args, out_dir: Path, coresets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    _check_settings(out_dir / "coor_settings.json", args, COOR_KEYS, "position priors")
+    _check_settings(out_dir / "coor_settings.json", args, COOR_KEYS, "position priors", coreset_digest(coresets))
     out = {}
     for with_edge, key in ((False, "without_edge"), (True, "with_edge")):
         path = out_dir / position_prior_file_name(args.subsampling_percentage, with_edge)
         if not path.is_file():
             raise PNIError(f"missing position prior {path} (run with --train_coor_dist to make it)")
-        prior = load_npy(path)
+        try:
+            prior = load_npy(path)
+        except (OSError, ValueError) as exc:
+            raise PNIError(f"cannot read position prior {path}: {exc}; re-run with --train_coor_dist") from None
         if prior.ndim != 2 or prior.shape[1] != len(coresets[key]):
             raise PNIError(f"{path} has shape {prior.shape}, but the coreset has {len(coresets[key])} entries; "
                            "re-run with --train_coor_dist")
         out[key] = prior
     return out
+
+
+def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray]):
+    """The neighbourhood MLP, refused if its settings (``nb_settings.json`` and those stored in
+    the checkpoint itself), its coresets or its layer sizes do not fit the flags."""
+    digest = coreset_digest(coresets)
+    _check_settings(out_dir / "nb_settings.json", args, NB_KEYS, "neighbourhood model", digest)
+    path = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
+    ckpt = load_mlp_checkpoint(path)
+    saved = ckpt.get("settings") or {}
+    original = "args" in ckpt and "model" in ckpt and DIGEST_KEY not in saved
+    detail = _compare(saved, args, ORIGINAL_NB_KEYS if original else NB_KEYS)
+    if detail:
+        raise PNIError(f"neighbourhood model {path} was made with other settings: {detail}; "
+                       "re-run with --train_nb_dist or change the flags back")
+    if saved.get(DIGEST_KEY) not in (None, digest):
+        raise PNIError(f"neighbourhood model {path} was made from other coresets than the ones in {out_dir}; "
+                       "re-run with --train_nb_dist")
+    try:
+        mlp = mlp_from_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, AttributeError, IndexError) as exc:
+        raise PNIError(f"{path} is not a valid neighbourhood model: {str(exc).splitlines()[0]}") from None
+    expected_in = ((2 * args.dist_padding + 1) ** 2 - 1) * args.target_embed_dimension
+    if mlp.first_layer[0].in_features != expected_in or mlp.last_layer[0].out_features != len(coresets["distribution"]):
+        raise PNIError(f"neighbourhood model {path} (input {mlp.first_layer[0].in_features}, "
+                       f"{mlp.last_layer[0].out_features} classes) does not fit --dist_padding {args.dist_padding}, "
+                       f"--target_embed_dimension {args.target_embed_dimension}, --dist_coreset_size "
+                       f"{args.dist_coreset_size}; re-run with --train_nb_dist")
+    return mlp
 
 
 # ---------------------------------------------------------------- test stage
@@ -280,6 +500,7 @@ class ResultCollector:
     def __init__(self, sample_dir: Path) -> None:
         self.sample_dir = sample_dir
         self.rows: list[list] = []
+        self.indices: list[int] = []  # position of each row's image in the test set
         self.labels: list[int] = []
         self.image_scores: dict[str, list[float]] = {m: [] for m in MAP_NAMES}
         self.masks: list[np.ndarray] = []
@@ -291,7 +512,9 @@ class ResultCollector:
         gt = (meta["mask"].cpu().numpy()[0] > 0.5).astype(np.uint8)
         defect_type, stem, label = str(meta["defect_type"]), str(meta["stem"]), int(meta["label"])
         write_sample(self.sample_dir, defect_type, stem, image, gt, maps)
+        _test_hook("test_sample")
         self.rows.append([defect_type, stem, label] + [f"{result.image[m]:.6f}" for m in MAP_NAMES])
+        self.indices.append(int(meta["index"]) if "index" in meta else len(self.indices))
         self.labels.append(label)
         self.masks.append(gt)
         for m in MAP_NAMES:
@@ -307,96 +530,244 @@ class ResultCollector:
         return out
 
 
+def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list) -> dict[str, float]:
+    """P- and I-AUROC of each map family from the written sample files, the image rows
+    (``[defect_type, stem, label, ...]``) and each image's scores in ``MAP_NAMES`` order;
+    what rank 0 computes under DDP."""
+    labels = np.asarray([int(r[2]) for r in rows])
+    samples = [read_sample(sample_dir, str(r[0]), str(r[1])) for r in rows]
+    masks = np.stack([smp["gt"] for smp in samples])
+    out = {}
+    for j, m in enumerate(MAP_NAMES):
+        out[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([smp[m] for smp in samples]))
+        out[f"{m}_I-AUROC"] = image_auroc(labels, np.asarray([float(v[j]) for v in image_scores]))
+    return out
+
+
+def _precision(args: argparse.Namespace) -> str:
+    return getattr(args, "precision", "32-true")
+
+
 def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
-    """Stage 4: score every test image, write results and the score table row."""
-    device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-                          else "cpu")
+    """Stage 4: score every test image, write results and the score table row.
+
+    Under DDP every rank scores its share of the test set and writes those images' files;
+    rank 0 gathers the rows, reads the maps back for the AUROCs and writes the tables (the
+    other ranks return ``{}``)."""
+    ddp = bool(getattr(args, "ddp", False))
+    child = distributed.is_child()
     emb = torch.as_tensor(coresets["without_edge"])
     dist = torch.as_tensor(coresets["distribution"])
-    art = ScoringArtefacts(
-        embedding_without_edge=emb.to(device),
-        embedding_with_edge=torch.as_tensor(coresets["with_edge"]).to(device),
-        distribution_coreset=dist.to(device),
-        embedding_to_distribution=nearest_ids(emb, dist).to(device),
-        position_prior=torch.as_tensor(priors["without_edge"]).to(device),
-        position_prior_with_edge=torch.as_tensor(priors["with_edge"]).to(device),
+    art_cpu = ScoringArtefacts(
+        embedding_without_edge=emb,
+        embedding_with_edge=torch.as_tensor(coresets["with_edge"]),
+        distribution_coreset=dist,
+        embedding_to_distribution=nearest_ids(emb, dist),
+        position_prior=torch.as_tensor(priors["without_edge"]),
+        position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
     )
+    # Distance matrices: rows at a time so that the ~6 temporaries of (rows x coreset size)
+    # float32 take at most 1/8 of the free memory of the scoring device.
+    widest = max(len(coresets["with_edge"]), len(coresets["without_edge"]) + len(coresets["distribution"]))
+    chunk = rows_for(6 * 4 * widest, fraction=0.125, device="cuda" if _on_gpu(args) else "cpu", lo=256, hi=16384)
     cfg = ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
                         softmax_temperature_alpha=args.softmax_temperature_alpha,
                         softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
-                        nb_mask=args.nb_mask, imagesize=args.imagesize, blursigma=args.blursigma)
+                        nb_mask=args.nb_mask, imagesize=args.imagesize, blursigma=args.blursigma, chunk_size=chunk)
+
+    per_image = _check_grid(args, extractor, priors)
+    on_device: dict[torch.device, ScoringArtefacts] = {}
 
     def scorer(features, logits):
-        return score_image(features, logits, art, cfg)
+        # the artefacts follow the features to the device Lightning put this rank on
+        if features.device not in on_device:
+            on_device[features.device] = art_cpu.to(features.device)
+        return score_image(features, logits, on_device[features.device], cfg)
 
-    logger = CSVLogger(str(Path(args.project_root_path) / args.category / args.backbone / "anomaly"),
-                       name="lightning_logs")
-    version_dir = Path(logger.log_dir)
-    sample_dir = version_dir / "sample"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    collector = ResultCollector(sample_dir)
-    pad = (args.patchsize - 1) // 2
-    module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector)
-    loader = DataLoader(test_ds, batch_size=_batch_size(args), shuffle=False, num_workers=args.num_workers)
-    with _quiet_lightning():
-        _trainer(args, devices=1, strategy="auto", logger=False).test(module, loader, verbose=False)
-    write_image_scores(version_dir / "image_scores.csv", collector.rows)
-    scores = collector.scores()
+    score_csv = Path(args.project_root_path) / "score_result.csv"
+    check_score_result(score_csv)  # fail now, not after scoring every image
+    # under DDP rank 0 names the folder and the other ranks take it (pni.distributed.shared)
+    partial = Path(distributed.shared("version_dir", lambda: str(_new_version_dir(args)))) if ddp \
+        else _new_version_dir(args)
+    try:
+        sample_dir = make_dir(partial / "sample")
+        collector = ResultCollector(sample_dir)
+        pad = (args.patchsize - 1) // 2
+        module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector)
+        loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
+                            num_workers=args.num_workers)
+        with _quiet_lightning():
+            _trainer(args, logger=False, precision=_precision(args),
+                     **distributed.devices_and_strategy(args, ddp)).test(module, loader, verbose=False)
+        rows = collector.rows
+        if ddp:  # every rank's rows, once each (the distributed sampler repeats a few images)
+            merged: dict[int, tuple] = {}
+            floats = list(zip(*[collector.image_scores[m] for m in MAP_NAMES]))
+            for part in distributed.gather(list(zip(collector.indices, collector.rows, floats))):
+                for index, row, image_scores in part:
+                    merged.setdefault(int(index), (row, image_scores))
+            if child:
+                return {}
+            rows = [merged[i][0] for i in sorted(merged)]
+            image_scores = [merged[i][1] for i in sorted(merged)]
+        if len(rows) != len(test_ds):
+            raise PNIError(f"scored {len(rows)} of {len(test_ds)} test images")
+        write_image_scores(partial / "image_scores.csv", rows)
+        scores = scores_from_samples(sample_dir, rows, image_scores) if ddp else collector.scores()
+        save_json(partial / "settings.json", vars(args))
+        version_dir = _publish_version_dir(partial)
+    except BaseException:
+        if not child:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     settings = {"category": args.category, "backbone": args.backbone, "version": version_dir.name,
                 "seed": args.seed, "imagesize": args.imagesize, "subsampling_percentage": args.subsampling_percentage,
                 "anomaly_nn": args.anomaly_nn, "dist_coreset_size": args.dist_coreset_size,
                 "dist_padding": args.dist_padding, "num_layers": args.num_layers, "nb_mask": args.nb_mask}
-    save_json(version_dir / "settings.json", vars(args))
-    append_score_result(Path(args.project_root_path) / "score_result.csv", settings, scores)
+    append_score_result(score_csv, settings, scores)
     return {"category": args.category, "version_dir": str(version_dir), **scores}
+
+
+def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
+    """The feature grid of ``--imagesize`` must have interior positions and match the rows of
+    the position priors (which carry no image size of their own). Returns the estimated
+    extraction temporaries per image (see :func:`_probe`)."""
+    device = next(extractor.parameters(), torch.empty(0)).device
+    with torch.no_grad():
+        probe, per_image = _probe(extractor, torch.zeros(3, args.imagesize, args.imagesize, device=device))
+        n_rows, n_cols = probe.shape[1:3]
+    pad = (args.patchsize - 1) // 2
+    if n_rows <= 2 * pad or n_cols <= 2 * pad:
+        raise PNIError(f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize "
+                       f"{args.patchsize}")
+    n_positions = len(priors["with_edge"])
+    if n_rows * n_cols != n_positions or len(priors["without_edge"]) != n_positions:
+        raise PNIError(f"the position priors in {embedding_dir(args)} cover {n_positions} grid positions, but "
+                       f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid; re-run with --train_coor_dist "
+                       "or change the flags back")
+    return per_image
+
+
+def _new_version_dir(args) -> Path:
+    """A hidden ``lightning_logs/.version_<k>.partial-*`` folder for a new test run (see
+    :func:`_publish_version_dir`); ``version_dirs`` and the analysis scripts ignore it."""
+    logs = make_dir(run_dir(args.project_root_path, args.category, args.backbone) / "lightning_logs",
+                    "--project_root_path")
+    existing = [int(p.name.split("_")[1]) for p in version_dirs(args.project_root_path, args.category, args.backbone)]
+    k = max(existing, default=-1) + 1
+    _remove_stale(logs, ".version_*.partial-*")
+    try:
+        partial = Path(tempfile.mkdtemp(prefix=f".version_{k}.partial-{_owner_tag()}-", dir=logs))
+    except OSError as exc:
+        raise PNIError(f"cannot write to folder {logs}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should not be
+    return partial
+
+
+def _publish_version_dir(partial: Path) -> Path:
+    """Rename a complete partial folder to the next free ``version_<k>``."""
+    logs = partial.parent
+    k = max((int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()),
+            default=-1) + 1
+    for attempt in range(100):
+        target = logs / f"version_{k + attempt}"
+        if target.exists():
+            continue
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if target.exists():
+                continue  # another run took this number just now
+            raise
+        return target
+    raise PNIError(f"cannot find a free version_<k> folder name in {logs}")
 
 
 # ---------------------------------------------------------------- all stages
 
 
+def check_saved_stages(args, out_dir: Path) -> None:
+    """Before any work: the stages that will be loaded rather than trained must have their
+    files, and settings that fit the flags (coreset digests are compared once the coresets
+    are final). Saves finding out after hours of training."""
+    stages = [
+        (args.train_coreset, "coreset_settings.json", CORESET_KEYS, "coresets",
+         [out_dir / n for n in coreset_file_names(args).values()], "coreset"),
+        (args.train_nb_dist, "nb_settings.json", NB_KEYS, "neighbourhood model",
+         [out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)],
+         "neighbourhood model"),
+        (args.train_coor_dist, "coor_settings.json", COOR_KEYS, "position priors",
+         [out_dir / position_prior_file_name(args.subsampling_percentage, e) for e in (False, True)],
+         "position prior"),
+    ]
+    for trained, settings_name, keys, what, files, noun in stages:
+        if trained:
+            continue
+        _check_settings(out_dir / settings_name, args, keys, what)
+        for path in files:
+            if not path.is_file():
+                raise PNIError(f"missing {noun} {path} (run with {STAGE_FLAGS[settings_name]} to make it)")
+
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every stage for one category; returns the test scores."""
+    """Run every stage for one category; returns the test scores.
+
+    With ``--devices N --strategy ddp`` the MLP training and the test scoring run on N
+    processes and everything else on rank 0 (see :mod:`pni.distributed`); the other ranks
+    re-run this function, skip rank 0's stages and writes, and return ``{}``.
+    """
+    args.ddp = distributed.configure(args)
+    child = distributed.is_child()
+    if child:  # one copy of the progress lines and tables, from rank 0
+        sys.stdout = open(os.devnull, "w")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     out_dir = embedding_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_ds, test_ds = build_datasets(args.dataset_category, args.dataset_path, args.category,
                                        resize=args.resize, imagesize=args.imagesize)
+    training = args.train_coreset or args.train_nb_dist or args.train_coor_dist
+    check_saved_stages(args, out_dir)
+    if training and not child:
+        make_dir(out_dir, "--embedding_root_path")
     if args.max_train_images:
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.max_train_images, len(train_ds))))
     extractor = build_feature_extractor(args.backbone, args.layer_index, args.pretrain_embed_dimension,
                                         args.target_embed_dimension, args.patchsize, args.backbone_weights,
                                         args.random_init)
-    training = args.train_coreset or args.train_nb_dist or args.train_coor_dist
-    if training:
+    if training and not child:
         save_json(out_dir / "feature_settings.json", _settings(args, FEATURE_KEYS))
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
-        scratch = Path(scratch)
+    if training and not child:
+        _remove_stale(out_dir, ".scratch-*")
+    scratch_dir = (nullcontext(None) if child else
+                   tempfile.TemporaryDirectory(prefix=f".scratch-{_owner_tag()}-", dir=out_dir if training else None))
+    with scratch_dir as scratch:
+        scratch = Path(scratch) if scratch is not None else None
         bank = None
-        if args.train_coreset:
+        if args.train_coreset and not child:  # DDP: rank 0 alone, before the other ranks start
             print(f"[{args.category}] stage 1/4: coresets", flush=True)
             bank = build_coresets(args, extractor, train_ds, out_dir, scratch)
         coresets = load_coresets(args, out_dir)
-        if (args.train_nb_dist or args.train_coor_dist) and bank is None:
+        if (args.train_nb_dist or args.train_coor_dist) and bank is None and not child:
             print(f"[{args.category}] extracting training features", flush=True)
-            bank, _ = extract_bank(args, extractor, train_ds, scratch)
+            bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args))
         if args.train_nb_dist:
             print(f"[{args.category}] stage 2/4: neighbourhood MLP", flush=True)
+            if args.ddp:
+                bank = _ddp_bank(bank)
             train_neighbourhood(args, bank, coresets, out_dir)
-        if args.train_coor_dist:
+        if args.train_coor_dist and not child:
             print(f"[{args.category}] stage 3/4: position priors", flush=True)
             train_position(args, bank, coresets, out_dir)
         del bank
+    distributed.barrier()  # DDP ranks > 0 wait here for rank 0's position priors
     priors = load_position_priors(args, out_dir, coresets)
-    _check_settings(out_dir / "nb_settings.json", args, NB_KEYS, "neighbourhood model")
-    ckpt = load_mlp_checkpoint(out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers))
-    mlp = mlp_from_state_dict(ckpt["model"])
-    expected_in = ((2 * args.dist_padding + 1) ** 2 - 1) * args.target_embed_dimension
-    if mlp.first_layer[0].in_features != expected_in or mlp.last_layer[0].out_features != len(coresets["distribution"]):
-        raise PNIError(f"neighbourhood model in {out_dir} does not fit --dist_padding {args.dist_padding}, "
-                       f"--target_embed_dimension {args.target_embed_dimension}, --dist_coreset_size "
-                       f"{args.dist_coreset_size}; re-run with --train_nb_dist")
+    mlp = load_neighbourhood_model(args, out_dir, coresets)
     print(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images", flush=True)
     result = run_test(args, extractor, test_ds, coresets, priors, mlp)
+    if child:
+        return result
     print(format_score_table([result]), flush=True)
     print(f"results: {result['version_dir']}", flush=True)
     return result

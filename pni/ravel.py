@@ -142,13 +142,26 @@ def convert(before: str | os.PathLike, after: str | os.PathLike, is_btad: bool =
     del is_mvtec_small
     before, after = Path(before), Path(after)
     found = list(categories) if categories else find_categories(before)
+    order = category_order(found, is_btad)
+    items = {cat: category_items(before / cat) for cat in order}
+    for cat in order:  # every input exists before the first file is written
+        for t, s in items[cat]:
+            img_file = before / cat / "test" / t / f"{s}.png"
+            if not img_file.is_file():
+                raise PNIError(f"missing test image {img_file} for {before / cat / 'anomaly_map' / t / (s + '.npy')}")
+            mask_file = before / cat / "ground_truth" / t / f"{s}_mask.png"
+            if t not in NORMAL_TYPES and not mask_file.is_file():
+                raise PNIError(f"missing ground-truth mask {mask_file}")
     entries: list[Entry] = []
     i = 0
-    for cat in category_order(found, is_btad):
+    for cat in order:
         cat_dir = before / cat
-        for t, s in category_items(cat_dir):
+        for t, s in items[cat]:
             npy = cat_dir / "anomaly_map" / t / f"{s}.npy"
-            amap = load_npy(npy)
+            try:
+                amap = load_npy(npy)
+            except (OSError, ValueError) as exc:
+                raise PNIError(f"cannot read {npy}: {exc}") from None
             if amap.ndim != 2:
                 raise PNIError(f"{npy}: expected a 2-D map, got shape {amap.shape}")
             if not np.all(np.isfinite(amap)) or amap.min() < -1e-4 or amap.max() > 1 + 1e-4:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
 from pni.metrics import image_auroc, pixel_auroc
 from pni.results import MAP_NAMES, read_sample, version_dirs
@@ -77,7 +77,7 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--project_root_path", default="./result")
     p.add_argument("--categories", nargs="+", required=True)
     p.add_argument("--backbone", default="WR101")

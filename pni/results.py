@@ -5,6 +5,7 @@ version_<k>/sample/{type}_{stem}[...].npy`` plus ``image_scores.csv`` beside ``s
 """
 from __future__ import annotations
 
+import csv
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from pni.errors import PNIError
 from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
 
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
@@ -90,6 +92,20 @@ def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
     row = [settings.get(c, "") for c in SETTING_COLUMNS] + [f"{scores[c]:.6f}" for c in SCORE_COLUMNS]
     append_csv_rows(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS), [row])
     return row
+
+
+def check_score_result(path: str | os.PathLike) -> None:
+    """Refuse (PNIError) an existing ``score_result.csv`` whose header is not ours, before a
+    run spends time scoring images it then cannot record."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), None)
+    expected = list(SETTING_COLUMNS) + list(SCORE_COLUMNS)
+    if header is not None and header != expected:
+        raise PNIError(f"{path} has another header than this version writes; move it away or use another "
+                       "--project_root_path")
 
 
 def format_score_table(rows: Sequence[Mapping[str, object]]) -> str:

@@ -6,14 +6,14 @@ import sys
 import warnings
 from typing import Sequence
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
 
 from .data import DEFAULT_CROP_FRACTION, GEOMETRIES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, SPEC section 7). "
                     "Without --train: load --checkpoint_path and refine --input_data_path into "
                     "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pni.cli import run_cli
+from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
 
 COLUMNS = ("P-AUROC", "AUPRO_MVTec", "AUPRO_PNI", "I-AUROC")
@@ -39,7 +39,7 @@ def compare_table(before: Path, after: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("before")
     p.add_argument("after")
     p.add_argument("--debug", action="store_true")

@@ -1,0 +1,68 @@
+"""Memory budgets: how many rows (images, positions, feature rows) to process at once.
+
+The feature bank, the extraction batches, the neighbourhood windows and the distance
+matrices are all processed in pieces whose size comes from the memory available on the
+device that holds them (``MemAvailable`` on the host, free memory on a CUDA device), so a
+full-size category fits a 24 GiB CPU machine and larger machines use larger pieces.
+``PNI_MEMORY_BUDGET_BYTES`` overrides the available memory (tests, shared machines).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import torch
+
+GiB = 2**30
+
+
+def available_bytes(device: torch.device | str | None = None) -> int:
+    """Memory that can still be allocated on ``device`` (host memory for CPU / ``None``)."""
+    override = os.environ.get("PNI_MEMORY_BUDGET_BYTES")
+    if override:
+        return int(float(override))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # other POSIX systems: free physical pages
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+
+
+def rows_for(bytes_per_row: float, fraction: float = 0.25, device: torch.device | str | None = None,
+             lo: int = 1, hi: int | None = None, budget: int | None = None) -> int:
+    """How many rows of ``bytes_per_row`` fit in ``fraction`` of the available memory
+    (or in ``budget`` bytes), clipped to ``[lo, hi]``."""
+    if budget is None:
+        budget = int(available_bytes(device) * fraction)
+    n = int(budget // max(1.0, float(bytes_per_row)))
+    n = max(lo, n)
+    return min(n, hi) if hi is not None else n
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a file-backed memory map from this process (they stay in
+    the page cache, written back to the file by the kernel); a no-op for anything else.
+
+    Streaming a memory-mapped feature bank would otherwise leave every page mapped into the
+    process, and its resident size would grow to the whole bank.
+    """
+    mm = getattr(array, "_mmap", None)
+    if getattr(array, "mode", None) not in ("r", "r+", "w+"):
+        return  # copy-on-write maps ("c") would lose their changes
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass

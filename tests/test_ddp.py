@@ -1,0 +1,100 @@
+"""Lightning DDP on the CPU (gloo, 2 processes): test scoring agrees with one process, and
+the MLP trains under DDP.
+
+Lightning's ``ddp`` strategy starts the other rank by running the command line again, so
+the DDP runs are subprocesses of ``train_coreset_distribution.py``.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_coreset_distribution as tcd
+from pni.data.synthetic import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
+        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
+        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
+        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
+DDP = ["--devices", "2", "--strategy", "ddp"]
+TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
+
+
+def run_script(argv, timeout=240):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PNI_DDP_RUN")}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on a two-core machine
+    proc = subprocess.run([sys.executable, str(ROOT / "train_coreset_distribution.py")] + argv, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def versions(root):
+    return root / "result" / "texture" / "R18" / "anomaly" / "lightning_logs"
+
+
+def score_rows(root):
+    with open(root / "result" / "score_result.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    make_dataset(root / "ds", num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
+    # 7 test images: the distributed sampler repeats one to give both ranks 4
+    (root / "ds" / "texture" / "test" / "scratch" / "001.png").unlink()
+    (root / "ds" / "texture" / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    return root
+
+
+def test_ddp_scoring_matches_one_process(dataset):
+    root = dataset / "score"
+    base = ["--dataset_path", str(dataset / "ds"), "--category", "texture", "--project_root_path",
+            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    assert tcd.main(base + TRAIN) == 0  # trains, then scores on one process: version_0
+    proc = run_script(base + DDP)  # the same artefacts, scored by 2 processes: version_1
+    assert proc.stdout.count("stage 4/4") == 1  # progress and tables from rank 0 only
+    v0, v1 = versions(root) / "version_0", versions(root) / "version_1"
+    assert sorted(p.name for p in versions(root).iterdir()) == ["version_0", "version_1"]
+    files = sorted(p.name for p in (v0 / "sample").iterdir())
+    assert files == sorted(p.name for p in (v1 / "sample").iterdir())
+    maps = [f for f in files if "_amap_" in f and f.endswith(".npy")]
+    assert len(maps) == 7 * 4
+    for name in maps:
+        np.testing.assert_allclose(np.load(v1 / "sample" / name), np.load(v0 / "sample" / name),
+                                   rtol=0, atol=1e-5, err_msg=name)
+    with open(v0 / "image_scores.csv") as a, open(v1 / "image_scores.csv") as b:
+        one, two = list(csv.reader(a)), list(csv.reader(b))
+    assert len(one) == 8 and [r[:3] for r in one] == [r[:3] for r in two]  # same images, same order
+    np.testing.assert_allclose(np.array([r[3:] for r in two[1:]], float),
+                               np.array([r[3:] for r in one[1:]], float), rtol=0, atol=1e-5)
+    rows = score_rows(root)
+    assert [r["version"] for r in rows] == ["version_0", "version_1"]
+    for key in rows[0]:
+        if key.endswith("AUROC"):
+            assert float(rows[1][key]) == pytest.approx(float(rows[0][key]), abs=1e-6), key
+
+
+def test_ddp_training_runs_every_stage(dataset):
+    root = dataset / "train"
+    base = ["--dataset_path", str(dataset / "ds"), "--category", "texture", "--project_root_path",
+            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    run_script(base + TRAIN + DDP)
+    emb = root / "embeddings_layer2+layer3" / "texture" / "R18"
+    assert not any(p.name.startswith(".") for p in emb.iterdir())  # no scratch or temporary left
+    ckpt = torch.load(emb / "best_model_dp2_dcs16_n3.pt", weights_only=True)
+    assert ckpt["model"]["first_layer.0.weight"].shape == (2048, 24 * 32)
+    assert np.isfinite(ckpt["val_loss"]) and 0.0 < ckpt["val_loss"] < 50.0
+    assert (emb / "coor_model_sp25_with_edge.npy").is_file()
+    assert sorted(p.name for p in versions(root).iterdir()) == ["version_0"]
+    assert len(list((versions(root) / "version_0" / "sample").glob("*_amap_nb.npy"))) == 7
+    (row,) = score_rows(root)
+    assert all(0.0 <= float(row[k]) <= 1.0 for k in row if k.endswith("AUROC"))
