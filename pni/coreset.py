@@ -83,8 +83,8 @@ def greedy_order(
         raise ValueError(f"cannot select {n_select} of {n} points")
     # row norms in chunks: no temporary of the bank's size
     sq_norms = torch.empty(n, dtype=points.dtype, device=points.device)
-    for s in range(0, n, 1 << 16):
-        block = points[s : s + (1 << 16)]
+    for s in range(0, n, 1 << 13):
+        block = points[s : s + (1 << 13)]
         sq_norms[s : s + len(block)] = (block * block).sum(dim=1)
     min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
     dist = torch.empty(n, dtype=points.dtype, device=points.device)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from pni.coreset import greedy_coreset
 from pni.distributions import NeighbourhoodMLP, gather_windows, grid_windows
 from pni.features import PatchFeatureExtractor
-from pni.memory import release_pages, rows_for
+from pni.memory import release_pages, rows_for, trim_heap
 
 
 class IndexedDataset(Dataset):
@@ -83,6 +83,8 @@ class CoresetModule(FeatureBankModule):
 
     def on_predict_epoch_end(self) -> None:
         from tqdm.auto import tqdm
+
+        trim_heap()  # the extraction temporaries, before the projected bank is allocated
 
         n_img, n_rows, n_cols, dim = self.bank.shape
         sizes = {"with_edge": n_img * n_rows * n_cols,

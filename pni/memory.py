@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ def release_pages(array: np.ndarray) -> None:
     Streaming a memory-mapped feature bank would otherwise leave every page mapped into the
     process, and its resident size would grow to the whole bank.
     """
+    if not sys.platform.startswith("linux"):
+        return  # MADV_DONTNEED keeps shared file pages' contents on Linux; elsewhere, do nothing
     mm = getattr(array, "_mmap", None)
     if getattr(array, "mode", None) not in ("r", "r+", "w+"):
         return  # copy-on-write maps ("c") would lose their changes
@@ -65,4 +68,16 @@ def release_pages(array: np.ndarray) -> None:
     try:
         mm.madvise(mmap.MADV_DONTNEED)
     except (OSError, ValueError):
+        pass
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim``; a no-op
+    elsewhere). Large temporaries freed by one stage otherwise stay in the process's
+    resident size while the next stage allocates its own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
         pass

@@ -332,12 +332,16 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
                                 n_select=n_select, seed=args.seed)
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
-    flat = bank.reshape(-1, bank.shape[-1])
-    interior = bank[:, pad:n_rows - pad, pad:n_cols - pad].reshape(-1, bank.shape[-1])
+    flat = bank.reshape(-1, bank.shape[-1])  # a view (no copy of the bank)
+
+    def interior(ids: np.ndarray) -> np.ndarray:  # rows of the interior positions, flat order
+        img, rest = np.divmod(ids, (n_rows - 2 * pad) * (n_cols - 2 * pad))
+        row, col = np.divmod(rest, n_cols - 2 * pad)
+        return np.ascontiguousarray(bank[img, row + pad, col + pad], dtype=np.float32)
+
     names = coreset_file_names(args)
-    vectors = {"without_edge": np.ascontiguousarray(interior[sel_without[:k_emb]], dtype=np.float32),
-               "distribution": np.ascontiguousarray(interior[sel_without[: args.dist_coreset_size]],
-                                                    dtype=np.float32),
+    vectors = {"without_edge": interior(sel_without[:k_emb]),
+               "distribution": interior(sel_without[: args.dist_coreset_size]),
                "with_edge": np.ascontiguousarray(flat[sel_with], dtype=np.float32)}
     _begin_stage(out_dir / "coreset_settings.json")
     for key in ("without_edge", "distribution", "with_edge"):
