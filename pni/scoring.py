@@ -138,8 +138,14 @@ def _row_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
 def pairwise_distances(x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
     """Euclidean distances ``(N, E) x (K, E) -> (N, K)`` via matrix products.
 
-    Rows of ``x`` are processed ``chunk_size`` at a time (``None``: all at once).
+    Rows of ``x`` are processed ``chunk_size`` at a time (``None``: all at once). Both sides
+    are first shifted by the mean of ``y``: distances do not change, but the norms in
+    ``|x|^2 + |y|^2 - 2 x.y`` shrink from the features' magnitude (~40 for ReLU features)
+    to their spread, which keeps float32 results within ~1e-6 instead of ~1e-4.
     """
+    centre = y.mean(dim=0)
+    x = x - centre
+    y = y - centre
     y_sq = (y * y).sum(dim=1)
     out = x.new_empty(x.shape[0], y.shape[0])
     for s, e in _row_chunks(x.shape[0], chunk_size):

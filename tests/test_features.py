@@ -11,6 +11,7 @@ from pni.features import (
     hub_checkpoint_dir,
     load_backbone,
     local_patches,
+    resize_patch_grid,
     weights_file_name,
 )
 
@@ -126,3 +127,20 @@ def test_extractor_stops_after_last_layer():
     fe = small_extractor("R18")
     names = {n for n, _ in fe.body.named_modules()}
     assert not any(n.startswith("layer4") or n == "fc" for n in names)
+
+
+def test_pooling_before_resize_equals_resizing_every_neighbourhood_element():
+    """The SPEC's order (resize each neighbourhood element, then pool) gives the same features."""
+    fe = small_extractor()
+    x = torch.randn(2, 3, 64, 64)
+    maps = fe.body(x)
+    ref_hw = maps["layer2"].shape[-2:]
+    pooled = []
+    for layer in ("layer2", "layer3"):
+        patches = local_patches(maps[layer], fe.patchsize)
+        if patches.shape[1:3] != ref_hw:
+            patches = resize_patch_grid(patches, tuple(ref_hw))
+        pooled.append(F.adaptive_avg_pool1d(patches.reshape(-1, 1, patches[0, 0, 0].numel()), 48).squeeze(1))
+    stacked = torch.stack(pooled, dim=1)
+    expected = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), 32).reshape(2, 8, 8, 32)
+    torch.testing.assert_close(fe(x), expected, rtol=1e-4, atol=1e-5)

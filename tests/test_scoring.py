@@ -359,3 +359,15 @@ def test_cuda_matches_cpu():
         assert gpu.maps[name].is_cuda
         torch.testing.assert_close(gpu.maps[name].cpu(), cpu.maps[name])
         assert gpu.image[name] == pytest.approx(cpu.image[name], abs=1e-9)
+
+
+def test_float32_distances_stay_accurate_for_large_feature_norms():
+    """ReLU features share a large mean: the norm expansion must not lose the small distances."""
+    from pni.scoring import pairwise_distances
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand(256, generator=g) * 2.5
+    y = (mean + 0.1 * torch.randn(300, 256, generator=g)).relu()
+    x = (mean + 0.1 * torch.randn(50, 256, generator=g)).relu()
+    ref = torch.cdist(x.double(), y.double())
+    assert (pairwise_distances(x, y).double() - ref).abs().max() < 1e-5
