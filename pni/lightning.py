@@ -4,7 +4,6 @@ with Lightning's progress bars, devices and (for the MLP and test scoring) strat
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np

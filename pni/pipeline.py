@@ -5,30 +5,14 @@ Stages whose ``--train_*`` flag is absent load their saved artefacts instead; ea
 records its settings in a JSON file beside its artefacts, and later runs refuse artefacts
 made with incompatible settings.
 
-Interruptions: every file is written under a temporary name and renamed. Before a stage
-rewrites its artefacts its settings file is replaced by an "incomplete" mark, and the real
-settings are written only after the last artefact, so a run killed half-way leaves nothing
-that a later run would trust. The position priors and the neighbourhood model record a
-digest of the coresets they were made from. Test results are written to a hidden
-``lightning_logs/.version_<k>.partial-*`` folder that becomes ``version_<k>`` only when
-complete (and is removed when scoring fails).
-
-Test hook: the environment variable ``PNI_TEST_KILL_AT=<point>`` kills the process with
-SIGKILL at one of ``coreset_index`` (after the first coreset file), ``nb_checkpoint``
-(after the first saved MLP checkpoint), ``coor_prior`` (after the first position prior)
-or ``test_sample`` (after the first scored test image); the tests use it to check that an
-interrupted run can be re-run.
+Interruptions, settings records and the test hook: see :mod:`pni.artefacts`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import re
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import warnings
@@ -43,6 +27,26 @@ from torch.utils.data import DataLoader
 
 from pni import coreset as cs
 from pni import distributed
+from pni.artefacts import (
+    COOR_KEYS,
+    CORESET_KEYS,
+    DIGEST_KEY,
+    FEATURE_KEYS,
+    NB_KEYS,
+    ORIGINAL_NB_KEYS,
+    begin_stage,
+    check_saved_stages,
+    check_settings,
+    compare_settings,
+    coreset_digest,
+    coreset_file_names,
+    new_version_dir,
+    owner_tag,
+    publish_version_dir,
+    remove_stale,
+    settings_of,
+    test_hook,
+)
 from pni.config import embedding_dir
 from pni.data.datasets import build_datasets
 from pni.data.transforms import denormalize
@@ -75,9 +79,7 @@ from pni.results import (
     append_score_result,
     check_score_result,
     format_score_table,
-    run_dir,
     read_sample,
-    version_dirs,
     write_image_scores,
     write_sample,
 )
@@ -85,117 +87,22 @@ from pni.scoring import ScoringArtefacts, ScoringConfig, nearest_ids, score_imag
 
 log = logging.getLogger("pni")
 
-# Settings that make artefacts of one stage incompatible with another run's flags.
-FEATURE_KEYS = ("dataset_category", "category", "backbone", "layer_index", "pretrain_embed_dimension",
-                "target_embed_dimension", "patchsize", "resize", "imagesize", "random_init", "max_train_images")
-CORESET_KEYS = FEATURE_KEYS + ("subsampling_percentage", "dist_coreset_size", "seed")
-NB_KEYS = CORESET_KEYS + ("dist_padding", "num_layers")
-COOR_KEYS = CORESET_KEYS + ("dist_padding",)
-# Settings of the original's checkpoints (an argparse Namespace) that must match the flags:
-# only those that change what the model means (its seed or epochs do not).
-ORIGINAL_NB_KEYS = ("backbone", "layer_index", "pretrain_embed_dimension", "target_embed_dimension", "patchsize",
-                    "dist_padding", "dist_coreset_size", "num_layers")
-STAGE_FLAGS = {"coreset_settings.json": "--train_coreset", "nb_settings.json": "--train_nb_dist",
-               "coor_settings.json": "--train_coor_dist"}
-DIGEST_KEY = "coreset_digest"
 
-# Above this size the training feature bank lives in a memory-mapped file, not in RAM.
+
+
+
+
+
 IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30))
 
 
-def coreset_file_names(args: argparse.Namespace) -> dict[str, str]:
-    sp = int(args.subsampling_percentage * 100)
-    return {
-        "without_edge": f"embedding_coreset_index_{sp}.faiss",
-        "with_edge": f"embedding_coreset_index_{sp}_with_edge.faiss",
-        "distribution": f"dist_coreset_index_{args.dist_coreset_size}.faiss",
-    }
 
 
-def _settings(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in keys}
 
 
-def _test_hook(point: str) -> None:
-    """``PNI_TEST_KILL_AT=<point>`` kills this process at ``point`` (see the module docstring)."""
-    if os.environ.get("PNI_TEST_KILL_AT") == point:
-        print(f"PNI_TEST_KILL_AT={point}: killing the process", flush=True)
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
-def coreset_digest(coresets: dict[str, np.ndarray]) -> str:
-    """A short digest of the coreset vectors, recorded by the stages built on them."""
-    h = hashlib.sha256()
-    for key in sorted(coresets):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(coresets[key], dtype=np.float32).tobytes())
-    return h.hexdigest()[:20]
 
-
-def _owner_tag() -> str:
-    """``<host>~<pid>``: put in the names of scratch folders so that a later run can tell
-    those of killed runs (same host, process gone) from those of running ones."""
-    return f"{socket.gethostname().replace('-', '_').replace('~', '_')}~{os.getpid()}"
-
-
-def _remove_stale(folder: Path, pattern: str) -> None:
-    """Remove the folders ``folder/<pattern>`` whose name holds ``-<host>~<pid>-`` of a process
-    of this host that no longer exists (scratch space or partial results of a killed run)."""
-    host = _owner_tag().split("~")[0]
-    for p in (folder.glob(pattern) if folder.is_dir() else ()):
-        owner = re.search(r"-([^-~]+)~(\d+)-", p.name)
-        if owner is None or owner.group(1) != host or not p.is_dir():
-            continue
-        try:
-            os.kill(int(owner.group(2)), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # exists, owned by someone else
-        log.info("removing %s, left by a killed run", p)
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _begin_stage(path: Path) -> None:
-    """Mark a stage's artefacts as being rewritten, before the first of them is touched."""
-    save_json(path, {"incomplete": True, "note": "a run stopped while writing these artefacts"})
-
-
-def _stage_flag(path: Path) -> str:
-    return STAGE_FLAGS.get(path.name, "its --train_* flag")
-
-
-def _compare(saved: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> str:
-    """``--flag new (saved: old)`` for every key in ``keys`` and ``saved`` that differs."""
-    wanted = _settings(args, keys)
-    wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}
-    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
-    diff = {k: (saved[k], wanted[k]) for k in keys if k in saved and saved[k] != wanted[k]}
-    return ", ".join(f"--{k} {new} (saved: {old})" for k, (old, new) in diff.items())
-
-
-def _check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str,
-                    digest: str | None = None) -> None:
-    """Refuse the artefacts beside ``path`` if its settings differ from the flags, if an
-    earlier run stopped while writing them, or (``digest``) if they were made from other
-    coresets than the current ones."""
-    if not path.is_file():
-        return  # artefacts from the original code carry no settings record
-    try:
-        saved = load_json(path)
-    except (OSError, ValueError) as exc:
-        raise PNIError(f"cannot read {path}: {exc}; re-run with {_stage_flag(path)}") from None
-    if not isinstance(saved, dict) or saved.get("incomplete"):
-        raise PNIError(f"{what} in {path.parent} are incomplete (an earlier run stopped while writing them); "
-                       f"re-run with {_stage_flag(path)}")
-    detail = _compare(saved, args, keys)
-    if detail:
-        raise PNIError(f"{what} in {path.parent} were made with other settings: {detail}; "
-                       f"re-run with {_stage_flag(path)} or change the flags back")
-    if digest is not None and saved.get(DIGEST_KEY) not in (None, digest):
-        raise PNIError(f"{what} in {path.parent} were made from other coresets than the ones there now "
-                       f"(see {path.name}); re-run with {_stage_flag(path)}")
 
 
 def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
@@ -343,12 +250,12 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
     vectors = {"without_edge": interior(sel_without[:k_emb]),
                "distribution": interior(sel_without[: args.dist_coreset_size]),
                "with_edge": np.ascontiguousarray(flat[sel_with], dtype=np.float32)}
-    _begin_stage(out_dir / "coreset_settings.json")
+    begin_stage(out_dir / "coreset_settings.json")
     for key in ("without_edge", "distribution", "with_edge"):
         cs.save_index(cs.build_index(vectors[key]), out_dir / names[key])
-        _test_hook("coreset_index")
+        test_hook("coreset_index")
     save_json(out_dir / "coreset_settings.json",
-              {**_settings(args, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)})
+              {**settings_of(args, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)})
     log.info("coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches",
              k_emb, k_emb_edge, args.dist_coreset_size, n_without, n_with)
     return bank
@@ -357,7 +264,7 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
 def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
     """The three coresets as arrays ``(K, E)``."""
     settings_path = out_dir / "coreset_settings.json"
-    _check_settings(settings_path, args, CORESET_KEYS, "coresets")
+    check_settings(settings_path, args, CORESET_KEYS, "coresets")
     out = {}
     for key, name in coreset_file_names(args).items():
         path = out_dir / name
@@ -391,17 +298,17 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     labels = np.stack([cs.nearest_ids(index, np.asarray(interior[i]).reshape(-1, dim)) for i in range(n_img)])
     n_windows = (2 * args.dist_padding + 1) ** 2 - 1
     ckpt = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
-    settings = {**_settings(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
+    settings = {**settings_of(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
     child = distributed.is_child()  # DDP ranks > 0 train but write nothing
     if not child:
-        _begin_stage(out_dir / "nb_settings.json")
+        begin_stage(out_dir / "nb_settings.json")
         ckpt.unlink(missing_ok=True)
     # The same seed gives the same model whichever other stages ran before in this process.
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
     def on_best(model, train_loss, val_loss):
         save_mlp_checkpoint(ckpt, model, settings, train_loss, val_loss)
-        _test_hook("nb_checkpoint")
+        test_hook("nb_checkpoint")
 
     module = NeighbourhoodModule(n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate,
                                  args.step_size, on_best)
@@ -425,7 +332,7 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
     with-edge coreset), normalised per position, as ``.npy``."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
-    _begin_stage(out_dir / "coor_settings.json")
+    begin_stage(out_dir / "coor_settings.json")
     rr, cc = np.meshgrid(np.arange(pad, n_rows - pad), np.arange(pad, n_cols - pad), indexing="ij")
     interior_pos = torch.as_tensor((rr * n_cols + cc).reshape(-1))
     for with_edge in (False, True):
@@ -444,12 +351,12 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
                                       args.dist_padding, positions=interior_pos, counts=counts)
         prior = normalise_rows(counts).numpy()
         save_npy(out_dir / position_prior_file_name(args.subsampling_percentage, with_edge), prior)
-        _test_hook("coor_prior")
-    save_json(out_dir / "coor_settings.json", {**_settings(args, COOR_KEYS), DIGEST_KEY: coreset_digest(coresets)})
+        test_hook("coor_prior")
+    save_json(out_dir / "coor_settings.json", {**settings_of(args, COOR_KEYS), DIGEST_KEY: coreset_digest(coresets)})
 
 
 def load_position_priors(args, out_dir: Path, coresets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    _check_settings(out_dir / "coor_settings.json", args, COOR_KEYS, "position priors", coreset_digest(coresets))
+    check_settings(out_dir / "coor_settings.json", args, COOR_KEYS, "position priors", coreset_digest(coresets))
     out = {}
     for with_edge, key in ((False, "without_edge"), (True, "with_edge")):
         path = out_dir / position_prior_file_name(args.subsampling_percentage, with_edge)
@@ -470,12 +377,12 @@ def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray
     """The neighbourhood MLP, refused if its settings (``nb_settings.json`` and those stored in
     the checkpoint itself), its coresets or its layer sizes do not fit the flags."""
     digest = coreset_digest(coresets)
-    _check_settings(out_dir / "nb_settings.json", args, NB_KEYS, "neighbourhood model", digest)
+    check_settings(out_dir / "nb_settings.json", args, NB_KEYS, "neighbourhood model", digest)
     path = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
     ckpt = load_mlp_checkpoint(path)
     saved = ckpt.get("settings") or {}
     original = "args" in ckpt and "model" in ckpt and DIGEST_KEY not in saved
-    detail = _compare(saved, args, ORIGINAL_NB_KEYS if original else NB_KEYS)
+    detail = compare_settings(saved, args, ORIGINAL_NB_KEYS if original else NB_KEYS)
     if detail:
         raise PNIError(f"neighbourhood model {path} was made with other settings: {detail}; "
                        "re-run with --train_nb_dist or change the flags back")
@@ -516,7 +423,7 @@ class ResultCollector:
         gt = (meta["mask"].cpu().numpy()[0] > 0.5).astype(np.uint8)
         defect_type, stem, label = str(meta["defect_type"]), str(meta["stem"]), int(meta["label"])
         write_sample(self.sample_dir, defect_type, stem, image, gt, maps)
-        _test_hook("test_sample")
+        test_hook("test_sample")
         self.rows.append([defect_type, stem, label] + [f"{result.image[m]:.6f}" for m in MAP_NAMES])
         self.indices.append(int(meta["index"]) if "index" in meta else len(self.indices))
         self.labels.append(label)
@@ -591,8 +498,8 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     score_csv = Path(args.project_root_path) / "score_result.csv"
     check_score_result(score_csv)  # fail now, not after scoring every image
     # under DDP rank 0 names the folder and the other ranks take it (pni.distributed.shared)
-    partial = Path(distributed.shared("version_dir", lambda: str(_new_version_dir(args)))) if ddp \
-        else _new_version_dir(args)
+    partial = Path(distributed.shared("version_dir", lambda: str(new_version_dir(args)))) if ddp \
+        else new_version_dir(args)
     try:
         sample_dir = make_dir(partial / "sample")
         collector = ResultCollector(sample_dir)
@@ -619,7 +526,7 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         write_image_scores(partial / "image_scores.csv", rows)
         scores = scores_from_samples(sample_dir, rows, image_scores) if ddp else collector.scores()
         save_json(partial / "settings.json", vars(args))
-        version_dir = _publish_version_dir(partial)
+        version_dir = publish_version_dir(partial)
     except BaseException:
         if not child:
             shutil.rmtree(partial, ignore_errors=True)
@@ -652,68 +559,8 @@ def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
     return per_image
 
 
-def _new_version_dir(args) -> Path:
-    """A hidden ``lightning_logs/.version_<k>.partial-*`` folder for a new test run (see
-    :func:`_publish_version_dir`); ``version_dirs`` and the analysis scripts ignore it."""
-    logs = make_dir(run_dir(args.project_root_path, args.category, args.backbone) / "lightning_logs",
-                    "--project_root_path")
-    existing = [int(p.name.split("_")[1]) for p in version_dirs(args.project_root_path, args.category, args.backbone)]
-    k = max(existing, default=-1) + 1
-    _remove_stale(logs, ".version_*.partial-*")
-    try:
-        partial = Path(tempfile.mkdtemp(prefix=f".version_{k}.partial-{_owner_tag()}-", dir=logs))
-    except OSError as exc:
-        raise PNIError(f"cannot write to folder {logs}: {exc.strerror or exc}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should not be
-    return partial
-
-
-def _publish_version_dir(partial: Path) -> Path:
-    """Rename a complete partial folder to the next free ``version_<k>``."""
-    logs = partial.parent
-    k = max((int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()),
-            default=-1) + 1
-    for attempt in range(100):
-        target = logs / f"version_{k + attempt}"
-        if target.exists():
-            continue
-        try:
-            os.rename(partial, target)
-        except OSError:
-            if target.exists():
-                continue  # another run took this number just now
-            raise
-        return target
-    raise PNIError(f"cannot find a free version_<k> folder name in {logs}")
-
 
 # ---------------------------------------------------------------- all stages
-
-
-def check_saved_stages(args, out_dir: Path) -> None:
-    """Before any work: the stages that will be loaded rather than trained must have their
-    files, and settings that fit the flags (coreset digests are compared once the coresets
-    are final). Saves finding out after hours of training."""
-    stages = [
-        (args.train_coreset, "coreset_settings.json", CORESET_KEYS, "coresets",
-         [out_dir / n for n in coreset_file_names(args).values()], "coreset"),
-        (args.train_nb_dist, "nb_settings.json", NB_KEYS, "neighbourhood model",
-         [out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)],
-         "neighbourhood model"),
-        (args.train_coor_dist, "coor_settings.json", COOR_KEYS, "position priors",
-         [out_dir / position_prior_file_name(args.subsampling_percentage, e) for e in (False, True)],
-         "position prior"),
-    ]
-    for trained, settings_name, keys, what, files, noun in stages:
-        if trained:
-            continue
-        _check_settings(out_dir / settings_name, args, keys, what)
-        for path in files:
-            if not path.is_file():
-                raise PNIError(f"missing {noun} {path} (run with {STAGE_FLAGS[settings_name]} to make it)")
-
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -741,11 +588,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         args.target_embed_dimension, args.patchsize, args.backbone_weights,
                                         args.random_init)
     if training and not child:
-        save_json(out_dir / "feature_settings.json", _settings(args, FEATURE_KEYS))
+        save_json(out_dir / "feature_settings.json", settings_of(args, FEATURE_KEYS))
     if training and not child:
-        _remove_stale(out_dir, ".scratch-*")
+        remove_stale(out_dir, ".scratch-*")
     scratch_dir = (nullcontext(None) if child else
-                   tempfile.TemporaryDirectory(prefix=f".scratch-{_owner_tag()}-", dir=out_dir if training else None))
+                   tempfile.TemporaryDirectory(prefix=f".scratch-{owner_tag()}-", dir=out_dir if training else None))
     with scratch_dir as scratch:
         scratch = Path(scratch) if scratch is not None else None
         bank = None

@@ -3,7 +3,6 @@ catches which defect). ``python -m pni.report --project_root_path ./result``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path

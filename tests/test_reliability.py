@@ -440,7 +440,7 @@ def test_stage_interrupted_in_process_is_never_trusted(trained, tmp_path, capsys
         if point == "coreset_index":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_test_hook", interrupt)
+    monkeypatch.setattr(pipeline, "test_hook", interrupt)
     assert tcd.main(trained.argv(*TRAIN, "--seed", "23", emb_root=tmp_path, project=tmp_path / "r")) == 130
     capsys.readouterr()
     monkeypatch.undo()
