@@ -83,10 +83,16 @@ def read_png16(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as 8-bit RGB."""
-    a = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an image file as (H,W,3) uint8 RGB (grayscale / RGBA / 16-bit converted)."""
+    a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if a is None:
         raise PNIError(f"cannot read {path}")
+    if a.dtype == np.uint16:
+        a = (a // 257).astype(np.uint8)
+    if a.ndim == 2:
+        return cv2.cvtColor(a, cv2.COLOR_GRAY2RGB)
+    if a.shape[2] == 4:
+        return cv2.cvtColor(a, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(a, cv2.COLOR_BGR2RGB)
 
 

@@ -15,7 +15,7 @@ from pni.refinement import (RavelRefinementDataset, RefinementNet, SyntheticRefi
                             refine_ravel_folder, refinement_loss, save_state_dict, train_step, write_png16,
                             zoom_map)
 from pni.refinement.cli import main
-from pni.refinement.data import map_to_uint16
+from pni.refinement.data import round_to_uint16
 
 SIZE = 32  # model input size in tests (DenseNet-161 at 320 is slow on CPU); ravel files are 40x40
 RAVEL = 40
@@ -38,7 +38,7 @@ def _write_ravel(folder: Path, n: int = 4, size: int = RAVEL, seed: int = 0) -> 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (image, amap, mask) in enumerate(triples):
-        write_png16(folder / f"{i:05d}_pred.png", map_to_uint16(amap))
+        write_png16(folder / f"{i:05d}_pred.png", round_to_uint16(amap))
         write_png16(folder / f"{i:05d}_gt.png", (mask > 0.5).astype(np.uint16) * 65535)
         cv2.imwrite(str(folder / f"image{i:05d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         rows.append([i, "cat_a" if i < n // 2 else "cat_b", "good" if mask.max() == 0 else "defect", f"{i:03d}"])
@@ -85,7 +85,7 @@ def test_png16_round_trip(tmp_path):
     assert back.dtype == np.uint16 and np.array_equal(back, ramp)
     m = read_map(tmp_path / "r.png")
     assert m.dtype == np.float32 and m.min() == 0.0 and m.max() == 1.0
-    assert np.array_equal(map_to_uint16(m), ramp)
+    assert np.array_equal(round_to_uint16(m), ramp)
     from PIL import Image  # Pillow agrees on the stored values
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")).astype(np.uint16), ramp)
 

@@ -17,9 +17,7 @@ Geometry:
 """
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,101 +28,34 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pni.errors import PNIError
-from pni.io import atomic_path
+from pni.ravel import Entry, gt_path, image_path, pred_path, read_index, read_png16, read_rgb
 
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 GEOMETRIES = ("aligned", "original")
 DEFAULT_CROP_FRACTION = 0.9
-INDEX_COLUMNS = ("index", "category", "defect_type", "stem")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- file IO
 
-def read_png16(path: str | os.PathLike) -> np.ndarray:
-    """Read a single-channel PNG as stored: (H,W) uint16 (or uint8 for 8-bit files)."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise PNIError(f"cannot read image file: {path}")
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    return arr
-
-
-def write_png16(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write (H,W) uint16 as a 16-bit PNG, atomically."""
-    array = np.ascontiguousarray(array)
-    if array.dtype != np.uint16 or array.ndim != 2:
-        raise ValueError(f"write_png16 expects (H,W) uint16, got {array.dtype} {array.shape}")
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise PNIError(f"cannot write {path}")
-
-
 def read_map(path: str | os.PathLike) -> np.ndarray:
-    """Read a map/mask PNG as float32 (H,W) in [0,1] (uint16 / 65535, uint8 / 255)."""
-    arr = read_png16(path)
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return arr.astype(np.float32) / np.float32(scale)
+    """Read a map/mask PNG as float32 (H,W) in [0,1] (16-bit / 65535; 8-bit files count x257)."""
+    return read_png16(path).astype(np.float32) / np.float32(65535.0)
 
 
-def map_to_uint16(amap: np.ndarray) -> np.ndarray:
-    """(H,W) float in [0,1] -> uint16 = round(clip(map)*65535)."""
+def round_to_uint16(amap: np.ndarray) -> np.ndarray:
+    """(H,W) float in [0,1] -> uint16 = round(clip(map)*65535).
+
+    Rounds where ``pni.ravel.map_to_uint16`` truncates (as the original's conversion): a map
+    read from a ravel file and written back unchanged keeps its exact codes."""
     return np.round(np.clip(amap.astype(np.float64), 0.0, 1.0) * 65535.0).astype(np.uint16)
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H,W,3) uint8 RGB (grayscale / RGBA / 16-bit converted)."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise PNIError(f"cannot read image file: {path}")
-    if arr.dtype == np.uint16:
-        arr = (arr // 257).astype(np.uint8)
-    if arr.ndim == 2:
-        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-    if arr.shape[2] == 4:
-        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 # ----------------------------------------------------------------------------- ravel folders
 
-@dataclass(frozen=True)
-class RavelEntry:
-    """One ravel sample: its running index and (if index.csv exists) where it came from."""
-
-    index: int
-    category: str = ""
-    defect_type: str = ""
-    stem: str = ""
-
-    def pred_name(self) -> str:
-        return f"{self.index:05d}_pred.png"
-
-    def gt_name(self) -> str:
-        return f"{self.index:05d}_gt.png"
-
-    def image_name(self) -> str:
-        return f"image{self.index:05d}.png"
-
-
-def read_index_csv(folder: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]] | None:
-    """(header, rows) of ``folder/index.csv``, or None when the folder has none."""
-    path = Path(folder) / "index.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
-    if not set(INDEX_COLUMNS) <= set(header):
-        raise PNIError(f"{path}: expected columns {','.join(INDEX_COLUMNS)}, found {','.join(header)}")
-    return header, rows
-
-
 def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | None = None,
-                       require_gt: bool = True) -> list[RavelEntry]:
+                       require_gt: bool = True) -> list[Entry]:
     """Entries of a ravel folder, filtered by category (None / ['all'] = every entry).
 
     Uses ``index.csv``; without it, entries come from the ``*_pred.png`` files and a
@@ -134,15 +65,13 @@ def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | No
     if not folder.is_dir():
         raise PNIError(f"ravel folder not found: {folder}")
     wanted = None if not categories or list(categories) == ["all"] else set(categories)
-    index = read_index_csv(folder)
-    if index is None:
+    entries = read_index(folder)
+    if entries is None:
         if wanted is not None:
             raise PNIError(f"{folder}: no index.csv, so --category cannot be applied (use --category all)")
         idx = sorted(int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]_pred.png"))
-        entries = [RavelEntry(i) for i in idx]
+        entries = [Entry(i, "", "", "") for i in idx]
     else:
-        rows = index[1]
-        entries = [RavelEntry(int(r["index"]), r["category"], r["defect_type"], r["stem"]) for r in rows]
         if wanted is not None:
             known = {e.category for e in entries}
             unknown = sorted(wanted - known)
@@ -153,10 +82,10 @@ def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | No
     if not entries:
         raise PNIError(f"{folder}: no ravel samples found")
     for e in entries:
-        names = [e.pred_name(), e.image_name()] + ([e.gt_name()] if require_gt else [])
-        for name in names:
-            if not (folder / name).is_file():
-                raise PNIError(f"{folder / name}: missing (listed for index {e.index})")
+        paths = [pred_path(folder, e.index), image_path(folder, e.index)]
+        for path in paths + ([gt_path(folder, e.index)] if require_gt else []):
+            if not path.is_file():
+                raise PNIError(f"{path}: missing (listed for index {e.index})")
     return entries
 
 
@@ -228,10 +157,10 @@ class RavelRefinementDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
-        image = read_rgb(self.folder / e.image_name())
-        amap = read_map(self.folder / e.pred_name())
-        gt_path = self.folder / e.gt_name()
-        mask = (read_map(gt_path) > 0.5).astype(np.float32) if gt_path.is_file() \
+        image = read_rgb(image_path(self.folder, e.index))
+        amap = read_map(pred_path(self.folder, e.index))
+        gt_file = gt_path(self.folder, e.index)
+        mask = (read_map(gt_file) > 0.5).astype(np.float32) if gt_file.is_file() \
             else np.zeros(amap.shape, np.float32)
         return {
             "image": image_to_tensor(image, self.image_size),

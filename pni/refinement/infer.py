@@ -9,7 +9,6 @@ so its residual is in the zoomed geometry, as in the original code.
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -24,8 +23,10 @@ from tqdm import tqdm
 from pni.errors import PNIError
 from pni.io import atomic_path
 
-from .data import DEFAULT_CROP_FRACTION, RavelRefinementDataset, map_to_uint16, read_index_csv, read_map, \
-    write_png16
+from pni.io import write_csv
+from pni.ravel import INDEX_COLUMNS, INDEX_CSV, gt_path, image_path, pred_path, read_index, write_png16
+
+from .data import DEFAULT_CROP_FRACTION, RavelRefinementDataset, round_to_uint16, read_map
 from .model import RefinementNet
 
 
@@ -63,21 +64,15 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
         for k, index in enumerate(batch["index"].tolist()):
             entry = dataset.entries[written + k]
             assert entry.index == index
-            amap = read_map(src / entry.pred_name())  # (H,W) at ravel size
+            amap = read_map(pred_path(src, index))  # (H,W) at ravel size
             full = F.interpolate(refined[k:k + 1], size=amap.shape, mode="bilinear", align_corners=False)
             out = blend_maps(full[0, 0].numpy(), amap, blend_weight)
-            write_png16(dst / entry.pred_name(), map_to_uint16(out))
-            _copy(src / entry.image_name(), dst / entry.image_name())
-            if (src / entry.gt_name()).is_file():
-                _copy(src / entry.gt_name(), dst / entry.gt_name())
+            write_png16(pred_path(dst, index), round_to_uint16(out))
+            _copy(image_path(src, index), image_path(dst, index))
+            if gt_path(src, index).is_file():
+                _copy(gt_path(src, index), gt_path(dst, index))
         written += len(batch["index"])
-    index = read_index_csv(src)
-    if index is not None:
-        header, rows = index
-        keep = {e.index for e in dataset.entries}
-        with atomic_path(dst / "index.csv") as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=header)
-                w.writeheader()
-                w.writerows(r for r in rows if int(r["index"]) in keep)
+    if read_index(src) is not None:  # carry index.csv over, limited to the refined entries
+        write_csv(dst / INDEX_CSV, INDEX_COLUMNS,
+                  [(e.index, e.category, e.defect_type, e.stem) for e in dataset.entries])
     return written
