@@ -137,11 +137,12 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, on_disk: bool = False,
-                 **module_kwargs):
+                 probed: tuple[torch.Tensor, int | None] | None = None, **module_kwargs):
     """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``
     (``--feature_bank_dtype``): an array, or a memory map in ``scratch`` when it is larger
-    than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it)."""
-    probe, per_image = _probe(extractor, train_ds[0]["image"])
+    than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it). ``probed``: the
+    result of :func:`_probe` on the first training image, if the caller already has it."""
+    probe, per_image = probed if probed is not None else _probe(extractor, train_ds[0]["image"])
     dtype = np.dtype(getattr(args, "feature_bank_dtype", "float32"))
     shape = (len(train_ds),) + tuple(probe.shape[1:])
     nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -184,7 +185,8 @@ def _on_gpu(args: argparse.Namespace) -> bool:
 
 def _probe(extractor, image: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     """Features of one image and an estimate of the extraction temporaries per image (bytes):
-    the patch neighbourhoods of every layer on the first layer's grid, about twice over."""
+    the patch neighbourhoods of every layer on its own grid (they are pooled before layer
+    grids are aligned), about twice over."""
     shapes: dict[str, tuple[int, ...]] = {}
     body = getattr(extractor, "body", None)
     hook = None
@@ -199,9 +201,8 @@ def _probe(extractor, image: torch.Tensor) -> tuple[torch.Tensor, int | None]:
             hook.remove()
     if not shapes:
         return probe, None
-    rows, cols = probe.shape[1:3]
     ps2 = getattr(extractor, "patchsize", 1) ** 2
-    return probe, 2 * 4 * rows * cols * ps2 * sum(s[1] for s in shapes.values())
+    return probe, 2 * 4 * ps2 * sum(s[1] * s[2] * s[3] for s in shapes.values())
 
 
 def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, budget: int | None = None) -> int:
@@ -219,8 +220,8 @@ def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, bu
 def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> np.ndarray:
     """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank."""
     pad = (args.patchsize - 1) // 2
-    probe = extractor(train_ds[0]["image"][None])
-    _, n_rows, n_cols, _ = probe.shape
+    probed = _probe(extractor, train_ds[0]["image"])
+    _, n_rows, n_cols, _ = probed[0].shape
     n_img = len(train_ds)
     n_with = n_img * n_rows * n_cols
     n_without = n_img * (n_rows - 2 * pad) * (n_cols - 2 * pad)
@@ -235,8 +236,8 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
         raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} exceeds the {n_without} interior training "
                        "patches; lower it or add training images")
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
-    bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args), pad=pad,
-                                n_select=n_select, seed=args.seed)
+    bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
+                                probed=probed, pad=pad, n_select=n_select, seed=args.seed)
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
     flat = bank.reshape(-1, bank.shape[-1])  # a view (no copy of the bank)
