@@ -23,6 +23,7 @@ import numpy as np
 from pni import metrics, viz
 from pni.errors import PNIError
 from pni.io import write_csv
+from pni.results import render_table
 from pni.ravel import (BTAD_CATEGORIES, MVTEC_CATEGORIES, Entry, gt_path, image_path,
                        pred_path, read_index, read_png16, read_rgb)
 
@@ -230,8 +231,7 @@ def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> s
             else:
                 cells.append(f"{100 * float(v):.2f}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+    return render_table(lines)
 
 
 def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = False,
@@ -291,5 +291,4 @@ def _compare_with_patchcore(root: Path, ours: list[dict[str, object]], columns: 
         rows.append(cells)
     print(f"comparison with PatchCore maps in {found} (scores written to {found / SCORE_CSV}):")
     lines = [head] + [[str(x["category"])] + [f"{100 * float(x[h]):.2f}" for h in head[1:]] for x in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    print("\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines))
+    print(render_table(lines))

@@ -13,7 +13,7 @@ import numpy as np
 from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
 from pni.metrics import image_auroc, pixel_auroc
-from pni.results import MAP_NAMES, read_sample, version_dirs
+from pni.results import MAP_NAMES, format_score_table, read_sample, version_dirs
 
 
 def latest_run(project_root: str | Path, category: str, backbone: str) -> Path:
@@ -45,14 +45,6 @@ def per_defect_scores(run: Path) -> list[dict]:
     return out
 
 
-def format_table(rows: Sequence[dict], first: str) -> str:
-    head = [first] + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
-    lines = [head] + [[str(r[first])] + [f"{100 * r[f'{m}_{k}']:.1f}" for m in MAP_NAMES
-                                          for k in ("P-AUROC", "I-AUROC")] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
-
-
 def report(project_root: str | Path, categories: Sequence[str], backbone: str) -> str:
     """Both tables as text (per category, then per category/defect type)."""
     cat_rows, defect_rows = [], []
@@ -70,9 +62,9 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
             entry[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([s[m] for s in samples]))
         cat_rows.append(entry)
         defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}") for d in per_type]
-    return ("AUROC (%) per category\n" + format_table(cat_rows, "category")
+    return ("AUROC (%) per category\n" + format_score_table(cat_rows, "category", digits=1)
             + "\n\nAUROC (%) per defect type (that type's images + all normal ones)\n"
-            + format_table(defect_rows, "defect_type"))
+            + format_score_table(defect_rows, "defect_type", digits=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,11 +108,14 @@ def check_score_result(path: str | os.PathLike) -> None:
                        "--project_root_path")
 
 
-def format_score_table(rows: Sequence[Mapping[str, object]]) -> str:
-    """A plain-text table: one line per category with P-/I-AUROC of each map family."""
-    head = ["category"] + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
-    lines = [head]
-    for r in rows:
-        lines.append([str(r["category"])] + [f"{100 * float(r[c]):.2f}" for c in SCORE_COLUMNS])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+def render_table(lines: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: the first line is the header, every cell right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "category", digits: int = 2) -> str:
+    """One line per row (named by its ``first`` entry) with P-/I-AUROC of each map family, in %."""
+    head = [first] + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
+    return render_table([head] + [[str(r[first])] + [f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS]
+                                  for r in rows])

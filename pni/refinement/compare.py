@@ -13,6 +13,7 @@ from typing import Sequence
 
 from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
+from pni.results import render_table
 
 COLUMNS = ("P-AUROC", "AUPRO_MVTec", "AUPRO_PNI", "I-AUROC")
 
@@ -34,8 +35,7 @@ def compare_table(before: Path, after: Path) -> str:
     for cat in a:
         if cat in b:
             lines.append([cat] + [f"{100 * float(a[cat][c]):.2f} -> {100 * float(b[cat][c]):.2f}" for c in cols])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in lines)
+    return render_table(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
