@@ -24,24 +24,32 @@ def latest_run(project_root: str | Path, category: str, backbone: str) -> Path:
     return runs[-1]
 
 
-def per_defect_scores(run: Path) -> list[dict]:
-    """For each defect type: I-AUROC and P-AUROC of every map family on that type's images
-    plus all normal images."""
+def load_run(run: Path) -> tuple[list[dict], list[dict]]:
+    """``image_scores.csv`` rows of a test run and each row's sample files (read once)."""
     with open(run / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    sample_dir = run / "sample"
-    good = [r for r in rows if r["defect_type"] == "good"]
+    return rows, [read_sample(run / "sample", r["defect_type"], r["stem"]) for r in rows]
+
+
+def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float]:
+    """I-AUROC and P-AUROC of every map family over the given images."""
+    labels = np.array([int(r["label"]) for r in rows])
+    masks = np.stack([s["gt"] for s in samples])
+    entry = {}
+    for m in MAP_NAMES:
+        entry[f"{m}_I-AUROC"] = image_auroc(labels, np.array([float(r[m]) for r in rows]))
+        entry[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([s[m] for s in samples]))
+    return entry
+
+
+def per_defect_scores(rows: Sequence[dict], samples: Sequence[dict]) -> list[dict]:
+    """For each defect type: the AUROCs on that type's images plus all normal images."""
+    good = [i for i, r in enumerate(rows) if r["defect_type"] == "good"]
     out = []
     for dtype in sorted({r["defect_type"] for r in rows} - {"good"}):
-        subset = good + [r for r in rows if r["defect_type"] == dtype]
-        labels = np.array([int(r["label"]) for r in subset])
-        samples = [read_sample(sample_dir, r["defect_type"], r["stem"]) for r in subset]
-        masks = np.stack([s["gt"] for s in samples])
-        entry = {"defect_type": dtype, "n": int(labels.sum())}
-        for m in MAP_NAMES:
-            entry[f"{m}_I-AUROC"] = image_auroc(labels, np.array([float(r[m]) for r in subset]))
-            entry[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([s[m] for s in samples]))
-        out.append(entry)
+        subset = good + [i for i, r in enumerate(rows) if r["defect_type"] == dtype]
+        entry = auroc_entry([rows[i] for i in subset], [samples[i] for i in subset])
+        out.append({"defect_type": dtype, "n": len(subset) - len(good), **entry})
     return out
 
 
@@ -49,19 +57,10 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
     """Both tables as text (per category, then per category/defect type)."""
     cat_rows, defect_rows = [], []
     for category in categories:
-        run = latest_run(project_root, category, backbone)
-        per_type = per_defect_scores(run)
-        with open(run / "image_scores.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        samples = [read_sample(run / "sample", r["defect_type"], r["stem"]) for r in rows]
-        labels = np.array([int(r["label"]) for r in rows])
-        masks = np.stack([s["gt"] for s in samples])
-        entry = {"category": category}
-        for m in MAP_NAMES:
-            entry[f"{m}_I-AUROC"] = image_auroc(labels, np.array([float(r[m]) for r in rows]))
-            entry[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([s[m] for s in samples]))
-        cat_rows.append(entry)
-        defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}") for d in per_type]
+        rows, samples = load_run(latest_run(project_root, category, backbone))
+        cat_rows.append({"category": category, **auroc_entry(rows, samples)})
+        defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}")
+                        for d in per_defect_scores(rows, samples)]
     return ("AUROC (%) per category\n" + format_score_table(cat_rows, "category", digits=1)
             + "\n\nAUROC (%) per defect type (that type's images + all normal ones)\n"
             + format_score_table(defect_rows, "defect_type", digits=1))

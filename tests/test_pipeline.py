@@ -120,3 +120,17 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
     code = tcd.main(["--dataset_path", str(tmp_path / "nope"), "--embedding_root_path", str(tmp_path)] + TINY)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and str(tmp_path / "nope") in err and "\n" not in err
+
+
+def test_report_tables_per_category_and_defect_type(tiny_run):
+    from pni.metrics import pixel_auroc
+    from pni.report import latest_run, load_run, per_defect_scores, report
+
+    root, _ = tiny_run
+    text = report(root / "result", ["texture"], "R18")
+    assert "per category" in text and "texture/hole" in text and "texture/scratch" in text
+    rows, samples = load_run(latest_run(root / "result", "texture", "R18"))
+    hole = [d for d in per_defect_scores(rows, samples) if d["defect_type"] == "hole"][0]
+    keep = [i for i, r in enumerate(rows) if r["defect_type"] in ("good", "hole")]
+    expected = pixel_auroc(np.stack([samples[i]["gt"] for i in keep]), np.stack([samples[i]["nb"] for i in keep]))
+    assert hole["n"] == 2 and hole["nb_P-AUROC"] == expected
