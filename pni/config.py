@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from pni.cli import ArgumentParser
 from pni.features import BACKBONES
@@ -17,46 +17,25 @@ DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, refuse it unless ``ok`` ("must be <rule>")."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names it in "invalid <name> value" errors
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _odd_positive(text: str) -> int:
-    value = int(text)
-    if value <= 0 or value % 2 == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive odd integer, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_int = _checked("_positive_int", int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _checked("_non_negative_int", int, lambda v: v >= 0, ">= 0")
+_positive_float = _checked("_positive_float", float, lambda v: v > 0, "> 0")
+_non_negative_float = _checked("_non_negative_float", float, lambda v: not v < 0, ">= 0")
+_fraction = _checked("_fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")
+_odd_positive = _checked("_odd_positive", int, lambda v: v > 0 and v % 2 == 1, "a positive odd integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
