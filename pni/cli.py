@@ -6,9 +6,11 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence, Union
 
 from pni.errors import PNIError
+
+Devices = Union[str, int, Sequence[int]]
 
 # torch's DataLoader re-raises a worker's exception as ``type(exc)(message)`` where the
 # message is "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback ...\n
@@ -61,3 +63,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def parse_devices(devices: str | int | Sequence[int]) -> Devices:
+    """'auto' | '2' | '0,1' | '[0, 1]' -> 'auto' | 2 | [0, 1] (Lightning's ``devices``)."""
+    if not isinstance(devices, str):
+        return devices
+    s = devices.strip().strip("[]").strip()
+    if s in ("auto", ""):
+        return "auto"
+    try:
+        if "," in s:
+            return [int(x) for x in s.split(",") if x.strip()]
+        return int(s)
+    except ValueError:
+        raise PNIError(f"--devices: expected 'auto', a count or a list like 0,1; got {devices!r}") from None

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from pni.cli import parse_devices
 from pni.errors import PNIError
 
 ENV_RUN = "PNI_DDP_RUN"
@@ -32,24 +33,10 @@ ENV_PREFIX = "PNI_DDP_"
 
 def _device_count(text: str) -> int | None:
     """Devices asked for by ``--devices`` (``None``: 'auto' / -1, Lightning decides)."""
-    text = str(text).strip()
-    if text in ("auto", "-1"):
+    devices = parse_devices(text)
+    if devices in ("auto", -1):
         return None
-    if "," in text:
-        return len([t for t in text.split(",") if t.strip()])
-    try:
-        return int(text)
-    except ValueError:
-        raise PNIError(f"--devices must be auto, a number or a list like 0,1; got {text!r}") from None
-
-
-def _parse_devices(text: str) -> Any:
-    text = str(text).strip()
-    if text == "auto":
-        return "auto"
-    if "," in text:
-        return [int(t) for t in text.split(",") if t.strip()]
-    return int(text)
+    return len(devices) if isinstance(devices, list) else devices
 
 
 def configure(args: argparse.Namespace) -> bool:
@@ -76,7 +63,7 @@ def configure(args: argparse.Namespace) -> bool:
 def devices_and_strategy(args: argparse.Namespace, ddp: bool) -> dict[str, Any]:
     """Trainer keywords for the stages that may run on several processes (MLP training and
     test scoring); without DDP, ``--devices auto`` means one device."""
-    devices = _parse_devices(args.devices)
+    devices = parse_devices(args.devices)
     if not ddp and (devices == "auto" or devices == -1):
         devices = 1
     return {"devices": devices, "strategy": args.strategy}

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from pni import coreset as cs
 from pni import distributed
+from pni.cli import parse_devices
 from pni.artefacts import (
     COOR_KEYS,
     CORESET_KEYS,
@@ -106,18 +107,10 @@ IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30)
 
 
 def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
-    defaults = dict(accelerator=args.accelerator, devices=_devices(args.devices), logger=False,
+    defaults = dict(accelerator=args.accelerator, devices=parse_devices(args.devices), logger=False,
                     enable_checkpointing=False, enable_model_summary=False, deterministic=False)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
-
-
-def _devices(text: str) -> Any:
-    if text == "auto":
-        return "auto"
-    if "," in text:
-        return [int(t) for t in text.split(",") if t]
-    return int(text)
 
 
 @contextmanager

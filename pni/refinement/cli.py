@@ -5,7 +5,7 @@ import argparse
 import warnings
 from typing import Sequence
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, parse_devices, run_cli
 from pni.errors import PNIError
 
 from .data import DEFAULT_CROP_FRACTION, GEOMETRIES
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     from .data import RavelRefinementDataset, SyntheticRefinementDataset
     from .infer import refine_ravel_folder
     from .model import build_fresh_model, load_refinement_checkpoint
-    from .train import parse_devices, select_device
+    from .train import select_device
 
     if args.image_size <= 0 or args.image_size % 32:
         raise PNIError(f"--image_size must be a positive multiple of 32, got {args.image_size}")

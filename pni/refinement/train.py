@@ -5,16 +5,15 @@ No Lightning here; ``pni.refinement.lightning`` wraps these for multi-device tra
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pni.cli import Devices
 from pni.errors import PNIError
 from pni.io import atomic_path
 
-Devices = Union[str, int, Sequence[int]]
 
 
 def refinement_loss(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,21 +41,6 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def parse_devices(devices: str | int | Sequence[int]) -> Devices:
-    """'auto' | '2' | '0,1' | '[0, 1]' -> 'auto' | 2 | [0, 1] (Lightning's ``devices``)."""
-    if not isinstance(devices, str):
-        return devices
-    s = devices.strip().strip("[]").strip()
-    if s in ("auto", ""):
-        return "auto"
-    try:
-        if "," in s:
-            return [int(x) for x in s.split(",") if x.strip()]
-        return int(s)
-    except ValueError:
-        raise PNIError(f"--devices: expected 'auto', a count or a list like 0,1; got {devices!r}") from None
 
 
 def select_device(accelerator: str = "auto", devices: Devices = "auto") -> torch.device:
