@@ -74,10 +74,10 @@ from pni.lightning import (
     window_loader,
 )
 from pni.memory import available_bytes, rows_for
-from pni.metrics import image_auroc, pixel_auroc
 from pni.results import (
     MAP_NAMES,
     append_score_result,
+    auroc_scores,
     check_score_result,
     format_score_table,
     read_sample,
@@ -427,26 +427,17 @@ class ResultCollector:
             self.maps[m].append(maps[m])
 
     def scores(self) -> dict[str, float]:
-        masks = np.stack(self.masks)
-        out = {}
-        for m in MAP_NAMES:
-            out[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack(self.maps[m]))
-            out[f"{m}_I-AUROC"] = image_auroc(np.asarray(self.labels), np.asarray(self.image_scores[m]))
-        return out
+        return auroc_scores(self.labels, self.image_scores, self.masks, self.maps)
 
 
 def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list) -> dict[str, float]:
     """P- and I-AUROC of each map family from the written sample files, the image rows
     (``[defect_type, stem, label, ...]``) and each image's scores in ``MAP_NAMES`` order;
     what rank 0 computes under DDP."""
-    labels = np.asarray([int(r[2]) for r in rows])
     samples = [read_sample(sample_dir, str(r[0]), str(r[1])) for r in rows]
-    masks = np.stack([smp["gt"] for smp in samples])
-    out = {}
-    for j, m in enumerate(MAP_NAMES):
-        out[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([smp[m] for smp in samples]))
-        out[f"{m}_I-AUROC"] = image_auroc(labels, np.asarray([float(v[j]) for v in image_scores]))
-    return out
+    return auroc_scores([int(r[2]) for r in rows],
+                        {m: [float(v[j]) for v in image_scores] for j, m in enumerate(MAP_NAMES)},
+                        [smp["gt"] for smp in samples], {m: [smp[m] for smp in samples] for m in MAP_NAMES})
 
 
 def _precision(args: argparse.Namespace) -> str:

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
-from pni.metrics import image_auroc, pixel_auroc
-from pni.results import MAP_NAMES, format_score_table, read_sample, version_dirs
+from pni.results import MAP_NAMES, auroc_scores, format_score_table, read_sample, version_dirs
 
 
 def latest_run(project_root: str | Path, category: str, backbone: str) -> Path:
@@ -33,13 +31,8 @@ def load_run(run: Path) -> tuple[list[dict], list[dict]]:
 
 def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float]:
     """I-AUROC and P-AUROC of every map family over the given images."""
-    labels = np.array([int(r["label"]) for r in rows])
-    masks = np.stack([s["gt"] for s in samples])
-    entry = {}
-    for m in MAP_NAMES:
-        entry[f"{m}_I-AUROC"] = image_auroc(labels, np.array([float(r[m]) for r in rows]))
-        entry[f"{m}_P-AUROC"] = pixel_auroc(masks, np.stack([s[m] for s in samples]))
-    return entry
+    return auroc_scores([int(r["label"]) for r in rows], {m: [float(r[m]) for r in rows] for m in MAP_NAMES},
+                        [s["gt"] for s in samples], {m: [s[m] for s in samples] for m in MAP_NAMES})
 
 
 def per_defect_scores(rows: Sequence[dict], samples: Sequence[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from pni.errors import PNIError
 from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
+from pni.metrics import image_auroc, pixel_auroc
 
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 SETTING_COLUMNS: tuple[str, ...] = (
@@ -106,6 +107,18 @@ def check_score_result(path: str | os.PathLike) -> None:
     if header is not None and header != expected:
         raise PNIError(f"{path} has another header than this version writes; move it away or use another "
                        "--project_root_path")
+
+
+def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]], masks: Sequence[np.ndarray],
+                 maps: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float]:
+    """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
+    image scores ``(N,)`` per family, masks and maps ``N x (H, W)``."""
+    gt = np.stack(masks)
+    out = {}
+    for m in MAP_NAMES:
+        out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m]))
+        out[f"{m}_I-AUROC"] = image_auroc(np.asarray(labels), np.asarray(image_scores[m], dtype=np.float64))
+    return out
 
 
 def render_table(lines: Sequence[Sequence[str]]) -> str:
