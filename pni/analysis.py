@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from pni import metrics, viz
+from pni.cli import nan_on_error, warn
 from pni.errors import PNIError
 from pni.io import write_csv
 from pni.results import render_table
@@ -46,10 +46,6 @@ def score_columns(calc_pro: bool) -> tuple[str, ...]:
     """Columns of ``score_result.csv``."""
     return (("category", "num_images", "I-AUROC", "P-AUROC") + (PRO_COLUMNS if calc_pro else ())
             + ("pixel_threshold", "pixel_F1", "image_threshold", "image_F1"))
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def fallback_entries(root: Path, is_btad: bool, is_mvtec_small: bool) -> list[Entry]:
@@ -118,14 +114,6 @@ def load_category(root: Path, entries: Sequence[Entry]) -> tuple[np.ndarray, np.
     return np.stack(codes), np.stack(masks)
 
 
-def _safe(fn, *args, what: str):
-    try:
-        return fn(*args)
-    except ValueError as exc:
-        warn(f"{what}: {exc}; writing nan")
-        return float("nan")
-
-
 def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_pro: bool = False,
                      max_steps: int = 2000, visualize: bool = False
                      ) -> tuple[dict[str, object], list[list[object]]]:
@@ -136,17 +124,17 @@ def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_p
     row: dict[str, object] = {"category": category, "num_images": len(entries)}
 
     img_sw = metrics.sweep(labels, img_codes)
-    row["I-AUROC"] = _safe(metrics.auroc_from_sweep, img_sw, what=f"{category} I-AUROC")
+    row["I-AUROC"] = nan_on_error(metrics.auroc_from_sweep, img_sw, what=f"{category} I-AUROC")
     img_thr, img_f1 = metrics.best_f1_from_sweep(img_sw) if img_sw.n_pos else (float("nan"), float("nan"))
     need_regions = (calc_pro or visualize) and masks.any()
     regions = metrics.label_regions(masks) if need_regions else None
     pix_sw = metrics.sweep(masks, codes, with_pro=bool(need_regions), regions=regions)
-    row["P-AUROC"] = _safe(metrics.auroc_from_sweep, pix_sw, what=f"{category} P-AUROC")
+    row["P-AUROC"] = nan_on_error(metrics.auroc_from_sweep, pix_sw, what=f"{category} P-AUROC")
     pix_thr, pix_f1 = metrics.best_f1_from_sweep(pix_sw) if pix_sw.n_pos else (float("nan"), float("nan"))
     if calc_pro:
-        row["AUPRO_MVTec"] = _safe(metrics.aupro_from_sweep, pix_sw, what=f"{category} AUPRO_MVTec") \
+        row["AUPRO_MVTec"] = nan_on_error(metrics.aupro_from_sweep, pix_sw, what=f"{category} AUPRO_MVTec") \
             if need_regions else float("nan")
-        row["AUPRO_PNI"] = _safe(metrics.aupro_pni, masks, codes / CODE_SCALE, max_steps, 0.3, regions,
+        row["AUPRO_PNI"] = nan_on_error(metrics.aupro_pni, masks, codes / CODE_SCALE, max_steps, 0.3, regions,
                                  what=f"{category} AUPRO_PNI") if need_regions else float("nan")
     row["pixel_threshold"] = pix_thr / CODE_SCALE
     row["pixel_F1"] = pix_f1

@@ -78,3 +78,18 @@ def parse_devices(devices: str | int | Sequence[int]) -> Devices:
         return int(s)
     except ValueError:
         raise PNIError(f"--devices: expected 'auto', a count or a list like 0,1; got {devices!r}") from None
+
+
+def warn(message: str) -> None:
+    """Print a one-line warning to stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def nan_on_error(fn: Callable[..., float], *args: Any, what: str) -> float:
+    """``fn(*args)``, or NaN with a warning when the metric is undefined (``ValueError``,
+    e.g. a category with only one class)."""
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        warn(f"{what}: {exc}; writing nan")
+        return float("nan")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pni import metrics, viz
+from pni.cli import nan_on_error, warn
 from pni.errors import PNIError
 from pni.io import append_csv_rows, load_npy, save_npy
 from pni.results import MAP_NAMES, SCORE_COLUMNS, format_score_table, run_dir, version_dirs
@@ -36,11 +36,6 @@ RESULT_CSV = "ensemble_score_result.csv"
 RESULT_COLUMNS: tuple[str, ...] = ("category", "backbone_list", "version_num", "num_images") + SCORE_COLUMNS
 
 Key = tuple[str, str]  # (defect_type, stem)
-
-
-def warn(message: str) -> None:
-    """Print a one-line warning to stderr."""
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -138,14 +133,6 @@ def _load_stack(run: BackboneRun, keys: Sequence[Key], suffix: str) -> np.ndarra
     return np.stack(arrays)
 
 
-def _safe(fn, *args, what: str) -> float:
-    try:
-        return fn(*args)
-    except ValueError as exc:
-        warn(f"{what}: {exc}; writing nan")
-        return float("nan")
-
-
 def ensemble_category(project_root: str | os.PathLike, category: str, backbones: Sequence[str],
                       ensemble_root: str | os.PathLike, save_type: str = "nb_coor",
                       version_num: int = 1) -> dict[str, object]:
@@ -183,8 +170,8 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
             pixel = maps if pixel is None else pixel + maps
         pixel /= len(runs)
         image /= len(runs)
-        row[f"{family}_P-AUROC"] = _safe(metrics.pixel_auroc, gts, pixel, what=f"{category} {family} P-AUROC")
-        row[f"{family}_I-AUROC"] = _safe(metrics.image_auroc, labels, image, what=f"{category} {family} I-AUROC")
+        row[f"{family}_P-AUROC"] = nan_on_error(metrics.pixel_auroc, gts, pixel, what=f"{category} {family} P-AUROC")
+        row[f"{family}_I-AUROC"] = nan_on_error(metrics.image_auroc, labels, image, what=f"{category} {family} I-AUROC")
         if family == save_type:
             saved = pixel
         del pixel

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +20,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from pni.cli import warn
 from pni.errors import PNIError
 from pni.io import atomic_path, load_npy, write_csv
 from pni.viz import save_png
@@ -191,8 +191,7 @@ def convert(before: str | os.PathLike, after: str | os.PathLike, is_btad: bool =
     for p in stale:
         p.unlink()
     if stale:
-        print(f"warning: removed {len(stale)} stale ravel file(s) from an earlier, larger run in {after}",
-              file=sys.stderr)
+        warn(f"removed {len(stale)} stale ravel file(s) from an earlier, larger run in {after}")
     print(f"wrote {len(entries)} images of {len(set(e.category for e in entries))} categories to {after}")
     return entries
 
