@@ -94,7 +94,7 @@ def main(argv=None):
 
     art_box = {}
     module = AnomalyTestModule(extractor, mlp, pp, args.dist_padding,
-                               lambda f, lg: score_image(f, lg, art_box["art"], cfg), sink).to(device)
+                               lambda f, lg: score_image(f, lg, art_box["art"], cfg), sink, cfg.variant).to(device)
     gen = torch.Generator().manual_seed(1)
     images = [torch.randn(1, 3, args.imagesize, args.imagesize, generator=gen) for _ in range(args.images + 1)]
 

@@ -121,7 +121,7 @@ class NaiveLoop:
         total = sum(ex)
         allowed_dist = [v / total > cfg.softmax_nb_gamma / k1 for v in ex]
         far = max(range(k1), key=d.__getitem__)
-        if cfg.nb_mask == "paper":
+        if cfg.variant == "paper":
             mask = [allowed_dist[self.m[k]] for k in range(k1)]
             mask[far] = True
             nb = _neg_log_max(probs, mask)
@@ -175,7 +175,7 @@ class NaiveNumpy:
         ex = np.exp(z - z.max())
         allowed_dist = ex / ex.sum() > cfg.softmax_nb_gamma / k1
         far = np.argmax(d)
-        if cfg.nb_mask == "paper":
+        if cfg.variant == "paper":
             mask = allowed_dist[self.m].copy()
             mask[far] = True
             nb = self._score(probs, mask)
@@ -233,7 +233,9 @@ def main(argv=None):
     p.add_argument("--k2", type=int, default=7000, help="with-edge embedding coreset size")
     p.add_argument("--dcs", type=int, default=2048, help="distribution coreset size")
     p.add_argument("--patchsize", type=int, default=5)
-    p.add_argument("--nb_mask", default="official", choices=("official", "paper"))
+    p.add_argument("--variant", default="original", choices=("original", "paper"))
+    p.add_argument("--mask_workers", type=int, default=1,
+                   help="lost parallel writes reproduced by --variant original (the ports model 1: none)")
     p.add_argument("--loop_positions", type=int, default=6, help="positions run by the pure-loop port")
     p.add_argument("--numpy_positions", type=int, default=40, help="positions run by the numpy port")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of the vectorised scoring")
@@ -245,10 +247,11 @@ def main(argv=None):
     rows, cols = args.rows, args.cols
     n_pos, n_int = rows * cols, (rows - 2 * pp) * (cols - 2 * pp)
     print(f"size: {rows}x{cols} grid, E={args.dim}, K1={args.k1}, K2={args.k2}, D={args.dcs}, "
-          f"nb_mask={args.nb_mask}, device={device}")
+          f"variant={args.variant}, mask_workers={args.mask_workers}, device={device}")
 
     feat, logits, art = make_artefacts(rows, cols, args.dim, args.k1, args.k2, args.dcs, args.patchsize)
-    cfg = ScoringConfig(patchsize=args.patchsize, nb_mask=args.nb_mask, imagesize=8 * rows)
+    cfg = ScoringConfig(patchsize=args.patchsize, variant=args.variant, mask_workers=args.mask_workers,
+                        imagesize=8 * rows)
     feat_d, logits_d, art_d = feat.to(device), logits.to(device), art.to(device)
     result = {}
 

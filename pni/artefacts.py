@@ -46,12 +46,11 @@ FEATURE_KEYS = ("dataset_category", "category", "backbone", "layer_index", "pret
 CORESET_KEYS = FEATURE_KEYS + ("subsampling_percentage", "dist_coreset_size", "seed")
 
 
-NB_KEYS = CORESET_KEYS + ("dist_padding", "num_layers")
+# ``variant`` decides the MLP's window layout (pni.distributions.dropped_slot).
+NB_KEYS = CORESET_KEYS + ("dist_padding", "num_layers", "variant")
 
 
 COOR_KEYS = CORESET_KEYS + ("dist_padding",)
-# Settings of the original's checkpoints (an argparse Namespace) that must match the flags:
-# only those that change what the model means (its seed or epochs do not).
 
 
 # Settings of the original's checkpoints (an argparse Namespace) that must match the flags:
@@ -65,8 +64,6 @@ STAGE_FLAGS = {"coreset_settings.json": "--train_coreset", "nb_settings.json": "
 
 
 DIGEST_KEY = "coreset_digest"
-
-# Above this size the training feature bank lives in a memory-mapped file, not in RAM.
 
 
 def coreset_file_names(args: argparse.Namespace) -> dict[str, str]:

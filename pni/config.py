@@ -1,12 +1,13 @@
 """Command-line flags of ``train_coreset_distribution.py`` (SPEC section 0).
 
 Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
-``--backbone_weights``, ``--random_init``, ``--nb_mask``, ``--embedding_root_path``,
-``--max_train_images`` and ``--debug`` are ours.
+``--backbone_weights``, ``--random_init``, ``--embedding_root_path``,
+``--max_train_images``, ``--variant``, ``--mask_workers`` and ``--debug`` are ours.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,6 +15,8 @@ from pni.cli import ArgumentParser
 from pni.features import BACKBONES
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
+VARIANTS = ("original", "paper")
+NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -99,8 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--softmax_coor_gamma", type=_non_negative_float, default=0.5,
                    help="position threshold: prior > gamma / coreset size")
     g.add_argument("--blursigma", type=_non_negative_float, default=8.0, help="Gaussian blur of the maps (pixels)")
-    g.add_argument("--nb_mask", default="official", choices=("official", "paper"),
-                   help="'official' reproduces the published code's indexing, 'paper' the described method")
+    g.add_argument("--variant", default=None, choices=VARIANTS,
+                   help="'original' (default) reproduces the published code, its quirks included (rank/id mix-up "
+                        "of the neighbourhood mask, lost parallel mask writes, the centre feature in the MLP window); "
+                        "'paper' is the method as the paper describes it")
+    g.add_argument("--mask_workers", type=_positive_int, default=8,
+                   help="worker count of the original's parallel mask loops whose lost writes --variant original "
+                        "reproduces (8 as published; 1 = the serial semantics)")
+    g.add_argument("--nb_mask", default=None, choices=tuple(NB_MASK_ALIASES),
+                   help="old name: official = --variant original, paper = --variant paper")
 
     g = p.add_argument_group("devices")
     g.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
@@ -125,6 +135,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--imagesize ({args.imagesize}) must not exceed --resize ({args.resize})")
     if args.random_init and args.backbone_weights:
         parser.error("--random_init and --backbone_weights exclude each other")
+    if args.nb_mask is not None:
+        variant = NB_MASK_ALIASES[args.nb_mask]
+        if args.variant not in (None, variant):
+            parser.error(f"--nb_mask {args.nb_mask} means --variant {variant}, but --variant {args.variant} is given")
+        print(f"note: --nb_mask {args.nb_mask} is the old name of --variant {variant}", file=sys.stderr)
+        args.variant = variant
+    args.variant = args.variant or "original"
+    del args.nb_mask
     return args
 
 

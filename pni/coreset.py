@@ -73,14 +73,15 @@ def greedy_order(
     start_index: int,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> torch.Tensor:
-    """Approximate greedy k-center: start at ``start_index``, then repeatedly take the
-    point farthest (Euclidean) from the chosen set.
+    """Approximate greedy k-center from the point ``start_index``: repeatedly take the point
+    farthest (Euclidean) from the start and the points chosen so far. The start point itself
+    is not part of the selection (the original's first pick is the point farthest from it).
 
     points ``(N, d)`` -> LongTensor ``(n_select,)`` of row indices in selection order.
     """
     n = points.shape[0]
-    if not 0 < n_select <= n:
-        raise ValueError(f"cannot select {n_select} of {n} points")
+    if not 0 < n_select < n:
+        raise ValueError(f"cannot select {n_select} of {n} points besides the start point")
     # row norms in chunks: no temporary of the bank's size
     sq_norms = torch.empty(n, dtype=points.dtype, device=points.device)
     for s in range(0, n, 1 << 13):
@@ -89,21 +90,26 @@ def greedy_order(
     min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
     dist = torch.empty(n, dtype=points.dtype, device=points.device)
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
-    idx = torch.tensor(start_index, device=points.device)
+
+    def add_centre(idx: torch.Tensor) -> None:
+        # squared distances (same argmax as the Euclidean ones): one pass over the bank for
+        # the matrix-vector product, then in place on (n,) vectors:
+        # sq_norms - 2 * (points @ centre) + sq_norms[idx]
+        centre = points[idx].contiguous()  # (a strided vector slows the product down)
+        torch.mv(points, centre, out=dist)
+        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[idx] = -1.0  # centres never win (guards rounding)
+
+    add_centre(torch.tensor(start_index, device=points.device))
     steps: Iterable[int] = range(n_select)
     if progress is not None:
         steps = progress(steps)
     for step in steps:
-        selected[step] = idx
-        centre = points[idx].contiguous()  # (a strided vector slows the product down)
-        # squared distances (same argmax as the Euclidean ones): one pass over the bank for
-        # the matrix-vector product, then in place on (n,) vectors:
-        # sq_norms - 2 * (points @ centre) + sq_norms[idx]
-        torch.mv(points, centre, out=dist)
-        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
-        torch.minimum(min_dist, dist, out=min_dist)
-        min_dist[idx] = -1.0  # chosen points never win again (guards rounding)
         idx = torch.argmax(min_dist)
+        selected[step] = idx
+        if step + 1 < n_select:
+            add_centre(idx)
     return selected.cpu()
 
 

@@ -1,7 +1,10 @@
 """The two learned priors over the coreset (SPEC section 4).
 
-- Neighbourhood: an MLP that reads the features around a position (centre excluded) and
-  predicts which distribution-coreset entry the centre feature is nearest to.
+- Neighbourhood: an MLP that reads the features of the window around a position and
+  predicts which distribution-coreset entry the centre feature is nearest to. The window
+  leaves out one of its ``(2dp+1)^2`` slots: the centre (``paper`` layout, as the paper
+  describes) or, as the published code does (``original`` layout), the slot after it, i.e.
+  the right-hand neighbour, keeping the centre itself.
 - Position: for each grid position, the normalised histogram of nearest embedding-coreset
   ids over the training images, spread over a ``(2*dp+1)^2`` window.
 """
@@ -22,12 +25,28 @@ from pni.io import atomic_path
 HIDDEN_WIDTH = 2048
 
 
-def window_offsets(dist_padding: int) -> torch.Tensor:
-    """Row-major ``(dr, dc)`` offsets of the ``(2dp+1)^2`` window without its centre:
-    ``((2dp+1)^2 - 1, 2)`` long."""
+WINDOW_LAYOUTS = ("original", "paper")
+
+
+def dropped_slot(dist_padding: int, layout: str = "original") -> int:
+    """Row-major slot of the ``(2dp+1)^2`` window that the MLP input leaves out: the centre
+    ``((2dp+1)^2 - 1) / 2`` (``paper``) or ``((2dp+1)^2 + 1) // 2``, the right-hand neighbour
+    ``(0, +1)`` (``original``: the published code's off-by-one, in training and at test time)."""
+    n = (2 * dist_padding + 1) ** 2
+    if layout == "paper":
+        return (n - 1) // 2
+    if layout == "original":
+        return (n + 1) // 2
+    raise PNIError(f"--variant must be one of {WINDOW_LAYOUTS}, got {layout!r}")
+
+
+def window_offsets(dist_padding: int, layout: str = "original") -> torch.Tensor:
+    """Row-major ``(dr, dc)`` offsets of the ``(2dp+1)^2`` window without its
+    :func:`dropped_slot`: ``((2dp+1)^2 - 1, 2)`` long."""
     r = torch.arange(-dist_padding, dist_padding + 1)
     grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2)
-    keep = (grid != 0).any(dim=1)
+    keep = torch.ones(len(grid), dtype=torch.bool)
+    keep[dropped_slot(dist_padding, layout)] = False
     return grid[keep]
 
 
@@ -37,15 +56,17 @@ def gather_windows(
     rows: torch.Tensor,
     cols: torch.Tensor,
     dist_padding: int,
+    layout: str = "original",
 ) -> torch.Tensor:
     """Neighbourhood inputs for a batch of positions.
 
     grids ``(N_img, R, C, E)`` (array, memory map or tensor); image_ids, rows, cols ``(B,)``
     -> ``(B, ((2dp+1)^2 - 1) * E)``: the features of the window around each position in
-    row-major order, each position's ``E`` values contiguous, zeros outside the grid.
+    row-major order without the ``layout``'s :func:`dropped_slot`, each position's ``E``
+    values contiguous, zeros outside the grid.
     """
     n_img, n_rows, n_cols, dim = grids.shape
-    offsets = window_offsets(dist_padding).to(rows.device)
+    offsets = window_offsets(dist_padding, layout).to(rows.device)
     rr = rows[:, None] + offsets[None, :, 0]
     cc = cols[:, None] + offsets[None, :, 1]
     valid = (rr >= 0) & (rr < n_rows) & (cc >= 0) & (cc < n_cols)
@@ -61,12 +82,13 @@ def gather_windows(
     return feats.reshape(len(rows), -1)
 
 
-def grid_windows(grid: torch.Tensor, positions: torch.Tensor, dist_padding: int) -> torch.Tensor:
+def grid_windows(grid: torch.Tensor, positions: torch.Tensor, dist_padding: int,
+                 layout: str = "original") -> torch.Tensor:
     """Windows of one image's grid ``(R, C, E)`` at flat ``positions`` ``(B,)`` ->
     ``(B, ((2dp+1)^2 - 1) * E)``."""
     n_cols = grid.shape[1]
     zeros = torch.zeros_like(positions)
-    return gather_windows(grid[None], zeros, positions // n_cols, positions % n_cols, dist_padding)
+    return gather_windows(grid[None], zeros, positions // n_cols, positions % n_cols, dist_padding, layout)
 
 
 class NeighbourhoodMLP(nn.Module):

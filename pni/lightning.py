@@ -105,11 +105,12 @@ class WindowCollate:
     """Builds a batch of (window features, label) from flat sample ids, reading the stored
     feature grids directly (windows are never materialised for the whole set)."""
 
-    def __init__(self, bank: np.ndarray, labels: np.ndarray, pad: int, dist_padding: int) -> None:
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, pad: int, dist_padding: int, layout: str) -> None:
         self.bank = bank
         self.labels = torch.as_tensor(labels, dtype=torch.long)  # (N_img, P_int)
         self.pad = pad
         self.dist_padding = dist_padding
+        self.layout = layout  # window layout (pni.distributions.dropped_slot)
         self.cols_int = bank.shape[2] - 2 * pad
 
     def __call__(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ class WindowCollate:
         img, pos = ids // p_int, ids % p_int
         rows = pos // self.cols_int + self.pad
         cols = pos % self.cols_int + self.pad
-        x = gather_windows(self.bank, img, rows, cols, self.dist_padding)
+        x = gather_windows(self.bank, img, rows, cols, self.dist_padding, self.layout)
         return x, self.labels[img, pos]
 
 
@@ -204,12 +205,13 @@ class AnomalyTestModule(pl.LightningModule):
 
     def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, pad: int, dist_padding: int,
                  scorer: Callable[[torch.Tensor, torch.Tensor], Any], sink: Callable[[dict, Any], None],
-                 window_chunk: int | None = None) -> None:
+                 layout: str, window_chunk: int | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.mlp = mlp.eval()
         self.pad = pad
         self.dist_padding = dist_padding
+        self.layout = layout  # window layout the MLP was trained with
         self.scorer = scorer
         self.sink = sink
         self.window_chunk = window_chunk
@@ -227,7 +229,7 @@ class AnomalyTestModule(pl.LightningModule):
             n_win = (2 * self.dist_padding + 1) ** 2 - 1
             chunk = rows_for(4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
                              fraction=0.125, device=grid.device, lo=64, hi=8192)
-        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding))
+        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding, self.layout))
                for s in range(0, len(positions), chunk)]
         return torch.cat(out)
 

@@ -225,9 +225,12 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
     k_emb_edge = int(args.subsampling_percentage * n_with)
     if min(k_emb, k_emb_edge) < 1:
         raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects no patch of {n_without}")
-    if args.dist_coreset_size > n_without:
-        raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} exceeds the {n_without} interior training "
-                       "patches; lower it or add training images")
+    if args.dist_coreset_size >= n_without:
+        raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} must be below the {n_without} interior "
+                       "training patches (the greedy start point is not selected); lower it or add training images")
+    if max(k_emb, args.dist_coreset_size) >= n_without or k_emb_edge >= n_with:
+        raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
+                       "but the greedy start point is not selected; use a smaller fraction")
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
     bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
                                 probed=probed, pad=pad, n_select=n_select, seed=args.seed)
@@ -307,7 +310,7 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     module = NeighbourhoodModule(n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate,
                                  args.step_size, on_best)
     train_ids, val_ids = split_train_val(labels.size, args.seed)
-    collate = WindowCollate(bank, labels, pad, args.dist_padding)
+    collate = WindowCollate(bank, labels, pad, args.dist_padding, args.variant)
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
     val_loader = window_loader(val_ids, collate, args.dist_batchsize, False, args.seed, args.num_workers)
     with _quiet_lightning():
@@ -367,6 +370,16 @@ def load_position_priors(args, out_dir: Path, coresets: dict[str, np.ndarray]) -
     return out
 
 
+def checkpoint_layout(saved: dict[str, Any], original_format: bool) -> str:
+    """Window layout of a neighbourhood model from its recorded settings: its ``variant``;
+    without one, ``original`` for a checkpoint of the original code, and ``paper`` for one
+    of ours from before the layout was recorded (those dropped the centre)."""
+    recorded = saved.get("variant")
+    if recorded is not None:
+        return str(recorded)
+    return "original" if original_format else "paper"
+
+
 def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray]):
     """The neighbourhood MLP, refused if its settings (``nb_settings.json`` and those stored in
     the checkpoint itself), its coresets or its layer sizes do not fit the flags."""
@@ -376,6 +389,10 @@ def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray
     ckpt = load_mlp_checkpoint(path)
     saved = ckpt.get("settings") or {}
     original = "args" in ckpt and "model" in ckpt and DIGEST_KEY not in saved
+    layout = checkpoint_layout(saved, original)
+    if layout != args.variant:
+        raise PNIError(f"neighbourhood model {path} was trained with the {layout} window layout, but --variant is "
+                       f"{args.variant}; use --variant {layout} or re-run with --train_nb_dist")
     detail = compare_settings(saved, args, ORIGINAL_NB_KEYS if original else NB_KEYS)
     if detail:
         raise PNIError(f"neighbourhood model {path} was made with other settings: {detail}; "
@@ -469,7 +486,8 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     cfg = ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
                         softmax_temperature_alpha=args.softmax_temperature_alpha,
                         softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
-                        nb_mask=args.nb_mask, imagesize=args.imagesize, blursigma=args.blursigma, chunk_size=chunk)
+                        variant=args.variant, mask_workers=args.mask_workers, imagesize=args.imagesize,
+                        blursigma=args.blursigma, chunk_size=chunk)
 
     per_image = _check_grid(args, extractor, priors)
     on_device: dict[torch.device, ScoringArtefacts] = {}
@@ -489,7 +507,7 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         sample_dir = make_dir(partial / "sample")
         collector = ResultCollector(sample_dir)
         pad = (args.patchsize - 1) // 2
-        module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector)
+        module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector, args.variant)
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
         with _quiet_lightning():
@@ -519,9 +537,11 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     settings = {"category": args.category, "backbone": args.backbone, "version": version_dir.name,
                 "seed": args.seed, "imagesize": args.imagesize, "subsampling_percentage": args.subsampling_percentage,
                 "anomaly_nn": args.anomaly_nn, "dist_coreset_size": args.dist_coreset_size,
-                "dist_padding": args.dist_padding, "num_layers": args.num_layers, "nb_mask": args.nb_mask}
+                "dist_padding": args.dist_padding, "num_layers": args.num_layers, "variant": args.variant,
+                "mask_workers": args.mask_workers}
     append_score_result(score_csv, settings, scores)
-    return {"category": args.category, "version_dir": str(version_dir), **scores}
+    return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
+            "version_dir": str(version_dir), **scores}
 
 
 def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from pni.cli import ArgumentParser, run_cli
 from pni.errors import PNIError
+from pni.io import load_json
 from pni.results import MAP_NAMES, auroc_scores, format_score_table, read_sample, version_dirs
 
 
@@ -27,6 +28,13 @@ def load_run(run: Path) -> tuple[list[dict], list[dict]]:
     with open(run / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     return rows, [read_sample(run / "sample", r["defect_type"], r["stem"]) for r in rows]
+
+
+def run_variant(run: Path) -> dict[str, object]:
+    """``variant`` and ``mask_workers`` of a test run, from its ``settings.json``."""
+    path = run / "settings.json"
+    settings = load_json(path) if path.is_file() else {}
+    return {"variant": settings.get("variant", "?"), "mask_workers": settings.get("mask_workers", "")}
 
 
 def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float]:
@@ -50,9 +58,11 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
     """Both tables as text (per category, then per category/defect type)."""
     cat_rows, defect_rows = [], []
     for category in categories:
-        rows, samples = load_run(latest_run(project_root, category, backbone))
-        cat_rows.append({"category": category, **auroc_entry(rows, samples)})
-        defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}")
+        run = latest_run(project_root, category, backbone)
+        rows, samples = load_run(run)
+        variant = run_variant(run)
+        cat_rows.append({"category": category, **variant, **auroc_entry(rows, samples)})
+        defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}", **variant)
                         for d in per_defect_scores(rows, samples)]
     return ("AUROC (%) per category\n" + format_score_table(cat_rows, "category", digits=1)
             + "\n\nAUROC (%) per defect type (that type's images + all normal ones)\n"

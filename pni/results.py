@@ -21,7 +21,7 @@ from pni.metrics import image_auroc, pixel_auroc
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 SETTING_COLUMNS: tuple[str, ...] = (
     "category", "backbone", "version", "seed", "imagesize", "subsampling_percentage", "anomaly_nn",
-    "dist_coreset_size", "dist_padding", "num_layers", "nb_mask",
+    "dist_coreset_size", "dist_padding", "num_layers", "variant", "mask_workers",
 )
 SCORE_COLUMNS: tuple[str, ...] = tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC"))
 
@@ -127,8 +127,19 @@ def render_table(lines: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
+def variant_label(variant: object, mask_workers: object = "") -> str:
+    """``original/8`` (variant and reproduced mask workers) or ``paper`` (no workers)."""
+    return f"{variant}/{mask_workers}" if str(variant) == "original" and str(mask_workers) else str(variant)
+
+
 def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "category", digits: int = 2) -> str:
-    """One line per row (named by its ``first`` entry) with P-/I-AUROC of each map family, in %."""
-    head = [first] + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
-    return render_table([head] + [[str(r[first])] + [f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS]
-                                  for r in rows])
+    """One line per row (named by its ``first`` entry) with P-/I-AUROC of each map family, in %;
+    a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``."""
+    with_variant = any("variant" in r for r in rows)
+    head = [first] + (["variant"] if with_variant else []) + [f"{m} {k}" for m in MAP_NAMES
+                                                               for k in ("P-AUROC", "I-AUROC")]
+    lines = [head]
+    for r in rows:
+        label = [variant_label(r.get("variant", ""), r.get("mask_workers", ""))] if with_variant else []
+        lines.append([str(r[first])] + label + [f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS])
+    return render_table(lines)

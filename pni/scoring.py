@@ -11,6 +11,12 @@ always allowed. Since ``prob`` decreases with ``d`` and is positive, that equals
 ``g * d_min_allowed - log(g)``, which is what we compute (no ``exp`` that could underflow to
 zero and give ``inf``).
 
+Variants (``ScoringConfig.variant``): ``"original"`` reproduces the published code, quirks
+included: the rank/id mix-up of its neighbourhood mask, and its lost parallel writes (it
+fills each mask in a ``pymp.Parallel(mask_workers)`` loop over plain numpy arrays, so only
+the parent's share of the loop, the first ``ceil(n / mask_workers)`` iterations, takes
+effect: see :func:`parent_share`). ``"paper"`` is the method as the paper describes it.
+
 Entry point: :func:`score_image` (one image) or :func:`score_batch` (``B`` images).
 """
 from __future__ import annotations
@@ -25,13 +31,17 @@ from torch import Tensor
 from pni.errors import PNIError
 
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
-NB_MASK_MODES: tuple[str, ...] = ("official", "paper")
+VARIANTS: tuple[str, ...] = ("original", "paper")
 
 
 @dataclass
 class ScoringConfig:
-    """Scoring settings (the original's flags of the same names, plus ``nb_mask``/``chunk_size``).
+    """Scoring settings: the original's flags of the same names, plus ``variant``,
+    ``mask_workers`` and ``chunk_size``.
 
+    ``variant``: ``"original"`` (the published code, its quirks included) or ``"paper"``;
+    ``mask_workers``: the worker count of the original's parallel mask loops whose lost
+    writes ``"original"`` reproduces (8 as published; 1 = the serial semantics);
     ``chunk_size`` = number of feature rows whose distance matrices are held at once
     (``None``: all rows of the batch at once).
     """
@@ -42,7 +52,8 @@ class ScoringConfig:
     softmax_temperature_alpha: float = 2.0
     softmax_nb_gamma: float = 0.5
     softmax_coor_gamma: float = 0.5
-    nb_mask: str = "official"
+    variant: str = "original"
+    mask_workers: int = 8
     imagesize: int = 480
     blursigma: float = 8.0
     chunk_size: int | None = 2048
@@ -204,12 +215,28 @@ def patchcore_scores(knn_dist: Tensor) -> tuple[Tensor, Tensor]:
     return pixel, (1.0 - ratio) * s_star
 
 
-def masked_score(dist: Tensor, allowed: Tensor, gamma: float) -> Tensor:
+def parent_share(n: int, workers: int) -> int:
+    """Iterations of an ``n``-iteration loop that take effect under the original's
+    ``pymp.Parallel(workers)``: pymp splits the loop into ``workers`` contiguous chunks (the
+    first ``n % workers`` one longer) and only the parent process, which runs the first chunk,
+    writes into the plain numpy masks, so iterations ``0 .. ceil(n / workers) - 1`` count."""
+    if workers < 1:
+        raise PNIError(f"--mask_workers must be at least 1, got {workers}")
+    return -(-n // workers)
+
+
+def masked_score(dist: Tensor, allowed: Tensor, gamma: float, keep: int | None = None) -> Tensor:
     """``-log(max over allowed k of g*exp(-g*d))`` per row: ``(n, K), (n, K) bool -> (n,)``.
 
     The farthest entry of each row always counts as allowed (the original's fallback), so
-    the result is ``g * d_min_allowed - log(g)``.
+    the result is ``g * d_min_allowed - log(g)``. ``keep``: only the ``keep`` nearest entries
+    of a row can be allowed at all (the original's position masks, whose loop over ranks
+    loses all but the first :func:`parent_share` of its writes); ``None``: every entry.
     """
+    if keep is not None and keep < dist.shape[1]:
+        near, ids = dist.topk(keep, dim=1, largest=False, sorted=False)
+        d_min = torch.where(allowed.gather(1, ids), near, near.new_tensor(float("inf"))).amin(dim=1)
+        return gamma * torch.minimum(d_min, dist.amax(dim=1)) - math.log(gamma)
     allowed = allowed.clone()
     allowed.scatter_(1, dist.argmax(dim=1, keepdim=True), True)
     d_min = torch.where(allowed, dist, dist.new_tensor(float("inf"))).amin(dim=1)
@@ -232,29 +259,45 @@ def position_allowed(prior_rows: Tensor, coor_gamma: float, coreset_size: int) -
     return prior_rows > coor_gamma / coreset_size
 
 
+def position_scores(dist: Tensor, prior_rows: Tensor, coor_gamma: float, gamma: float,
+                    variant: str = "original", mask_workers: int = 8) -> Tensor:
+    """Position-masked scores ``(n,)`` from distances ``(n, K)`` and prior rows ``(n, K)``.
+
+    Entry ``k`` is allowed where the prior exceeds ``coor_gamma / K``. ``original``: its mask
+    loop runs over ranks, so only the ``parent_share(K, mask_workers)`` nearest entries can be
+    allowed; ``paper``: any entry.
+    """
+    k = dist.shape[1]
+    keep = parent_share(k, mask_workers) if variant == "original" else None
+    return masked_score(dist, position_allowed(prior_rows, coor_gamma, k), gamma, keep)
+
+
 def nb_scores(dist_emb: Tensor, allowed_dist: Tensor, embedding_to_distribution: Tensor,
-              gamma: float, mode: str = "official", dist_distribution: Tensor | None = None
-              ) -> Tensor:
+              gamma: float, variant: str = "original", dist_distribution: Tensor | None = None,
+              mask_workers: int = 8) -> Tensor:
     """Neighbourhood-masked scores ``(n,)``.
 
     dist_emb: (n, K1) distances to the embedding coreset; allowed_dist: (n, D) bool from
     :func:`nb_allowed_distribution`; embedding_to_distribution: (K1,) ``m(k)``.
 
     ``paper``: entry ``k`` is allowed where ``m(k)`` is.
-    ``official`` (needs dist_distribution (n, D)): the original's indexing. With ``order_i``
+    ``original`` (needs dist_distribution (n, D)): the original's indexing. With ``order_i``
     the distribution ids sorted by distance from feature ``i``, the mask at column ``k`` is
     ``allowed_dist[i, order_i[m(k)]]`` and it applies to the k-th NEAREST embedding entry of
-    ``i``; the last sorted column (farthest entry) is always allowed.
+    ``i``; its loop over distribution ids ``j`` keeps only the writes of
+    ``j < parent_share(D, mask_workers)``, so column ``k`` stays False unless ``m(k)`` is
+    below that; the last sorted column (farthest entry) is always allowed.
     """
     m = embedding_to_distribution
-    if mode == "paper":
+    if variant == "paper":
         return masked_score(dist_emb, allowed_dist[:, m], gamma)
-    if mode != "official":
-        raise PNIError(f"--nb_mask must be one of {NB_MASK_MODES}, got {mode!r}")
+    if variant != "original":
+        raise PNIError(f"--variant must be one of {VARIANTS}, got {variant!r}")
     if dist_distribution is None:
-        raise ValueError("nb mode 'official' needs dist_distribution")
+        raise ValueError("variant 'original' needs dist_distribution")
     allowed_by_rank = allowed_dist.gather(1, dist_distribution.argsort(dim=1))
-    mask = allowed_by_rank[:, m]  # (n, K1), column k = k-th nearest embedding entry
+    written = m < parent_share(allowed_dist.shape[1], mask_workers)  # (K1,)
+    mask = allowed_by_rank[:, m] & written[None, :]  # (n, K1), column k = k-th nearest entry
     mask[:, -1] = True
     # The score is the distance in the first allowed sorted column, so only the nearest
     # (largest first allowed column + 1) distances need sorting.
@@ -324,8 +367,9 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
     """
     b, rows, cols, e = features.shape
     art.check(rows, cols, e)
-    if cfg.nb_mask not in NB_MASK_MODES:
-        raise PNIError(f"--nb_mask must be one of {NB_MASK_MODES}, got {cfg.nb_mask!r}")
+    if cfg.variant not in VARIANTS:
+        raise PNIError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    parent_share(1, cfg.mask_workers)  # refuses a worker count below 1
     device = features.device
     p = rows * cols
     pp = (cfg.patchsize - 1) // 2
@@ -348,8 +392,8 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
         dist = pairwise_distances(flat[s:t], art.embedding_with_edge)
         knn[s:t] = dist.topk(cfg.anomaly_nn, dim=1, largest=False, sorted=True).values
         pos = torch.arange(s, t, device=device) % p
-        allowed = position_allowed(art.position_prior_with_edge[pos], cfg.softmax_coor_gamma, k2)
-        coor[s:t] = masked_score(dist, allowed, g)
+        coor[s:t] = position_scores(dist, art.position_prior_with_edge[pos], cfg.softmax_coor_gamma, g,
+                                    cfg.variant, cfg.mask_workers)
 
     # Without-edge coreset, interior positions: nb map and the position score of nb_coor.
     flat_int = features.reshape(b, p, e)[:, inner].reshape(b * p_int, e)
@@ -360,14 +404,14 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
         x = flat_int[s:t]
         dist = pairwise_distances(x, art.embedding_without_edge)
         dist_d = (pairwise_distances(x, art.distribution_coreset)
-                  if cfg.nb_mask == "official" else None)
+                  if cfg.variant == "original" else None)
         allowed_d = nb_allowed_distribution(logits[s:t], cfg.softmax_temperature_alpha,
                                             cfg.softmax_nb_gamma, k1)
-        nb[s:t] = nb_scores(dist, allowed_d, art.embedding_to_distribution, g, cfg.nb_mask,
-                            dist_d)
+        nb[s:t] = nb_scores(dist, allowed_d, art.embedding_to_distribution, g, cfg.variant,
+                            dist_d, cfg.mask_workers)
         pos = inner[torch.arange(s, t, device=device) % p_int]
-        allowed = position_allowed(art.position_prior[pos], cfg.softmax_coor_gamma, k1)
-        pos_score[s:t] = masked_score(dist, allowed, g)
+        pos_score[s:t] = position_scores(dist, art.position_prior[pos], cfg.softmax_coor_gamma, g,
+                                         cfg.variant, cfg.mask_workers)
 
     pixel_pc, image_pc = patchcore_scores(knn.reshape(b, p, cfg.anomaly_nn))
     nb = nb.reshape(b, p_int)

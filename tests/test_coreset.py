@@ -6,13 +6,16 @@ from pni import coreset as cs
 
 
 def brute_force_farthest_point(points: np.ndarray, n_select: int, start: int) -> list[int]:
-    """Naive reference: full distance matrix, farthest point from the chosen set."""
+    """Naive reference: full distance matrix; repeatedly the point farthest from the start and
+    the points chosen so far. The start itself is not selected (SPEC section 3)."""
     d = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
-    chosen = [start]
+    centres, chosen = [start], []
     while len(chosen) < n_select:
-        nearest_chosen = d[:, chosen].min(axis=1)
-        nearest_chosen[chosen] = -1
-        chosen.append(int(np.argmax(nearest_chosen)))
+        nearest_centre = d[:, centres].min(axis=1)
+        nearest_centre[centres] = -1
+        pick = int(np.argmax(nearest_centre))
+        chosen.append(pick)
+        centres.append(pick)
     return chosen
 
 
@@ -21,6 +24,9 @@ def test_greedy_order_equals_brute_force():
     pts = rng.normal(size=(300, 16)).astype(np.float64)
     ours = cs.greedy_order(torch.from_numpy(pts), 40, start_index=17)
     assert ours.tolist() == brute_force_farthest_point(pts, 40, 17)
+    assert 17 not in ours.tolist()
+    # the first pick is the point farthest from the start
+    assert ours[0] == np.argmax(((pts - pts[17]) ** 2).sum(1))
 
 
 def test_greedy_coreset_projects_and_streams_chunks():

@@ -8,6 +8,7 @@ import torch
 from pni.distributions import (
     NeighbourhoodMLP,
     gather_windows,
+    grid_windows,
     load_mlp_checkpoint,
     mlp_from_state_dict,
     normalise_rows,
@@ -18,28 +19,50 @@ from pni.distributions import (
 from pni.errors import PNIError
 
 
-def naive_window(grid: np.ndarray, r: int, c: int, dp: int) -> np.ndarray:
-    rows, cols, dim = grid.shape
-    out = []
-    for dr in range(-dp, dp + 1):
-        for dc in range(-dp, dp + 1):
-            if dr == 0 and dc == 0:
-                continue
-            rr, cc = r + dr, c + dc
-            out.append(grid[rr, cc] if 0 <= rr < rows and 0 <= cc < cols else np.zeros(dim, grid.dtype))
-    return np.concatenate(out)
+def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np.ndarray:
+    """Reference from SPEC section 4: slice the ``(2dp+1)^2`` window out of the grid padded
+    with ``dp`` zeros, flatten it row-major and drop one slot: the centre
+    ``((2dp+1)^2 - 1) / 2`` (paper) or ``((2dp+1)^2 + 1) // 2`` (original)."""
+    padded = np.pad(grid, ((dp, dp), (dp, dp), (0, 0)))
+    window = padded[r:r + 2 * dp + 1, c:c + 2 * dp + 1].reshape((2 * dp + 1) ** 2, -1)
+    n = (2 * dp + 1) ** 2
+    drop = (n - 1) // 2 if variant == "paper" else (n + 1) // 2
+    return np.delete(window, drop, axis=0).reshape(-1)
 
 
-def test_windows_match_naive_reference_for_arrays_and_tensors():
-    rng = np.random.default_rng(0)
-    bank = rng.normal(size=(3, 7, 6, 4)).astype(np.float32)
-    img = torch.tensor([0, 2, 1, 2])
-    rows = torch.tensor([0, 3, 6, 5])
-    cols = torch.tensor([0, 2, 5, 1])
-    expected = np.stack([naive_window(bank[i], r, c, 2) for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())])
-    np.testing.assert_array_equal(gather_windows(bank, img, rows, cols, 2).numpy(), expected)
-    np.testing.assert_array_equal(gather_windows(torch.from_numpy(bank), img, rows, cols, 2).numpy(), expected)
-    assert len(window_offsets(4)) == 80
+@pytest.mark.parametrize("variant", ["original", "paper"])
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_windows_match_sliced_reference(dp, variant):
+    rng = np.random.default_rng(dp)
+    bank = rng.normal(size=(3, 11, 10, 4)).astype(np.float32)
+    img = torch.tensor([0, 2, 1, 2, 1, 0])
+    rows = torch.tensor([0, 3, 10, 5, 4, 7])
+    cols = torch.tensor([0, 2, 9, 1, 9, 4])
+    expected = np.stack([sliced_window(bank[i], r, c, dp, variant)
+                         for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())])
+    assert expected.shape == (6, ((2 * dp + 1) ** 2 - 1) * 4)
+    np.testing.assert_array_equal(gather_windows(bank, img, rows, cols, dp, variant).numpy(), expected)
+    np.testing.assert_array_equal(gather_windows(torch.from_numpy(bank), img, rows, cols, dp, variant).numpy(),
+                                  expected)
+    # one image's grid at flat positions: the same windows
+    flat = rows[img == 2] * 10 + cols[img == 2]
+    np.testing.assert_array_equal(grid_windows(torch.from_numpy(bank[2]), flat, dp, variant).numpy(),
+                                  expected[(img == 2).numpy()])
+
+
+def test_window_layouts_by_hand():
+    # dp = 1: slots 0..8 row-major; paper drops the centre (slot 4, offset (0, 0)), the
+    # original drops slot 5, the right-hand neighbour (0, +1), and keeps the centre.
+    assert (0, 0) not in [tuple(o) for o in window_offsets(1, "paper").tolist()]
+    assert window_offsets(1, "original").tolist() == [[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 0], [1, -1],
+                                                      [1, 0], [1, 1]]
+    grid = torch.arange(9, dtype=torch.float32).reshape(3, 3, 1)  # value = slot
+    centre = torch.tensor([4])
+    assert grid_windows(grid, centre, 1, "original").tolist() == [[0, 1, 2, 3, 4, 6, 7, 8]]
+    assert grid_windows(grid, centre, 1, "paper").tolist() == [[0, 1, 2, 3, 5, 6, 7, 8]]
+    assert len(window_offsets(4, "original")) == len(window_offsets(4, "paper")) == 80
+    with pytest.raises(PNIError, match="--variant"):
+        window_offsets(1, "other")
 
 
 def test_mlp_parameter_names_follow_the_original():

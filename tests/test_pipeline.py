@@ -93,7 +93,7 @@ def test_every_flag_has_the_original_default():
                     resize=512, imagesize=480, dist_coreset_size=2048, dist_padding=4, num_layers=10,
                     num_epochs=15, learning_rate=1e-3, step_size=5, dist_batchsize=2048,
                     softmax_temperature_alpha=2.0, prob_gamma=0.99, softmax_nb_gamma=0.5,
-                    softmax_coor_gamma=0.5, blursigma=8.0, nb_mask="official", train_coreset=False,
+                    softmax_coor_gamma=0.5, blursigma=8.0, variant="original", mask_workers=8, train_coreset=False,
                     train_nb_dist=False, train_coor_dist=False)
     for key, value in expected.items():
         assert getattr(args, key) == value, key
@@ -106,6 +106,9 @@ def test_every_flag_has_the_original_default():
     (["--subsampling_percentage", "1.5"], "--subsampling_percentage"),
     (["--patchsize", "4"], "--patchsize"),
     (["--nb_mask", "other"], "--nb_mask"),
+    (["--variant", "official"], "--variant"),
+    (["--mask_workers", "0"], "--mask_workers"),
+    (["--nb_mask", "paper", "--variant", "original"], "--nb_mask paper means --variant paper"),
     (["--dataset_category", "mvtec2"], "--dataset_category"),
     (["--imagesize", "600"], "--imagesize"),
 ])
@@ -134,3 +137,57 @@ def test_report_tables_per_category_and_defect_type(tiny_run):
     keep = [i for i, r in enumerate(rows) if r["defect_type"] in ("good", "hole")]
     expected = pixel_auroc(np.stack([samples[i]["gt"] for i in keep]), np.stack([samples[i]["nb"] for i in keep]))
     assert hole["n"] == 2 and hole["nb_P-AUROC"] == expected
+
+
+def test_old_nb_mask_flag_maps_to_variant(capsys):
+    assert parse_args(["--nb_mask", "official"]).variant == "original"
+    assert "--nb_mask official is the old name of --variant original" in capsys.readouterr().err
+    args = parse_args(["--nb_mask", "paper", "--variant", "paper"])
+    assert args.variant == "paper" and not hasattr(args, "nb_mask")
+    assert parse_args(["--variant", "paper"]).variant == "paper"
+
+
+def test_variant_and_workers_are_recorded(tiny_run):
+    root, _ = tiny_run
+    version = root / "result" / "texture" / "R18" / "anomaly" / "lightning_logs" / "version_0"
+    settings = json.loads((version / "settings.json").read_text())
+    assert settings["variant"] == "original" and settings["mask_workers"] == 8
+    with open(root / "result" / "score_result.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["variant"] == "original" and row["mask_workers"] == "8"
+    emb = root / "embeddings_layer2+layer3" / "texture" / "R18"
+    assert json.loads((emb / "nb_settings.json").read_text())["variant"] == "original"
+    ckpt = torch.load(emb / "best_model_dp2_dcs16_n3.pt", weights_only=True)
+    assert ckpt["settings"]["variant"] == "original"
+
+
+def test_model_of_the_other_variant_is_refused(tiny_run, capsys):
+    _, base = tiny_run
+    assert tcd.main(base + ["--variant", "paper"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--variant" in err and "\n" not in err
+
+
+def test_original_format_checkpoint_is_the_original_layout(tiny_run, tmp_path, capsys):
+    """A checkpoint as the published code writes it (an argparse Namespace, no layout) is taken
+    as the original window layout: accepted under --variant original, refused under paper."""
+    import argparse
+    import shutil
+
+    root, base = tiny_run
+    src = root / "embeddings_layer2+layer3" / "texture" / "R18"
+    dst = tmp_path / "embeddings_layer2+layer3" / "texture" / "R18"
+    shutil.copytree(src, dst)
+    (dst / "nb_settings.json").unlink()
+    ours = torch.load(dst / "best_model_dp2_dcs16_n3.pt", weights_only=True)
+    namespace = argparse.Namespace(backbone="R18", layer_index=["layer2", "layer3"], pretrain_embed_dimension=48,
+                                   target_embed_dimension=32, patchsize=5, dist_padding=2, dist_coreset_size=16,
+                                   num_layers=3, seed=0)
+    torch.save({"model": ours["model"], "args": namespace, "train_loss": 1.0, "val_loss": 1.0},
+               dst / "best_model_dp2_dcs16_n3.pt")
+    moved = ["--embedding_root_path", str(tmp_path), "--project_root_path", str(tmp_path / "result")]
+    assert tcd.main(base + moved) == 0
+    capsys.readouterr()
+    assert tcd.main(base + moved + ["--variant", "paper"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "original window layout" in err and "--variant" in err and "\n" not in err

@@ -19,6 +19,8 @@ from pni.scoring import (
     interior_indices,
     nb_scores,
     nearest_ids,
+    parent_share,
+    position_scores,
     pad_interior,
     pairwise_distances,
     resize_and_blur,
@@ -27,14 +29,14 @@ from pni.scoring import (
 )
 
 R = C = 6
-E, K1, K2, D, PS = 8, 20, 25, 7, 3  # patchsize 3 -> pp = 1
+E, K1, K2, D, PS = 8, 21, 26, 11, 3  # patchsize 3 -> pp = 1; no size divisible by 3 or 8
 PP = (PS - 1) // 2
 P = R * C
 P_INT = (R - 2 * PP) * (C - 2 * PP)
 
 
 # ---------------------------------------------------------------------------------------------
-# Naive reference, written from the SPEC with plain loops.
+# Naive reference, written from the SPEC and from the original's loop structure, plain loops.
 
 
 def _dist(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,12 +51,49 @@ def naive_m(emb: np.ndarray, dcs: np.ndarray) -> np.ndarray:
     return np.array([int(np.argmin([_dist(e, c) for c in dcs])) for e in emb])
 
 
+def pymp_split(n: int, workers: int) -> list[range]:
+    """How pymp's ``p.range(n)`` shares a loop among ``workers`` processes: contiguous chunks,
+    the first ``n % workers`` of them one iteration longer; worker 0 is the parent."""
+    base, extra = divmod(n, workers)
+    chunks, start = [], 0
+    for w in range(workers):
+        size = base + (1 if w < extra else 0)
+        chunks.append(range(start, start + size))
+        start += size
+    return chunks
+
+
+def parallel_fill(n: int, workers: int, write) -> None:
+    """Run ``write(it)`` for every iteration of an ``n``-iteration pymp loop, keeping only the
+    writes that survive in the original: those of the parent process (worker 0). The forked
+    workers' writes into a plain numpy array are lost."""
+    for worker, chunk in enumerate(pymp_split(n, workers)):
+        for it in chunk:
+            if worker == 0:
+                write(it)
+
+
 def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg: ScoringConfig):
-    """Coarse (R, C) maps and image scores the way the original computes them."""
+    """Coarse (R, C) maps and image scores the way the original computes them: per position,
+    every coreset entry sorted by distance (the original's faiss search with k = all), masks
+    filled in loops (``parallel_fill`` under ``variant='original'``), scores from the sorted
+    probabilities."""
     g = cfg.prob_gamma
     rows, cols, _ = feat.shape
     pp = (cfg.patchsize - 1) // 2
     k1, k2 = len(emb1), len(emb2)
+    workers = cfg.mask_workers if cfg.variant == "original" else 1
+
+    def position_score(d: list[float], prior_row, k: int) -> float:
+        order = sorted(range(k), key=lambda q: d[q])  # ids by rank
+        mask = [False] * k
+
+        def write(rank):  # the original's loop over ranks
+            mask[rank] = prior_row[order[rank]] > cfg.softmax_coor_gamma / k
+
+        parallel_fill(k, workers, write)
+        mask[-1] = True  # the farthest entry
+        return _neg_log_max([g * math.exp(-g * d[q]) for q in order], mask)
 
     # With edge, all positions.
     pc_pixel, knn_rows, coor = [], [], []
@@ -65,10 +104,7 @@ def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg: ScoringC
             knn = sorted(d)[: cfg.anomaly_nn]
             pc_pixel.append(knn[0])
             knn_rows.append(knn)
-            probs = [g * math.exp(-g * x) for x in d]
-            mask = [prior2[i, k] > cfg.softmax_coor_gamma / k2 for k in range(k2)]
-            mask[int(np.argmax(d))] = True
-            coor.append(_neg_log_max(probs, mask))
+            coor.append(position_score(d, prior2[i], k2))
     best = int(np.argmax(pc_pixel))
     s_star = pc_pixel[best]
     if cfg.anomaly_nn == 1:
@@ -84,26 +120,30 @@ def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg: ScoringC
         for c in range(pp, cols - pp):
             i = r * cols + c
             d = [_dist(feat[r, c], e) for e in emb1]
-            probs = [g * math.exp(-g * x) for x in d]
             z = [float(v) / cfg.softmax_temperature_alpha for v in logits[j]]
             ex = [math.exp(v - max(z)) for v in z]
             soft = [v / sum(ex) for v in ex]
             allowed_dist = [s > cfg.softmax_nb_gamma / k1 for s in soft]
-            if cfg.nb_mask == "paper":
+            if cfg.variant == "paper":
                 mask = [allowed_dist[m[k]] for k in range(k1)]
                 mask[int(np.argmax(d))] = True
-                nb.append(_neg_log_max(probs, mask))
+                nb.append(_neg_log_max([g * math.exp(-g * x) for x in d], mask))
             else:
                 dd = [_dist(feat[r, c], x) for x in dcs]
                 order = sorted(range(len(dcs)), key=lambda q: dd[q])
                 by_rank = [allowed_dist[order[q]] for q in range(len(dcs))]
-                mask = [by_rank[m[k]] for k in range(k1)]  # column k: k-th nearest entry
+                mask = [False] * k1
+
+                def write(jd):  # the original's loop over distribution ids
+                    for k in range(k1):
+                        if m[k] == jd:
+                            mask[k] = by_rank[jd]  # column k: the k-th nearest entry
+
+                parallel_fill(len(dcs), workers, write)
                 mask[-1] = True
                 probs_sorted = [g * math.exp(-g * x) for x in sorted(d)]
                 nb.append(_neg_log_max(probs_sorted, mask))
-            pmask = [prior1[i, k] > cfg.softmax_coor_gamma / k1 for k in range(k1)]
-            pmask[int(np.argmax(d))] = True
-            pos.append(_neg_log_max(probs, pmask))
+            pos.append(position_score(d, prior1[i], k1))
             j += 1
 
     ri, ci = rows - 2 * pp, cols - 2 * pp
@@ -172,11 +212,14 @@ CFG = ScoringConfig(patchsize=PS, imagesize=16, blursigma=1.5, chunk_size=None)
 # Tests
 
 
-@pytest.mark.parametrize("mode", ["official", "paper"])
+VARIANT_WORKERS = [("original", 1), ("original", 3), ("original", 8), ("paper", 8)]
+
+
+@pytest.mark.parametrize("variant,workers", VARIANT_WORKERS)
 @pytest.mark.parametrize("anomaly_nn", [1, 3])
-def test_matches_naive_reference(mode, anomaly_nn):
+def test_matches_naive_reference(variant, workers, anomaly_nn):
     inputs = make_inputs(1)
-    cfg = replace(CFG, nb_mask=mode, anomaly_nn=anomaly_nn)
+    cfg = replace(CFG, variant=variant, mask_workers=workers, anomaly_nn=anomaly_nn)
     got, want = run_both(inputs, cfg)
     assert_matches(got, want)
     if anomaly_nn == 1:  # w = 1
@@ -191,13 +234,37 @@ def test_matches_naive_reference(mode, anomaly_nn):
     assert (prior1.sum(axis=1) == 0).any() and (prior2.sum(axis=1) == 0).any()
 
 
-@pytest.mark.parametrize("mode", ["official", "paper"])
-def test_farthest_fallback_when_nothing_allowed(mode):
+def test_lost_writes_change_the_maps():
+    """The inputs are such that the original's lost parallel writes matter: with 3 or 8
+    workers the reference's coor, nb and nb_coor maps differ from the serial ones."""
+    inputs = make_inputs(1)
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
+    m = naive_m(emb1, dcs)
+    serial, _ = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, replace(CFG, mask_workers=1))
+    for workers in (3, 8):
+        lost, _ = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2,
+                               replace(CFG, mask_workers=workers))
+        for name in ("coor", "nb", "nb_coor"):
+            assert np.abs(lost[name] - serial[name]).max() > 0.1, (name, workers)
+        np.testing.assert_array_equal(lost["patchcore"], serial["patchcore"])
+
+
+def test_pymp_split_follows_pymp():
+    # pymp's static schedule: the first n % w chunks one longer (checked against pymp 0.5).
+    assert [list(r) for r in pymp_split(7, 3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [len(r) for r in pymp_split(3, 8)] == [1, 1, 1, 0, 0, 0, 0, 0]
+    for n in (1, 7, 8, 11, 26, 2048):
+        for w in (1, 3, 8):
+            assert parent_share(n, w) == len(pymp_split(n, w)[0])
+
+
+@pytest.mark.parametrize("variant", ["original", "paper"])
+def test_farthest_fallback_when_nothing_allowed(variant):
     feat, logits, emb1, emb2, dcs, prior1, prior2 = make_inputs(2)
     prior1[:] = 0.0
     prior2[:] = 0.0  # all-zero prior rows: only the farthest entry counts
     inputs = (feat, logits, emb1, emb2, dcs, prior1, prior2)
-    cfg = replace(CFG, nb_mask=mode, softmax_nb_gamma=float(K1))  # threshold 1: none allowed
+    cfg = replace(CFG, variant=variant, softmax_nb_gamma=float(K1))  # threshold 1: none allowed
     got, want = run_both(inputs, cfg)
     assert_matches(got, want)
 
@@ -211,27 +278,28 @@ def test_farthest_fallback_when_nothing_allowed(mode):
     torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(far1, PP))
 
 
-def test_official_and_paper_modes():
+def test_original_and_paper_variants():
     inputs = make_inputs(3)
-    off, _ = run_both(inputs, replace(CFG, nb_mask="official"))
-    pap, _ = run_both(inputs, replace(CFG, nb_mask="paper"))
-    assert not torch.allclose(off.coarse["nb"], pap.coarse["nb"])
-    assert torch.equal(off.coarse["coor"], pap.coarse["coor"])
+    orig, _ = run_both(inputs, replace(CFG, variant="original", mask_workers=1))
+    pap, _ = run_both(inputs, replace(CFG, variant="paper"))
+    assert not torch.allclose(orig.coarse["nb"], pap.coarse["nb"])
+    assert torch.equal(orig.coarse["coor"], pap.coarse["coor"])  # serial: same position mask
 
-    # When the neighbourhood mask allows every entry, both are the plain nearest-entry score.
-    cfg = replace(CFG, softmax_nb_gamma=0.0)
-    off, want_off = run_both(inputs, replace(cfg, nb_mask="official"))
-    pap, want_pap = run_both(inputs, replace(cfg, nb_mask="paper"))
-    assert_matches(off, want_off)
+    # When every mask allows every entry (and nothing is lost), all are the nearest-entry score.
+    cfg = replace(CFG, softmax_nb_gamma=0.0, softmax_coor_gamma=-1.0, mask_workers=1)
+    orig, want_orig = run_both(inputs, replace(cfg, variant="original"))
+    pap, want_pap = run_both(inputs, replace(cfg, variant="paper"))
+    assert_matches(orig, want_orig)
     assert_matches(pap, want_pap)
-    torch.testing.assert_close(off.coarse["nb"], pap.coarse["nb"])
     g = cfg.prob_gamma
     d1 = torch.cdist(_t(inputs[0]).reshape(P, E), _t(inputs[2]))[interior_indices(R, C, PP)]
     nearest = (g * d1.amin(1) - math.log(g)).reshape(R - 2 * PP, C - 2 * PP)
-    torch.testing.assert_close(off.coarse["nb"], pad_interior(nearest, PP))
+    for got in (orig, pap):
+        torch.testing.assert_close(got.coarse["nb"], pad_interior(nearest, PP))
+        torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(nearest, PP))
 
 
-def test_official_mask_uses_ranks_not_ids():
+def test_original_mask_uses_ranks_not_ids():
     # One feature, distribution entries ranked [2, 0, 1]; only entry 2 (rank 0) is allowed.
     dist_emb = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
     dist_d = torch.tensor([[2.0, 3.0, 1.0]], dtype=torch.float64)
@@ -240,8 +308,30 @@ def test_official_mask_uses_ranks_not_ids():
     g = 1.0
     # paper: entry k allowed where m(k) = k is -> entry 2 (d = 2.0).
     assert nb_scores(dist_emb, allowed_d, m, g, "paper").item() == pytest.approx(2.0)
-    # official: sorted column k allowed where rank m(k) = k is -> column 0 (d = 1.0).
-    assert nb_scores(dist_emb, allowed_d, m, g, "official", dist_d).item() == pytest.approx(1.0)
+    # original, serial: sorted column k allowed where rank m(k) = k is -> column 0 (d = 1.0).
+    assert nb_scores(dist_emb, allowed_d, m, g, "original", dist_d, mask_workers=1).item() == pytest.approx(1.0)
+
+
+def test_original_lost_writes_by_hand():
+    # Neighbourhood: D = 3 distribution entries, 2 workers -> the parent writes ids 0 and 1.
+    # Entries' nearest distribution ids m = [2, 1, 0]; all ranks allowed. Sorted column 0 has
+    # m(0) = 2, never written -> False; column 1 (m = 1) written True -> 2nd nearest distance.
+    dist_emb = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    dist_d = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    allowed_d = torch.ones(1, 3, dtype=torch.bool)
+    m = torch.tensor([2, 1, 0])
+    assert nb_scores(dist_emb, allowed_d, m, 1.0, "original", dist_d, mask_workers=2).item() == pytest.approx(2.0)
+    assert nb_scores(dist_emb, allowed_d, m, 1.0, "original", dist_d, mask_workers=1).item() == pytest.approx(1.0)
+    # Position: K = 5 entries, 2 workers -> only the 3 nearest can be allowed. Allowed ids
+    # {3, 4}: id 4 is the 2nd nearest (d 0.5), id 3 the 4th. Then only id 3: not written ->
+    # the farthest entry (d 9.0) is the fallback.
+    dist = torch.tensor([[0.1, 7.0, 9.0, 7.5, 0.5]], dtype=torch.float64)
+    prior = torch.tensor([[0.0, 0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    assert position_scores(dist, prior, 1.0, 1.0, "original", 2).item() == pytest.approx(0.5)
+    prior = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert position_scores(dist, prior, 1.0, 1.0, "original", 2).item() == pytest.approx(9.0)
+    assert position_scores(dist, prior, 1.0, 1.0, "original", 1).item() == pytest.approx(7.5)
+    assert position_scores(dist, prior, 1.0, 1.0, "paper", 2).item() == pytest.approx(7.5)
 
 
 def test_chunk_size_and_batch_invariance():
@@ -342,8 +432,10 @@ def test_mismatched_artefacts_raise():
     with pytest.raises(PNIError, match="position prior"):
         score_image(_t(feat), _t(logits), art, CFG)
     art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
-    with pytest.raises(PNIError, match="nb_mask"):
-        score_image(_t(feat), _t(logits), art, replace(CFG, nb_mask="other"))
+    with pytest.raises(PNIError, match="variant"):
+        score_image(_t(feat), _t(logits), art, replace(CFG, variant="other"))
+    with pytest.raises(PNIError, match="mask_workers"):
+        score_image(_t(feat), _t(logits), art, replace(CFG, mask_workers=0))
     with pytest.raises(PNIError, match="logits"):
         score_image(_t(feat), _t(logits[:-1]), art, CFG)
 
@@ -371,3 +463,48 @@ def test_float32_distances_stay_accurate_for_large_feature_norms():
     x = (mean + 0.1 * torch.randn(50, 256, generator=g)).relu()
     ref = torch.cdist(x.double(), y.double())
     assert (pairwise_distances(x, y).double() - ref).abs().max() < 1e-5
+
+
+def test_vectorised_equals_the_original_loops_under_real_pymp(tmp_path):
+    """The original's mask loops, run under real ``pymp.Parallel`` (forked processes whose
+    writes into plain numpy arrays are lost) in a fresh interpreter that imports only numpy
+    and pymp, give the maps of ``variant='original'`` for 1, 3 and 8 workers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    feat, logits, emb1, emb2, dcs, prior1, prior2 = make_inputs(1)
+    inner = interior_indices(R, C, PP).numpy()
+    arrays = dict(feat=feat.reshape(P, E), inner=inner, logits=logits, emb1=emb1, emb2=emb2, dcs=dcs,
+                  prior1=prior1, prior2=prior2)
+    for name, value in arrays.items():
+        np.save(tmp_path / f"{name}.npy", value)
+    keys = ("prob_gamma", "softmax_temperature_alpha", "softmax_nb_gamma", "softmax_coor_gamma")
+    (tmp_path / "config.json").write_text(json.dumps({k: getattr(CFG, k) for k in keys}))
+    oracle = Path(__file__).parent / "oracles" / "pymp_original_masks.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(oracle), str(tmp_path), "1", "3", "8"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    r_int = R - 2 * PP
+    outcomes = {}
+    for workers in (1, 3, 8):
+        got = score_image(_t(feat), _t(logits), art, replace(CFG, mask_workers=workers))
+        coor = np.load(tmp_path / f"coor_w{workers}.npy").reshape(R, C)
+        nb = np.load(tmp_path / f"nb_w{workers}.npy").reshape(r_int, r_int)
+        nb_coor = 0.5 * (nb + np.load(tmp_path / f"pos_w{workers}.npy").reshape(r_int, r_int))
+        np.testing.assert_allclose(got.coarse["coor"].numpy(), coor, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.coarse["nb"].numpy()[PP:-PP, PP:-PP], nb, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.coarse["nb_coor"].numpy()[PP:-PP, PP:-PP], nb_coor, rtol=0, atol=1e-5)
+        assert got.image["nb"] == pytest.approx(nb.max(), abs=1e-5)
+        assert got.image["nb_coor"] == pytest.approx(nb_coor.max(), abs=1e-5)
+        assert got.image["coor"] == pytest.approx(coor.max(), abs=1e-5)
+        outcomes[workers] = (coor, nb)
+    # the forked writes really were lost: fewer workers, other maps
+    for workers in (3, 8):
+        assert not np.allclose(outcomes[workers][0], outcomes[1][0])
+        assert not np.allclose(outcomes[workers][1], outcomes[1][1])

@@ -136,13 +136,13 @@ def flag(call, name):
 
 CASES = [
     ("evaluate_amap_on_MVTecAD_WR101.sh", "MVTec", MVTEC, ["WR101"], "23", True, False),
-    ("evaluate_amap_on_MVTecAD_ensemble.sh", "MVTec", MVTEC, ENSEMBLE, "22", True, False),
-    ("evaluate_amap_on_MVTecAD_bottle_ensemble_pretrained.sh", "MVTec", ["bottle"], ENSEMBLE, "22",
+    ("evaluate_amap_on_MVTecAD_ensemble.sh", "MVTec", MVTEC, ENSEMBLE, "23", True, False),
+    ("evaluate_amap_on_MVTecAD_bottle_ensemble_pretrained.sh", "MVTec", ["bottle"], ENSEMBLE, "23",
      False, False),
     ("evaluate_amap_on_BTAD_WR101.sh", "BTAD", ["01", "02", "03"], ["WR101"], "23", True, True),
-    ("evaluate_amap_on_BTAD_ensemble.sh", "BTAD", ["01", "02", "03"], ENSEMBLE, "22", True, True),
+    ("evaluate_amap_on_BTAD_ensemble.sh", "BTAD", ["01", "02", "03"], ENSEMBLE, "23", True, True),
     ("evaluate_amap_on_VisA_WR101.sh", "VisA", VISA, ["WR101"], "23", True, False),
-    ("evaluate_amap_on_VisA_ensemble.sh", "VisA", VISA, ENSEMBLE, "22", True, False),
+    ("evaluate_amap_on_VisA_ensemble.sh", "VisA", VISA, ENSEMBLE, "23", True, False),
 ]
 
 
