@@ -4,8 +4,11 @@ Per category: I-AUROC (image score = map max; an image is defective when its mas
 defective pixel), P-AUROC over all pixels, best-F1 thresholds (pixel and image,
 F1 = 2PR/(P+R+1e-6), prediction ``score >= threshold``) and, with ``calc_pro``, AUPRO in
 both definitions of :mod:`pni.metrics` (columns ``AUPRO_MVTec`` and ``AUPRO_PNI``).
-Metrics work on the 16-bit map codes (every distinct code is a threshold); reported scores
-and thresholds are on the [0, 1] map scale (code / 65535).
+Metrics work on the 16-bit map codes (every distinct code is a threshold). The reported
+``pixel_threshold`` is, as in the original, on the category's min-max normalised scale of
+the maps, ``(t - min) / (max - min)`` over all pixels of the category's maps; the reported
+``image_threshold`` and the misclassified-image scores are on the map scale (code / 65535).
+Pictures outline the pixels at or above the same threshold ``t``, in map units.
 
 Category borders come from ``index.csv``; only folders without it fall back to the
 original's hard-coded MVTec / BTAD test-set sizes (with a warning).
@@ -114,6 +117,15 @@ def load_category(root: Path, entries: Sequence[Entry]) -> tuple[np.ndarray, np.
     return np.stack(codes), np.stack(masks)
 
 
+def normalised_threshold(threshold: float, codes: np.ndarray) -> float:
+    """``threshold`` on the min-max scale of ``codes``: ``(t - min) / (max - min)``;
+    NaN when the threshold is NaN or every code is the same."""
+    lo, hi = float(codes.min()), float(codes.max())
+    if not np.isfinite(threshold) or hi == lo:
+        return float("nan")
+    return (float(threshold) - lo) / (hi - lo)
+
+
 def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_pro: bool = False,
                      max_steps: int = 2000, visualize: bool = False
                      ) -> tuple[dict[str, object], list[list[object]]]:
@@ -136,7 +148,7 @@ def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_p
             if need_regions else float("nan")
         row["AUPRO_PNI"] = nan_on_error(metrics.aupro_pni, masks, codes / CODE_SCALE, max_steps, 0.3, regions,
                                  what=f"{category} AUPRO_PNI") if need_regions else float("nan")
-    row["pixel_threshold"] = pix_thr / CODE_SCALE
+    row["pixel_threshold"] = normalised_threshold(pix_thr, codes)
     row["pixel_F1"] = pix_f1
     row["image_threshold"] = img_thr / CODE_SCALE
     row["image_F1"] = img_f1
@@ -163,6 +175,9 @@ def _visualize_category(root: Path, category: str, entries: Sequence[Entry], cod
         if not ipath.is_file():
             raise PNIError(f"missing ravel file {ipath}")
         image = read_rgb(ipath)
+        if image.shape[:2] != code.shape:
+            raise PNIError(f"{ipath}: image size {image.shape[:2]} differs from its map "
+                           f"{pred_path(root, e.index)} {code.shape}; cannot draw one on the other")
         amap = code / CODE_SCALE
         heat = viz.jet(amap)
         pred = code >= pix_thr  # False everywhere when the threshold is nan
@@ -186,9 +201,12 @@ def _visualize_category(root: Path, category: str, entries: Sequence[Entry], cod
         viz.plot_pro(out / "pro_curve.png", fpr, pro, 0.3,
                      metrics.aupro_from_sweep(pix_sw), title=f"{category} PRO (MVTec)")
     scores = codes.astype(np.float32) / CODE_SCALE
+    finite = np.isfinite(pix_thr)
     viz.plot_score_histogram(out / "score_histogram.png", scores[~masks], scores[masks],
-                             pix_thr / CODE_SCALE if np.isfinite(pix_thr) else None,
-                             title=f"{category} pixel scores")
+                             pix_thr / CODE_SCALE if finite else None,
+                             title=f"{category} pixel scores",
+                             threshold_label=(f"threshold {pix_thr / CODE_SCALE:.4f} (normalised "
+                                              f"{float(row['pixel_threshold']):.4f})") if finite else None)
 
 
 def _fmt(value: object) -> str:
@@ -206,7 +224,7 @@ def average_row(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> di
 
 
 def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
-    """Plain-text table; scores in percent, thresholds on the [0, 1] map scale."""
+    """Plain-text table; scores in percent, thresholds as in ``score_result.csv``."""
     lines = [list(columns)]
     for r in rows:
         cells = []

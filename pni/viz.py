@@ -124,8 +124,9 @@ def plot_pro(path: str | os.PathLike, fpr: np.ndarray, pro: np.ndarray, fpr_limi
 
 def plot_score_histogram(path: str | os.PathLike, normal: np.ndarray, defective: np.ndarray,
                          threshold: Optional[float] = None, bins: int = 100,
-                         title: str = "") -> None:
-    """Histogram (density, log scale) of normal vs defective pixel scores."""
+                         title: str = "", threshold_label: Optional[str] = None) -> None:
+    """Histogram (density, log scale) of normal vs defective pixel scores; ``threshold`` (in
+    the scores' units) is drawn as a line labelled ``threshold_label``."""
     normal, defective = np.ravel(normal), np.ravel(defective)
     nonempty = [v for v in (normal, defective) if v.size]
     lo = min((float(v.min()) for v in nonempty), default=0.0)
@@ -140,7 +141,7 @@ def plot_score_histogram(path: str | os.PathLike, normal: np.ndarray, defective:
             h, _ = np.histogram(values, bins=edges, density=True)
             ax.stairs(h, edges, label=f"{name} ({values.size} px)", color=colour, fill=True, alpha=0.4)
     if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4f}")
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=threshold_label or f"threshold {threshold:.4f}")
     ax.set_yscale("log")
     ax.set(xlabel="anomaly score", ylabel="density", title=title or "pixel scores")
     ax.legend()

@@ -8,7 +8,7 @@ from typing import Sequence
 from pni.cli import ArgumentParser, parse_devices, run_cli
 from pni.errors import PNIError
 
-from .data import DEFAULT_CROP_FRACTION, GEOMETRIES
+from .geometry import GEOMETRIES, INPUT_SIZE, check_geometry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend_weight", type=float, default=0.1,
                    help="output = blend*refined + (1-blend)*map (default 0.1)")
     p.add_argument("--geometry", choices=GEOMETRIES, default="aligned",
-                   help="aligned (default) or original: crop+zoom the map as the original code did")
-    p.add_argument("--crop_fraction", type=float, default=DEFAULT_CROP_FRACTION,
-                   help="centre-crop fraction of the map for --geometry original (default 0.9: 288/320)")
+                   help="aligned (default): the output lines up with image and mask, at the ravel size; "
+                        "original: the original code's crop, zoom and resizes (480 px output in the zoomed "
+                        "frame, masks rewritten to match; needs --image_size 320)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (default auto)")
     p.add_argument("--devices", default="auto", help="Lightning devices for training; inference uses one")
     p.add_argument("--checkpoint_path", default="./refinement_model.pt",
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=320, help="model input size (multiple of 32)")
+    p.add_argument("--image_size", type=int, default=INPUT_SIZE,
+                   help=f"model input size (multiple of 32; {INPUT_SIZE} with --geometry original)")
     p.add_argument("--backbone_weights", default=None,
                    help="DenseNet-161 ImageNet weights for a fresh model (default: torch hub cache if present)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         raise PNIError(f"--image_size must be a positive multiple of 32, got {args.image_size}")
     if args.batch_size < 1 or args.num_epochs < 1:
         raise PNIError("--batch_size and --num_epochs must be at least 1")
+    check_geometry(args.geometry, args.image_size)
     devices = parse_devices(args.devices)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     progress = not args.no_progress
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
             if not args.normal_image_dir:
                 raise PNIError("--train_data synthetic needs --normal_image_dir")
             dataset = SyntheticRefinementDataset(args.normal_image_dir, args.image_size, args.samples_per_image,
-                                                 args.seed, args.geometry, args.crop_fraction)
+                                                 args.seed, args.geometry)
         else:
             path = args.train_data_path or args.input_data_path
             if not path:
@@ -84,8 +86,7 @@ def run(args: argparse.Namespace) -> None:
             if args.output_data_path and not args.train_data_path:
                 warnings.warn("training on the ravel folder that is then refined: its masks are the test "
                               "labels, so scores of the output are optimistic")
-            dataset = RavelRefinementDataset(path, args.image_size, args.category, args.geometry,
-                                             args.crop_fraction)
+            dataset = RavelRefinementDataset(path, args.image_size, args.category, args.geometry)
         model = build_fresh_model(args.backbone_weights)
         model = fit_refinement(model, dataset, args.checkpoint_path, args.num_epochs, args.learning_rate,
                                args.batch_size, args.accelerator, devices, args.num_workers, progress)
@@ -97,9 +98,8 @@ def run(args: argparse.Namespace) -> None:
     if not args.input_data_path or not args.output_data_path:
         raise PNIError("refining needs --input_data_path and --output_data_path")
     n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
-                            args.blend_weight, args.image_size, args.geometry, args.crop_fraction,
-                            select_device(args.accelerator, devices), args.batch_size, args.num_workers,
-                            progress)
+                            args.blend_weight, args.image_size, args.geometry,
+                            select_device(args.accelerator, devices), args.batch_size, args.num_workers, progress)
     print(f"refined {n} maps -> {args.output_data_path}")
 
 

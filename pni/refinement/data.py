@@ -4,16 +4,14 @@ Ravel folder: ``{i:05d}_pred.png`` (uint16 = map*65535), ``{i:05d}_gt.png`` (uin
 ``image{i:05d}.png`` (uint8 RGB) and ``index.csv`` (index, category, defect_type, stem).
 PNGs are read with ``cv2.IMREAD_UNCHANGED`` (uint16 stays uint16, exact round trip).
 
-Model inputs are resized to ``image_size`` (320): image bilinear (antialiased), maps and masks
-nearest (``nearest-exact``, pixel-centre nearest as PIL does).
+Model inputs are resized to ``image_size`` (320) according to the geometry:
 
-Geometry:
-
-- ``aligned`` (default): the map and the mask share the image's geometry.
-- ``original``: reproduces the original code, which crops and zooms the map so that it no
-  longer lines up with image and mask. The SPEC only says "crops and zooms"; we implement it
-  as a centre crop of ``crop_fraction`` (default 0.9, i.e. 288 of 320 pixels) of the resized
-  map, zoomed back to ``image_size`` bilinearly (``zoom_map``). Image and mask are untouched.
+- ``aligned`` (default): image bilinear (antialiased), maps and masks nearest
+  (``nearest-exact``, pixel centres); the map and the mask share the image's geometry.
+- ``original``: as the original code (SPEC section 7, ``pni.refinement.geometry``), at 320 px
+  only: image with PIL's BILINEAR, map and mask nearest (pixel centres, as PIL's NEAREST on
+  16-bit PNGs); the model input map is then zoomed (centre ``[11:-11]`` back to 320 px), so it
+  no longer lines up with image and mask, which are not zoomed.
 """
 from __future__ import annotations
 
@@ -30,10 +28,9 @@ from torch.utils.data import Dataset
 from pni.errors import PNIError
 from pni.ravel import Entry, gt_path, image_path, pred_path, read_index, read_png16, read_rgb
 
+from .geometry import check_geometry, nearest_resize, pil_resize_bilinear, zoom_map
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
-GEOMETRIES = ("aligned", "original")
-DEFAULT_CROP_FRACTION = 0.9
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -91,15 +88,25 @@ def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | No
 
 # ----------------------------------------------------------------------------- tensors
 
-def image_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
-    """(H,W,3) uint8 RGB -> (3,size,size) float32, bilinear (antialiased), ImageNet-normalised."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0].clamp_(0.0, 1.0)
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) float in [0,1] -> ImageNet-normalised."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (t - mean) / std
+
+
+def _uint8_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 RGB -> (3,H,W) float32 in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def image_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H,W,3) uint8 RGB -> (3,size,size) float32, bilinear (antialiased), ImageNet-normalised."""
+    t = _uint8_to_tensor(image)
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)[0].clamp_(0.0, 1.0)
+    return _normalise(t)
 
 
 def map_to_tensor(amap: np.ndarray, size: int) -> torch.Tensor:
@@ -110,29 +117,28 @@ def map_to_tensor(amap: np.ndarray, size: int) -> torch.Tensor:
     return t
 
 
-def zoom_map(amap: torch.Tensor, crop_fraction: float = DEFAULT_CROP_FRACTION) -> torch.Tensor:
-    """Centre-crop ``crop_fraction`` of a map and zoom it back bilinearly ('original' geometry).
-
-    amap: (..., H, W) -> (..., H, W). At H = 320 and the default 0.9: crop 288x288, zoom to 320.
-    """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise PNIError(f"--crop_fraction must be in (0, 1], got {crop_fraction}")
-    h, w = amap.shape[-2:]
-    ch, cw = max(1, round(h * crop_fraction)), max(1, round(w * crop_fraction))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    lead = amap.shape[:-2]
-    crop = amap[..., top:top + ch, left:left + cw].reshape(-1, 1, ch, cw)
-    out = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-    return out.reshape(*lead, h, w)
+def prepare_image(image: np.ndarray, size: int, geometry: str = "aligned") -> torch.Tensor:
+    """(H,W,3) uint8 RGB -> (3,size,size) model input image in the requested geometry."""
+    check_geometry(geometry, size)
+    if geometry == "original":
+        return _normalise(_uint8_to_tensor(pil_resize_bilinear(image, size)))
+    return image_to_tensor(image, size)
 
 
-def prepare_map(amap: np.ndarray, size: int, geometry: str = "aligned",
-                crop_fraction: float = DEFAULT_CROP_FRACTION) -> torch.Tensor:
-    """(H,W) map -> (1,size,size) model input map in the requested geometry."""
-    if geometry not in GEOMETRIES:
-        raise PNIError(f"--geometry must be one of {', '.join(GEOMETRIES)}, got {geometry}")
-    t = map_to_tensor(amap, size)
-    return zoom_map(t, crop_fraction) if geometry == "original" else t
+def prepare_mask(mask: np.ndarray, size: int, geometry: str = "aligned") -> torch.Tensor:
+    """(H,W) {0,1} mask -> (1,size,size) float32 in the requested geometry (never zoomed)."""
+    check_geometry(geometry, size)
+    if geometry == "original":
+        return torch.from_numpy(nearest_resize(mask.astype(np.float32), size))[None]
+    return map_to_tensor(mask, size)
+
+
+def prepare_map(amap: np.ndarray, size: int, geometry: str = "aligned") -> torch.Tensor:
+    """(H,W) map in [0,1] -> (1,size,size) model input map in the requested geometry."""
+    check_geometry(geometry, size)
+    if geometry == "original":
+        return zoom_map(torch.from_numpy(nearest_resize(amap.astype(np.float32), size))[None])
+    return map_to_tensor(amap, size)
 
 
 class RavelRefinementDataset(Dataset):
@@ -145,12 +151,11 @@ class RavelRefinementDataset(Dataset):
 
     def __init__(self, folder: str | os.PathLike, image_size: int = 320,
                  categories: Sequence[str] | None = None, geometry: str = "aligned",
-                 crop_fraction: float = DEFAULT_CROP_FRACTION, require_gt: bool = True) -> None:
-        if geometry not in GEOMETRIES:
-            raise PNIError(f"--geometry must be one of {', '.join(GEOMETRIES)}, got {geometry}")
+                 require_gt: bool = True) -> None:
+        check_geometry(geometry, image_size)
         self.folder = Path(folder)
         self.entries = list_ravel_entries(folder, categories, require_gt=require_gt)
-        self.image_size, self.geometry, self.crop_fraction = image_size, geometry, crop_fraction
+        self.image_size, self.geometry = image_size, geometry
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -163,9 +168,9 @@ class RavelRefinementDataset(Dataset):
         mask = (read_map(gt_file) > 0.5).astype(np.float32) if gt_file.is_file() \
             else np.zeros(amap.shape, np.float32)
         return {
-            "image": image_to_tensor(image, self.image_size),
-            "amap": prepare_map(amap, self.image_size, self.geometry, self.crop_fraction),
-            "mask": map_to_tensor(mask, self.image_size),
+            "image": prepare_image(image, self.image_size, self.geometry),
+            "amap": prepare_map(amap, self.image_size, self.geometry),
+            "mask": prepare_mask(mask, self.image_size, self.geometry),
             "index": e.index,
         }
 
@@ -318,13 +323,11 @@ class SyntheticRefinementDataset(Dataset):
     """
 
     def __init__(self, images: str | os.PathLike | Sequence, image_size: int = 320,
-                 per_image: int = 4, seed: int = 0, geometry: str = "aligned",
-                 crop_fraction: float = DEFAULT_CROP_FRACTION, fresh: bool = True) -> None:
-        if geometry not in GEOMETRIES:
-            raise PNIError(f"--geometry must be one of {', '.join(GEOMETRIES)}, got {geometry}")
+                 per_image: int = 4, seed: int = 0, geometry: str = "aligned", fresh: bool = True) -> None:
+        check_geometry(geometry, image_size)
         self.images = load_normal_images(images)
         self.image_size, self.per_image, self.seed = image_size, per_image, seed
-        self.geometry, self.crop_fraction, self.fresh = geometry, crop_fraction, fresh
+        self.geometry, self.fresh = geometry, fresh
 
     def __len__(self) -> int:
         return len(self.images) * self.per_image
@@ -334,8 +337,8 @@ class SyntheticRefinementDataset(Dataset):
         rng = np.random.default_rng(key)
         image, amap, mask = make_synthetic_triple(self.images[i % len(self.images)], rng, self.image_size)
         return {
-            "image": image_to_tensor(image, self.image_size),
-            "amap": prepare_map(amap, self.image_size, self.geometry, self.crop_fraction),
-            "mask": map_to_tensor(mask, self.image_size),
+            "image": prepare_image(image, self.image_size, self.geometry),
+            "amap": prepare_map(amap, self.image_size, self.geometry),
+            "mask": prepare_mask(mask, self.image_size, self.geometry),
             "index": i,
         }

@@ -1,11 +1,12 @@
 """Refine every map of a ravel folder and write a complete, scorable ravel folder.
 
-For each sample: ``refined = model(image, map)`` at ``image_size``, resized back
-(bilinear) to the ravel size, ``out = blend*refined + (1-blend)*map`` (map at ravel size,
-unchanged geometry), clipped to [0,1], written as uint16 ``{i:05d}_pred.png``. Images, gt
-files and ``index.csv`` (rows of the selected categories) are copied, file names kept.
-With ``geometry='original'`` the model sees the cropped+zoomed map (see ``data.zoom_map``),
-so its residual is in the zoomed geometry, as in the original code.
+``aligned`` (default): ``refined = model(image, map)`` at ``image_size``, resized back
+(bilinear) to the ravel size, ``out = blend*refined + (1-blend)*map`` (map at ravel size),
+clipped to [0,1], written as uint16 ``{i:05d}_pred.png`` (rounded); gt files are copied.
+``original``: the original code's steps (``pni.refinement.geometry``): the model sees the
+zoomed map ``z``, the blend is taken in the zoomed frame at 240 px and ``_pred.png`` and
+``_gt.png`` are written at 480 px, whatever the ravel size.
+Either way images and ``index.csv`` (rows of the selected categories) are copied, file names kept.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from pni.io import atomic_path
 from pni.io import write_csv
 from pni.ravel import INDEX_COLUMNS, INDEX_CSV, gt_path, image_path, pred_path, read_index, write_png16
 
-from .data import DEFAULT_CROP_FRACTION, RavelRefinementDataset, round_to_uint16, read_map
+from .data import RavelRefinementDataset, round_to_uint16, read_map
+from .geometry import original_outputs
 from .model import RefinementNet
 
 
@@ -44,8 +46,7 @@ def blend_maps(refined: np.ndarray, amap: np.ndarray, blend_weight: float) -> np
 @torch.no_grad()
 def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, output_path: str | os.PathLike,
                         categories: Sequence[str] | None = None, blend_weight: float = 0.1,
-                        image_size: int = 320, geometry: str = "aligned",
-                        crop_fraction: float = DEFAULT_CROP_FRACTION, device: torch.device | str = "cpu",
+                        image_size: int = 320, geometry: str = "aligned", device: torch.device | str = "cpu",
                         batch_size: int = 8, num_workers: int = 0, progress: bool = True) -> int:
     """Write the refined ravel folder ``output_path``; returns the number of maps written."""
     src, dst = Path(input_path), Path(output_path)
@@ -53,7 +54,7 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
         raise PNIError(f"--blend_weight must be in [0, 1], got {blend_weight}")
     if dst.exists() and src.resolve() == dst.resolve():
         raise PNIError(f"--output_data_path must differ from --input_data_path ({src})")
-    dataset = RavelRefinementDataset(src, image_size, categories, geometry, crop_fraction, require_gt=False)
+    dataset = RavelRefinementDataset(src, image_size, categories, geometry, require_gt=False)
     dst.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = torch.device(device)
@@ -64,13 +65,21 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
         for k, index in enumerate(batch["index"].tolist()):
             entry = dataset.entries[written + k]
             assert entry.index == index
-            amap = read_map(pred_path(src, index))  # (H,W) at ravel size
-            full = F.interpolate(refined[k:k + 1], size=amap.shape, mode="bilinear", align_corners=False)
-            out = blend_maps(full[0, 0].numpy(), amap, blend_weight)
-            write_png16(pred_path(dst, index), round_to_uint16(out))
+            has_gt = gt_path(src, index).is_file()
+            if geometry == "original":
+                pred16, gt16 = original_outputs(batch["amap"][k, 0].numpy(), refined[k, 0].numpy(),
+                                                batch["mask"][k, 0].numpy(), blend_weight)
+                write_png16(pred_path(dst, index), pred16)
+                if has_gt:
+                    write_png16(gt_path(dst, index), gt16)
+            else:
+                amap = read_map(pred_path(src, index))  # (H,W) at ravel size
+                full = F.interpolate(refined[k:k + 1], size=amap.shape, mode="bilinear", align_corners=False)
+                out = blend_maps(full[0, 0].numpy(), amap, blend_weight)
+                write_png16(pred_path(dst, index), round_to_uint16(out))
+                if has_gt:
+                    _copy(gt_path(src, index), gt_path(dst, index))
             _copy(image_path(src, index), image_path(dst, index))
-            if gt_path(src, index).is_file():
-                _copy(gt_path(src, index), gt_path(dst, index))
         written += len(batch["index"])
     if read_index(src) is not None:  # carry index.csv over, limited to the refined entries
         write_csv(dst / INDEX_CSV, INDEX_COLUMNS,
