@@ -13,7 +13,7 @@ from .data import DEFAULT_CROP_FRACTION, GEOMETRIES
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, SPEC section 7). "
+        description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, docs/METHOD.md section 7). "
                     "Without --train: load --checkpoint_path and refine --input_data_path into "
                     "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "
                     "normal images), write --checkpoint_path, then refine if --output_data_path is given.")
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.num_epochs < 1:
         raise PNIError("--batch_size and --num_epochs must be at least 1")
     devices = parse_devices(args.devices)
+    select_device(args.accelerator, devices)  # an unknown or absent accelerator stops here, before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
     progress = not args.no_progress
     if args.train:
