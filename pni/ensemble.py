@@ -1,4 +1,4 @@
-"""Ensemble of several backbones' test runs (SPEC section 6, ``calc_ensemble_score.py``).
+"""Ensemble of several backbones' test runs (docs/METHOD.md, section 6; ``calc_ensemble_score.py``).
 
 For one category, the k-th newest run (``version_<n>``) of every backbone is read from
 ``<project_root>/<cat>/<backbone>/anomaly/lightning_logs/version_<n>/sample/``. Files are
@@ -28,7 +28,7 @@ import numpy as np
 from pni import metrics, viz
 from pni.cli import nan_on_error, warn
 from pni.errors import PNIError
-from pni.io import append_csv_rows, load_npy, save_npy
+from pni.io import append_csv_rows, check_name, load_npy, save_npy
 from pni.results import MAP_NAMES, SCORE_COLUMNS, format_score_table, run_dir, version_dirs
 
 TOP_FRACTION = 0.01
@@ -80,6 +80,9 @@ def list_samples(version_dir: Path) -> dict[Key, Optional[int]]:
             rows = list(csv.DictReader(fh))
         if rows and not {"defect_type", "stem"} <= set(rows[0]):
             raise PNIError(f"{table}: expected columns defect_type,stem,label")
+        for r in rows:  # they become file names in the ensemble folder
+            check_name(r["defect_type"] or "", f"{table}: defect_type")
+            check_name(r["stem"] or "", f"{table}: stem")
         return {(r["defect_type"], r["stem"]): (int(float(r["label"])) if r.get("label") not in (None, "") else None)
                 for r in rows}
     sample = version_dir / "sample"
@@ -209,6 +212,10 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
     """Ensemble every category, append the rows to ``ensemble_score_result.csv``, print the table."""
     if not backbones:
         raise PNIError("--backbone_list is empty")
+    for backbone in backbones:
+        check_name(backbone, "--backbone_list")
+    for category in categories or ():
+        check_name(category, "--category")
     cats = list(categories) if categories else find_categories(project_root, backbones[0])
     for cat in cats:  # every category's runs and files exist before the first file is written
         match_runs([BackboneRun(b, v, list_samples(v)) for b in backbones
