@@ -1,4 +1,4 @@
-"""Data for the refinement model: ravel folders (SPEC section 6) and synthetic defects.
+"""Data for the refinement model: ravel folders (docs/METHOD.md, section 6) and synthetic defects.
 
 Ravel folder: ``{i:05d}_pred.png`` (uint16 = map*65535), ``{i:05d}_gt.png`` (uint16 0/65535),
 ``image{i:05d}.png`` (uint8 RGB) and ``index.csv`` (index, category, defect_type, stem).
@@ -11,7 +11,7 @@ Geometry:
 
 - ``aligned`` (default): the map and the mask share the image's geometry.
 - ``original``: reproduces the original code, which crops and zooms the map so that it no
-  longer lines up with image and mask. The SPEC only says "crops and zooms"; we implement it
+  longer lines up with image and mask. We implement it
   as a centre crop of ``crop_fraction`` (default 0.9, i.e. 288 of 320 pixels) of the resized
   map, zoomed back to ``image_size`` bilinearly (``zoom_map``). Image and mask are untouched.
 """
