@@ -82,7 +82,9 @@ def coreset_file_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 def settings_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in keys}
+    """The values of ``keys`` in ``args``; the :data:`DERIVED_SETTINGS` only when ``args``
+    carries them (the pipeline sets them before any stage; other callers may not)."""
+    return {k: getattr(args, k) for k in keys if k not in DERIVED_SETTINGS or hasattr(args, k)}
 
 
 def test_hook(point: str) -> None:
@@ -121,9 +123,8 @@ def stage_flag(path: Path) -> str:
 
 
 def compare_settings(saved: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> str:
-    """``--flag new (saved: old)`` for every key in ``keys`` and ``saved`` that differs (the
-    :data:`DERIVED_SETTINGS` only when ``args`` carries them, as the pipeline's do)."""
-    wanted = settings_of(args, tuple(k for k in keys if k not in DERIVED_SETTINGS or hasattr(args, k)))
+    """``--flag new (saved: old)`` for every key of :func:`settings_of` in ``saved`` that differs."""
+    wanted = settings_of(args, keys)
     wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
     diff = {k: (saved[k], wanted[k]) for k in wanted if k in saved and saved[k] != wanted[k]}
