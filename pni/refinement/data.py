@@ -11,7 +11,7 @@ Geometry:
 
 - ``aligned`` (default): the map and the mask share the image's geometry.
 - ``original``: reproduces the original code, which crops and zooms the map so that it no
-  longer lines up with image and mask. We implement it
+  longer lines up with image and mask. The SPEC only says "crops and zooms"; we implement it
   as a centre crop of ``crop_fraction`` (default 0.9, i.e. 288 of 320 pixels) of the resized
   map, zoomed back to ``image_size`` bilinearly (``zoom_map``). Image and mask are untouched.
 """
