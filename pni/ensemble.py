@@ -26,10 +26,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pni import metrics, viz
-from pni.cli import nan_on_error, warn
+from pni.cli import warn
 from pni.errors import PNIError
 from pni.io import append_csv_rows, check_name, load_npy, save_npy
-from pni.results import MAP_NAMES, SCORE_COLUMNS, format_score_table, run_dir, version_dirs
+from pni.results import MAP_NAMES, SCORE_COLUMNS, defined_aurocs, format_score_table, run_dir, version_dirs
 
 TOP_FRACTION = 0.01
 RESULT_CSV = "ensemble_score_result.csv"
@@ -152,6 +152,7 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
     gts = _load_stack(runs[0], keys, "_gt") > 0
     known = [runs[0].labels[k] for k in keys]
     labels = np.array([int(g.any()) if lab is None else lab for g, lab in zip(gts, known)], dtype=np.int64)
+    image_ok, pixel_ok = defined_aurocs(labels, gts, f"category {category}")
     row: dict[str, object] = {"category": category, "backbone_list": " ".join(backbones),
                               "version_num": version_num, "num_images": len(keys)}
     saved: Optional[np.ndarray] = None
@@ -173,8 +174,8 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
             pixel = maps if pixel is None else pixel + maps
         pixel /= len(runs)
         image /= len(runs)
-        row[f"{family}_P-AUROC"] = nan_on_error(metrics.pixel_auroc, gts, pixel, what=f"{category} {family} P-AUROC")
-        row[f"{family}_I-AUROC"] = nan_on_error(metrics.image_auroc, labels, image, what=f"{category} {family} I-AUROC")
+        row[f"{family}_P-AUROC"] = metrics.pixel_auroc(gts, pixel) if pixel_ok else float("nan")
+        row[f"{family}_I-AUROC"] = metrics.image_auroc(labels, image) if image_ok else float("nan")
         if family == save_type:
             saved = pixel
         del pixel

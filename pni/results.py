@@ -110,6 +110,20 @@ def check_score_result(path: str | os.PathLike) -> None:
                        "--project_root_path")
 
 
+def defined_aurocs(labels: np.ndarray, masks: np.ndarray, what: str = "the test set") -> tuple[bool, bool]:
+    """Whether image AUROC (labels ``(N,)``: normal and defective images) and pixel AUROC (masks
+    ``(N, H, W)``: normal and defective pixels) are defined; one warning line naming ``what``
+    when either is not (it is then written as NaN)."""
+    n_defective, n_pixels = int((np.asarray(labels) > 0).sum()), int(np.count_nonzero(masks))
+    image_ok = 0 < n_defective < np.size(labels)
+    pixel_ok = 0 < n_pixels < np.size(masks)
+    if not (image_ok and pixel_ok):
+        undefined = " and ".join(k for k, ok in (("I-AUROC", image_ok), ("P-AUROC", pixel_ok)) if not ok)
+        warn(f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images, {n_pixels} "
+             f"defective pixels: {undefined} undefined, written as nan")
+    return image_ok, pixel_ok
+
+
 def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]], masks: Sequence[np.ndarray],
                  maps: Mapping[str, Sequence[np.ndarray]], what: str = "the test set") -> dict[str, float]:
     """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
@@ -119,13 +133,7 @@ def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[floa
     defective pixel) is NaN, announced by one warning line naming ``what``."""
     labels = np.asarray(labels)
     gt = np.stack(masks)
-    n_defective, n_pixels = int((labels > 0).sum()), int(np.count_nonzero(gt))
-    image_ok = 0 < n_defective < labels.size
-    pixel_ok = 0 < n_pixels < gt.size
-    if not (image_ok and pixel_ok):
-        undefined = " and ".join(k for k, ok in (("I-AUROC", image_ok), ("P-AUROC", pixel_ok)) if not ok)
-        warn(f"{what} has {labels.size - n_defective} normal and {n_defective} defective images, {n_pixels} "
-             f"defective pixels: {undefined} undefined, written as nan")
+    image_ok, pixel_ok = defined_aurocs(labels, gt, what)
     out = {}
     for m in MAP_NAMES:
         out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")

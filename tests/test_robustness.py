@@ -314,6 +314,18 @@ def test_one_class_test_set_writes_nan_with_one_note_and_keeps_the_maps(run, tmp
     sample = project / CAT / "R18" / "anomaly" / "lightning_logs" / "version_0" / "sample"
     n_images = 1 if keep == "good" else 3
     assert len(list(sample.glob("*_amap_nb_coor.npy"))) == n_images
+    # the ensemble of that run: the same single note, the same nan columns
+    code, out, err = call(load_cli("calc_ensemble_score").main, [
+        "--project_root_path", str(project), "--ensemble_root_path", str(tmp_path / "ens"), "--category", CAT,
+        "--backbone_list", "R18"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(notes) == 1 and f"category {CAT} has" in notes[0] and "written as nan" in notes[0], err
+    with (project / "ensemble_score_result.csv").open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    for column in SCORES:
+        assert (row[column] == "nan") == (keep == "good" or column.endswith("I-AUROC")), (column, row[column])
+    assert len(list((tmp_path / "ens" / CAT / "anomaly_map").rglob("*.npy"))) == n_images
 
 
 def test_empty_test_set_is_refused_before_training(run, tmp_path, capsys):
