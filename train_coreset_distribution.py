@@ -1,8 +1,6 @@
 #!/usr/bin/env python
-"""Train PNI for one category and score its test set (see README and ../shared/SPEC.md)."""
+"""Train PNI for one category and score its test set (see README and docs/METHOD.md)."""
 from __future__ import annotations
-
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,4 +13,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pni.cli import exit_with
+
+    exit_with(main)

@@ -1,4 +1,4 @@
-"""Analyse the anomaly maps of a ravel folder (SPEC section 6).
+"""Analyse the anomaly maps of a ravel folder (docs/METHOD.md, section 6).
 
     python analysis_code/analysis_amap.py --project_root_path ./result/ensemble_ravel \
         --visualize --calc_pro
@@ -23,7 +23,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, exit_with, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,4 +57,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,4 +1,4 @@
-"""Ensemble the test runs of several backbones (SPEC section 6).
+"""Ensemble the test runs of several backbones (docs/METHOD.md, section 6).
 
     python analysis_code/calc_ensemble_score.py --category bottle \
         --backbone_list WR101 RNX101 DN201 --save_type nb_coor
@@ -18,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.results import MAP_NAMES
 
 
@@ -50,4 +50,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

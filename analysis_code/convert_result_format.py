@@ -1,4 +1,4 @@
-"""Convert an ensemble folder into the flat "ravel" folder (SPEC section 6).
+"""Convert an ensemble folder into the flat "ravel" folder (docs/METHOD.md, section 6).
 
     python analysis_code/convert_result_format.py \
         --before_result_root_dir ./result/ensemble_result \
@@ -20,7 +20,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, exit_with, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,4 +48,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

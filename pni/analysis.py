@@ -1,4 +1,4 @@
-"""Analysis of a ravel folder (SPEC section 6, ``analysis_amap.py``).
+"""Analysis of a ravel folder (docs/METHOD.md, section 6; ``analysis_amap.py``).
 
 Per category: I-AUROC (image score = map max; an image is defective when its mask has a
 defective pixel), P-AUROC over all pixels, best-F1 thresholds (pixel and image,
@@ -102,6 +102,10 @@ def group_by_category(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
     return groups
 
 
+def _size(array: np.ndarray) -> str:
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
 def load_category(root: Path, entries: Sequence[Entry]) -> tuple[np.ndarray, np.ndarray]:
     """``(codes uint16 (N,H,W), masks bool (N,H,W))`` of one category."""
     codes, masks = [], []
@@ -111,9 +115,12 @@ def load_category(root: Path, entries: Sequence[Entry]) -> tuple[np.ndarray, np.
                 raise PNIError(f"missing ravel file {p}")
         codes.append(read_png16(pred_path(root, e.index)))
         masks.append(read_png16(gt_path(root, e.index)) > 0)
-        if codes[-1].shape != masks[-1].shape or codes[-1].shape != codes[0].shape:
-            raise PNIError(f"{pred_path(root, e.index)}: size {codes[-1].shape} differs from its mask "
-                           f"or the category's first map {codes[0].shape}")
+        if codes[-1].shape != masks[-1].shape:
+            raise PNIError(f"{gt_path(root, e.index)} is {_size(masks[-1])} but its map {pred_path(root, e.index)} "
+                           f"is {_size(codes[-1])}")
+        if codes[-1].shape != codes[0].shape:
+            raise PNIError(f"{pred_path(root, e.index)} is {_size(codes[-1])} but the category's first map "
+                           f"{pred_path(root, entries[0].index)} is {_size(codes[0])}")
     return np.stack(codes), np.stack(masks)
 
 

@@ -10,10 +10,12 @@ digest of the coresets they were made from. Test results are written to a hidden
 complete (and is removed when scoring fails).
 
 Test hook: the environment variable ``PNI_TEST_KILL_AT=<point>`` kills the process with
-SIGKILL at one of ``coreset_index`` (after the first coreset file), ``nb_checkpoint``
-(after the first saved MLP checkpoint), ``coor_prior`` (after the first position prior)
-or ``test_sample`` (after the first scored test image); the tests use it to check that an
-interrupted run can be re-run.
+SIGKILL (or the signal named by ``PNI_TEST_SIGNAL``, e.g. ``SIGINT``) at one of
+``feature_batch`` (after the first batch of training features, inside Lightning),
+``coreset_index`` (after the first coreset file), ``nb_checkpoint`` (after the first saved
+MLP checkpoint), ``coor_prior`` (after the first position prior) or ``test_sample`` (after
+the first scored test image); the tests use it to check that an interrupted run can be
+re-run, and that Ctrl-C gives exit code 130 at every stage.
 """
 from __future__ import annotations
 
@@ -21,10 +23,8 @@ import argparse
 import hashlib
 import logging
 import os
-import re
 import shutil
 import signal
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,20 @@ import numpy as np
 
 from pni.distributions import mlp_file_name, position_prior_file_name
 from pni.errors import PNIError
-from pni.io import load_json, make_dir, save_json
+from pni.io import left_by_killed_run, load_json, make_dir, owner_tag, save_json
 from pni.results import run_dir, version_dirs
 
 log = logging.getLogger("pni")
 
 # Settings that make artefacts of one stage incompatible with another run's flags.
 FEATURE_KEYS = ("dataset_category", "category", "backbone", "layer_index", "pretrain_embed_dimension",
-                "target_embed_dimension", "patchsize", "resize", "imagesize", "random_init", "max_train_images")
+                "target_embed_dimension", "patchsize", "resize", "imagesize", "random_init", "max_train_images",
+                "feature_bank_dtype", "backbone_weights_digest", "training_set_digest")
+
+# Settings derived from the inputs rather than given as flags (set by the pipeline before
+# any stage runs): the flag to name when they differ, and what they are a digest of.
+DERIVED_SETTINGS = {"backbone_weights_digest": ("--backbone_weights", "weights"),
+                    "training_set_digest": ("--dataset_path", "training images")}
 
 
 CORESET_KEYS = FEATURE_KEYS + ("subsampling_percentage", "dist_coreset_size", "seed")
@@ -76,14 +82,17 @@ def coreset_file_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 def settings_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in keys}
+    """The values of ``keys`` in ``args``; the :data:`DERIVED_SETTINGS` only when ``args``
+    carries them (the pipeline sets them before any stage; other callers may not)."""
+    return {k: getattr(args, k) for k in keys if k not in DERIVED_SETTINGS or hasattr(args, k)}
 
 
 def test_hook(point: str) -> None:
     """``PNI_TEST_KILL_AT=<point>`` kills this process at ``point`` (see the module docstring)."""
     if os.environ.get("PNI_TEST_KILL_AT") == point:
-        print(f"PNI_TEST_KILL_AT={point}: killing the process", flush=True)
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        name = os.environ.get("PNI_TEST_SIGNAL", "SIGKILL")
+        print(f"PNI_TEST_KILL_AT={point}: sending {name} to the process", flush=True)
+        os.kill(os.getpid(), getattr(signal, name, signal.SIGTERM))
 
 
 def coreset_digest(coresets: dict[str, np.ndarray]) -> str:
@@ -95,29 +104,13 @@ def coreset_digest(coresets: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:20]
 
 
-def owner_tag() -> str:
-    """``<host>~<pid>``: put in the names of scratch folders so that a later run can tell
-    those of killed runs (same host, process gone) from those of running ones."""
-    return f"{socket.gethostname().replace('-', '_').replace('~', '_')}~{os.getpid()}"
-
-
 def remove_stale(folder: Path, pattern: str) -> None:
     """Remove the folders ``folder/<pattern>`` whose name holds ``-<host>~<pid>-`` of a process
     of this host that no longer exists (scratch space or partial results of a killed run)."""
-    host = owner_tag().split("~")[0]
     for p in (folder.glob(pattern) if folder.is_dir() else ()):
-        owner = re.search(r"-([^-~]+)~(\d+)-", p.name)
-        if owner is None or owner.group(1) != host or not p.is_dir():
-            continue
-        try:
-            os.kill(int(owner.group(2)), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # exists, owned by someone else
-        log.info("removing %s, left by a killed run", p)
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and left_by_killed_run(p.name):
+            log.info("removing %s, left by a killed run", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def begin_stage(path: Path) -> None:
@@ -130,12 +123,19 @@ def stage_flag(path: Path) -> str:
 
 
 def compare_settings(saved: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> str:
-    """``--flag new (saved: old)`` for every key in ``keys`` and ``saved`` that differs."""
+    """``--flag new (saved: old)`` for every key of :func:`settings_of` in ``saved`` that differs."""
     wanted = settings_of(args, keys)
     wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in wanted.items()}
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
-    diff = {k: (saved[k], wanted[k]) for k in keys if k in saved and saved[k] != wanted[k]}
-    return ", ".join(f"--{k} {new} (saved: {old})" for k, (old, new) in diff.items())
+    diff = {k: (saved[k], wanted[k]) for k in wanted if k in saved and saved[k] != wanted[k]}
+
+    def describe(key: str, old: Any, new: Any) -> str:
+        if key in DERIVED_SETTINGS:
+            flag, what = DERIVED_SETTINGS[key]
+            return f"{flag} (other {what}: {new}, saved: {old})"
+        return f"--{key} {new} (saved: {old})"
+
+    return ", ".join(describe(k, old, new) for k, (old, new) in diff.items())
 
 
 def check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str,

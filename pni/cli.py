@@ -35,13 +35,15 @@ def one_line(exc: BaseException) -> str:
 def run_cli(main: Callable[[], Any], debug: bool = False) -> int:
     """Run ``main``; print ``error: ...`` (no traceback unless ``debug``) on bad input.
 
-    :class:`PNIError` (also when re-raised from a DataLoader worker) and operating-system
-    errors about files (unwritable output folder, missing file, full disk) give one line
-    naming the file and exit code 2; anything else is a bug and keeps its traceback.
+    Exit codes: ``main``'s own when it returns an int (1: some inputs failed, the others
+    were processed), else 0; 2 for :class:`PNIError` (also when re-raised from a DataLoader
+    worker) and operating-system errors about files (unwritable output folder, missing file,
+    full disk), with one line naming the file; 130 with one line ``interrupted`` for Ctrl-C.
+    Anything else is a bug and keeps its traceback.
     """
     debug = debug or bool(os.environ.get("PNI_DEBUG"))
     try:
-        main()
+        result = main()
     except PNIError as exc:
         if debug:
             traceback.print_exc()
@@ -55,7 +57,18 @@ def run_cli(main: Callable[[], Any], debug: bool = False) -> int:
             traceback.print_exc()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def exit_with(main: Callable[[], int | None]) -> NoReturn:
+    """``sys.exit(main())`` for a script's ``__main__``: Ctrl-C anywhere, while importing and
+    parsing flags too, is one line ``interrupted`` and exit code 130."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,18 +79,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_devices(devices: str | int | Sequence[int]) -> Devices:
-    """'auto' | '2' | '0,1' | '[0, 1]' -> 'auto' | 2 | [0, 1] (Lightning's ``devices``)."""
+    """'auto' | '2' | '-1' | '0,1' | '[0, 1]' -> 'auto' | 2 | -1 | [0, 1] (Lightning's ``devices``);
+    a count below 1 (other than -1, all devices) or a negative index is a PNIError."""
     if not isinstance(devices, str):
         return devices
     s = devices.strip().strip("[]").strip()
     if s in ("auto", ""):
         return "auto"
+    problem = f"--devices: expected 'auto', a count >= 1, -1 (all) or a list of device indices like 0,1; got {devices!r}"
     try:
         if "," in s:
-            return [int(x) for x in s.split(",") if x.strip()]
-        return int(s)
+            indices = [int(x) for x in s.split(",") if x.strip()]
+            if not indices or min(indices) < 0:
+                raise PNIError(problem)
+            return indices
+        count = int(s)
     except ValueError:
-        raise PNIError(f"--devices: expected 'auto', a count or a list like 0,1; got {devices!r}") from None
+        raise PNIError(problem) from None
+    if count < 1 and count != -1:
+        raise PNIError(problem)
+    return count
 
 
 def warn(message: str) -> None:

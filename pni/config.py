@@ -1,23 +1,30 @@
-"""Command-line flags of ``train_coreset_distribution.py`` (SPEC section 0).
+"""Command-line flags of ``train_coreset_distribution.py`` (docs/METHOD.md, section 0).
 
 Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
 ``--backbone_weights``, ``--random_init``, ``--embedding_root_path``,
 ``--max_train_images``, ``--variant``, ``--mask_workers`` and ``--debug`` are ours.
+Every check that needs only the flags is made here, before anything is read or written.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pni.cli import ArgumentParser
+from pni.cli import ArgumentParser, parse_devices
+from pni.errors import PNIError
 from pni.features import BACKBONES
+from pni.io import is_single_name
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
 VARIANTS = ("original", "paper")
 NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
+PROB_GAMMA_RANGE = (1e-6, 1e6)  # beyond it the float32 maps overflow or lose their range
 
 
 def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
@@ -35,8 +42,11 @@ def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool]
 
 _positive_int = _checked("_positive_int", int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked("_non_negative_int", int, lambda v: v >= 0, ">= 0")
-_positive_float = _checked("_positive_float", float, lambda v: v > 0, "> 0")
-_non_negative_float = _checked("_non_negative_float", float, lambda v: not v < 0, ">= 0")
+_positive_float = _checked("_positive_float", float, lambda v: 0 < v < math.inf, "> 0 and finite")
+_non_negative_float = _checked("_non_negative_float", float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
+_prob_gamma = _checked("_prob_gamma", float, lambda v: PROB_GAMMA_RANGE[0] <= v <= PROB_GAMMA_RANGE[1],
+                       f"in [{PROB_GAMMA_RANGE[0]:g}, {PROB_GAMMA_RANGE[1]:g}]")
+_single_name = _checked("_single_name", str, is_single_name, "a single folder name (not a path)")
 _fraction = _checked("_fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")
 _odd_positive = _checked("_odd_positive", int, lambda v: v > 0 and v % 2 == 1, "a positive odd integer")
 
@@ -55,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset_path", default="../dataset/MVTecAD", help="dataset root folder")
     g.add_argument("--dataset_category", default="MVTec", choices=DATASET_CATEGORIES, help="dataset layout")
-    g.add_argument("--category", default="bottle", help="product category (sub-folder of --dataset_path)")
+    g.add_argument("--category", type=_single_name, default="bottle",
+                   help="product category (sub-folder of --dataset_path)")
     g.add_argument("--resize", type=_positive_int, default=512, help="shorter image side after resizing")
     g.add_argument("--imagesize", type=_positive_int, default=480, help="centre-crop size")
     g.add_argument("--num_workers", type=_non_negative_int, default=0, help="data loader worker processes")
@@ -96,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("scoring")
     g.add_argument("--softmax_temperature_alpha", type=_positive_float, default=2.0, help="softmax temperature")
-    g.add_argument("--prob_gamma", type=_positive_float, default=0.99, help="g in prob = g*exp(-g*d)")
+    g.add_argument("--prob_gamma", type=_prob_gamma, default=0.99, help="g in prob = g*exp(-g*d)")
     g.add_argument("--softmax_nb_gamma", type=_non_negative_float, default=0.5,
                    help="neighbourhood threshold: softmax > gamma / coreset size")
     g.add_argument("--softmax_coor_gamma", type=_non_negative_float, default=0.5,
                    help="position threshold: prior > gamma / coreset size")
-    g.add_argument("--blursigma", type=_non_negative_float, default=8.0, help="Gaussian blur of the maps (pixels)")
+    g.add_argument("--blursigma", type=_non_negative_float, default=8.0,
+                   help="Gaussian blur of the maps (pixels, at most --imagesize)")
     g.add_argument("--variant", default=None, choices=VARIANTS,
                    help="'original' (default) reproduces the published code, its quirks included (rank/id mix-up "
                         "of the neighbourhood mask, lost parallel mask writes, the centre feature in the MLP window); "
@@ -113,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="old name: official = --variant original, paper = --variant paper")
 
     g = p.add_argument_group("devices")
-    g.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    g.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
     g.add_argument("--devices", default="auto",
                    help="Lightning devices: auto (one device), N, or a list; N > 1 runs the MLP training and "
                         "the test scoring on N processes (DDP)")
-    g.add_argument("--strategy", default="auto", help="Lightning strategy: auto or ddp")
+    g.add_argument("--strategy", default="auto", choices=STRATEGIES, help="Lightning strategy")
     g.add_argument("--precision", default="32-true", choices=("32-true", "16-mixed", "bf16-mixed"),
                    help="Lightning precision of the MLP training and of the backbone + MLP at test time "
                         "(distances and maps stay float32); mixed precision is for GPUs, opt-in")
@@ -135,6 +147,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--imagesize ({args.imagesize}) must not exceed --resize ({args.resize})")
     if args.random_init and args.backbone_weights:
         parser.error("--random_init and --backbone_weights exclude each other")
+    if args.blursigma > args.imagesize:
+        parser.error(f"--blursigma ({args.blursigma:g}) must not exceed --imagesize ({args.imagesize}): a wider blur "
+                     "only flattens the maps, and its padding grows with it")
+    try:
+        parse_devices(args.devices)
+    except PNIError as exc:
+        parser.error(str(exc))
     if args.nb_mask is not None:
         variant = NB_MASK_ALIASES[args.nb_mask]
         if args.variant not in (None, variant):

@@ -1,4 +1,4 @@
-"""Greedy k-center coresets (PatchCore) and the faiss indexes that store them (SPEC section 3).
+"""Greedy k-center coresets (PatchCore) and the faiss indexes that store them (docs/METHOD.md, section 3).
 
 The feature bank is streamed in chunks through a sparse random projection; the greedy
 selection then keeps one ``(N,)`` vector of distances to the chosen set, so memory stays

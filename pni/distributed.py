@@ -60,6 +60,29 @@ def configure(args: argparse.Namespace) -> bool:
     return ddp
 
 
+def check_devices(accelerator: str, devices: str | int | list[int]) -> None:
+    """Before any work: this machine has what ``--accelerator`` and ``--devices`` ask for
+    (a one-line PNIError naming the flag otherwise)."""
+    wanted = parse_devices(devices)
+    acc = accelerator.lower()
+    if acc == "auto" and torch.cuda.is_available():
+        acc = "cuda"
+    if acc in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise PNIError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine; "
+                           "use --accelerator cpu (or auto)")
+        count = torch.cuda.device_count()
+        if isinstance(wanted, list) and max(wanted) >= count or isinstance(wanted, int) and wanted > count:
+            raise PNIError(f"--devices {devices}: this machine has {count} CUDA device(s) (indices 0..{count - 1})")
+    elif acc == "mps":
+        if not torch.backends.mps.is_available():
+            raise PNIError(f"--accelerator {accelerator}: MPS is not available on this machine; use --accelerator "
+                           "cpu (or auto)")
+    elif isinstance(wanted, list):
+        raise PNIError(f"--devices {devices}: a list of device indices needs --accelerator gpu; on the CPU give a "
+                       "count of processes")
+
+
 def devices_and_strategy(args: argparse.Namespace, ddp: bool) -> dict[str, Any]:
     """Trainer keywords for the stages that may run on several processes (MLP training and
     test scoring); without DDP, ``--devices auto`` means one device."""

@@ -1,4 +1,4 @@
-"""The two learned priors over the coreset (SPEC section 4).
+"""The two learned priors over the coreset (docs/METHOD.md, section 4).
 
 - Neighbourhood: an MLP that reads the features of the window around a position and
   predicts which distribution-coreset entry the centre feature is nearest to. The window
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pni.errors import PNIError
-from pni.io import atomic_path
+from pni.io import atomic_path, load_weights_only
 
 HIDDEN_WIDTH = 2048
 
@@ -144,11 +144,7 @@ def load_mlp_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PNIError(f"missing neighbourhood model {path} (run with --train_nb_dist to make it)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PNIError(f"cannot read neighbourhood model {path}: {str(exc).splitlines()[0]}") from None
+    payload = load_weights_only(path, "neighbourhood model", safe_globals=[argparse.Namespace])
     if not isinstance(payload, dict) or "model" not in payload:
         raise PNIError(f"{path} is not a neighbourhood model checkpoint (no 'model' entry)")
     settings = payload.get("settings")

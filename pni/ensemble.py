@@ -1,4 +1,4 @@
-"""Ensemble of several backbones' test runs (SPEC section 6, ``calc_ensemble_score.py``).
+"""Ensemble of several backbones' test runs (docs/METHOD.md, section 6; ``calc_ensemble_score.py``).
 
 For one category, the k-th newest run (``version_<n>``) of every backbone is read from
 ``<project_root>/<cat>/<backbone>/anomaly/lightning_logs/version_<n>/sample/``. Files are
@@ -26,10 +26,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pni import metrics, viz
-from pni.cli import nan_on_error, warn
+from pni.cli import warn
 from pni.errors import PNIError
-from pni.io import append_csv_rows, load_npy, save_npy
-from pni.results import MAP_NAMES, SCORE_COLUMNS, format_score_table, run_dir, version_dirs
+from pni.io import append_csv_rows, check_name, load_npy, save_npy
+from pni.results import MAP_NAMES, SCORE_COLUMNS, defined_aurocs, format_score_table, run_dir, version_dirs
 
 TOP_FRACTION = 0.01
 RESULT_CSV = "ensemble_score_result.csv"
@@ -80,6 +80,9 @@ def list_samples(version_dir: Path) -> dict[Key, Optional[int]]:
             rows = list(csv.DictReader(fh))
         if rows and not {"defect_type", "stem"} <= set(rows[0]):
             raise PNIError(f"{table}: expected columns defect_type,stem,label")
+        for r in rows:  # they become file names in the ensemble folder
+            check_name(r["defect_type"] or "", f"{table}: defect_type")
+            check_name(r["stem"] or "", f"{table}: stem")
         return {(r["defect_type"], r["stem"]): (int(float(r["label"])) if r.get("label") not in (None, "") else None)
                 for r in rows}
     sample = version_dir / "sample"
@@ -149,6 +152,7 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
     gts = _load_stack(runs[0], keys, "_gt") > 0
     known = [runs[0].labels[k] for k in keys]
     labels = np.array([int(g.any()) if lab is None else lab for g, lab in zip(gts, known)], dtype=np.int64)
+    image_ok, pixel_ok = defined_aurocs(labels, gts, f"category {category}")
     row: dict[str, object] = {"category": category, "backbone_list": " ".join(backbones),
                               "version_num": version_num, "num_images": len(keys)}
     saved: Optional[np.ndarray] = None
@@ -170,8 +174,8 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
             pixel = maps if pixel is None else pixel + maps
         pixel /= len(runs)
         image /= len(runs)
-        row[f"{family}_P-AUROC"] = nan_on_error(metrics.pixel_auroc, gts, pixel, what=f"{category} {family} P-AUROC")
-        row[f"{family}_I-AUROC"] = nan_on_error(metrics.image_auroc, labels, image, what=f"{category} {family} I-AUROC")
+        row[f"{family}_P-AUROC"] = metrics.pixel_auroc(gts, pixel) if pixel_ok else float("nan")
+        row[f"{family}_I-AUROC"] = metrics.image_auroc(labels, image) if image_ok else float("nan")
         if family == save_type:
             saved = pixel
         del pixel
@@ -209,6 +213,10 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
     """Ensemble every category, append the rows to ``ensemble_score_result.csv``, print the table."""
     if not backbones:
         raise PNIError("--backbone_list is empty")
+    for backbone in backbones:
+        check_name(backbone, "--backbone_list")
+    for category in categories or ():
+        check_name(category, "--category")
     cats = list(categories) if categories else find_categories(project_root, backbones[0])
     for cat in cats:  # every category's runs and files exist before the first file is written
         match_runs([BackboneRun(b, v, list_samples(v)) for b in backbones

@@ -1,5 +1,5 @@
 """Patch features: ImageNet backbones cut after the last needed layer, plus PatchCore-style
-local aggregation (SPEC section 2).
+local aggregation (docs/METHOD.md, section 2).
 
 ``PatchFeatureExtractor(images)`` maps a batch ``(B, 3, H, W)`` to ``(B, R, C, E)``, where
 ``R x C`` is the grid of the first requested layer (stride 8 for ``layer2``) and ``E`` is
@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from pni.errors import PNIError
+from pni.io import file_sha256, load_weights_only
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,41 @@ def _fix_densenet_keys(state_dict: dict) -> dict:
     return out
 
 
+def weights_file(name: str, weights_path: str | os.PathLike | None = None) -> Path:
+    """The ImageNet weights file of backbone ``name``: ``weights_path``, else the torch hub
+    cache's ``<torchvision file name>``; a missing file is a PNIError saying where to put it."""
+    if name not in BACKBONES:
+        raise PNIError(f"--backbone: unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    if weights_path is None:
+        candidate = hub_checkpoint_dir() / weights_file_name(name)
+        if not candidate.is_file():
+            raise PNIError(
+                f"no ImageNet weights for {name}: put {weights_file_name(name)} in {hub_checkpoint_dir()} "
+                f"(or pass --backbone_weights PATH, or --random_init for a test run)"
+            )
+        return candidate
+    path = Path(weights_path)
+    if not path.is_file():
+        raise PNIError(f"--backbone_weights: file not found: {path}")
+    return path
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(name: str, weights_path: str | os.PathLike | None = None, random_init: bool = False) -> str:
+    """What decides the backbone's weights, for the settings records: ``random_init`` or
+    ``sha256:<first 16 hex digits>`` of the weights file (see :func:`weights_file`)."""
+    if random_init and weights_path is None:
+        return "random_init"
+    path = weights_file(name, weights_path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = "sha256:" + file_sha256(path)[:16]
+    return _digests[key]
+
+
 def load_backbone(name: str, weights_path: str | os.PathLike | None = None, random_init: bool = False) -> nn.Module:
     """Build a torchvision backbone with ImageNet weights, never downloading them.
 
@@ -97,23 +133,12 @@ def load_backbone(name: str, weights_path: str | os.PathLike | None = None, rand
             torch.manual_seed(RANDOM_INIT_SEED)
             return getattr(tvm, spec.builder)(weights=None).eval()
     model = getattr(tvm, spec.builder)(weights=None)
-    if weights_path is None:
-        candidate = hub_checkpoint_dir() / weights_file_name(name)
-        if not candidate.is_file():
-            raise PNIError(
-                f"no ImageNet weights for {name}: put {weights_file_name(name)} in {hub_checkpoint_dir()} "
-                f"(or pass --backbone_weights PATH, or --random_init for a test run)"
-            )
-        weights_path = candidate
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise PNIError(f"--backbone_weights: file not found: {weights_path}")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle with code, ...
-        raise PNIError(f"--backbone_weights: cannot read {weights_path}: {exc}") from None
+    weights_path = weights_file(name, weights_path)
+    state = load_weights_only(weights_path, "backbone weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PNIError(f"{weights_path} does not hold a state dict for {name} ({spec.builder})")
     if spec.builder.startswith("densenet"):
         state = _fix_densenet_keys(state)
     try:
@@ -170,7 +195,7 @@ class PatchFeatureExtractor(nn.Module):
             if (h, w) != (ref_h, ref_w):
                 # Pooling over the feature axis and bilinear resizing over the grid are both
                 # linear on different axes, so they commute: pooling first is the same as
-                # resizing every neighbourhood element (SPEC), at a fraction of the cost.
+                # resizing every neighbourhood element (docs/METHOD.md, section 2), at a fraction of the cost.
                 vec = F.interpolate(vec.permute(0, 3, 1, 2), size=(ref_h, ref_w), mode="bilinear",
                                     align_corners=False).permute(0, 2, 3, 1)
             pooled.append(vec.reshape(b * ref_h * ref_w, -1))

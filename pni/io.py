@@ -1,21 +1,78 @@
-"""Atomic file writing and settings records shared by every stage.
+"""Atomic file writing, locked CSV appends, output-folder and file-name checks.
 
 Every artefact is written to a temporary name in the destination folder and then
 renamed, so an interrupted run never leaves a half-written file under the final name.
+Temporary names carry ``<host>~<pid>`` of the writing process; the first write of a later
+process into the same folder removes those left by killed processes of this host.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from filelock import FileLock
 
 from pni.errors import PNIError
+
+_OWNER = re.compile(r"-([^-~]+)~(\d+)-")
+_STALE_TEMP = re.compile(r"^\..*\.tmp-([^-~]+)~(\d+)-")
+_swept_folders: set[str] = set()  # folders this process has cleared of stale temporary files
+
+
+def owner_tag() -> str:
+    """``<host>~<pid>``: put in the names of temporary files and folders so that a later run
+    can tell those of killed runs (same host, process gone) from those of running ones."""
+    return f"{socket.gethostname().replace('-', '_').replace('~', '_')}~{os.getpid()}"
+
+
+def left_by_killed_run(name: str, pattern: re.Pattern = _OWNER) -> bool:
+    """True when ``name`` holds the :func:`owner_tag` of a process of this host that no longer
+    exists (never for other hosts, live processes or names without a tag)."""
+    owner = pattern.search(name)
+    if owner is None or owner.group(1) != owner_tag().split("~")[0]:
+        return False
+    try:
+        os.kill(int(owner.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Remove the temporary files of :func:`atomic_path` that killed processes left in ``folder``."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".") and left_by_killed_run(entry.name, _STALE_TEMP) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+_NAME_RULE = "a single file or folder name (not empty, '.' or '..', no '/' or '\\')"
+
+
+def is_single_name(name: str) -> bool:
+    """True when ``name`` is one path component: joined to a folder, it stays inside it."""
+    return (bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+            and not os.path.isabs(name))
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if :func:`is_single_name`, else a PNIError naming ``what`` (a flag, or the file
+    the name was read from). Every name that becomes part of an output path goes through this."""
+    if not is_single_name(name):
+        raise PNIError(f"{what} {name!r} must be {_NAME_RULE}")
+    return name
 
 
 def _umask() -> int:
@@ -33,9 +90,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     make_dir(path.parent)
+    if str(path.parent) not in _swept_folders:
+        _swept_folders.add(str(path.parent))
+        remove_stale_temp_files(path.parent)
     sfx = suffix if suffix is not None else "".join(path.suffixes)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{sfx}", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{owner_tag()}-", suffix=sfx, dir=path.parent)
     except OSError as exc:
         raise PNIError(f"cannot write to folder {path.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
@@ -62,6 +122,74 @@ def make_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
         reason = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
         raise PNIError(f"cannot create output folder {path}{where}: {reason}") from exc
     return path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str | None = None) -> None:
+    """Before any work: refuse (PNIError) an output folder that could not be created or written
+    to; creates nothing."""
+    path = Path(path)
+    where = f" (from {flag})" if flag else ""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PNIError(f"cannot create output folder {path}{where}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "write to" if existing == path else "create"
+        raise PNIError(f"cannot {verb} output folder {path}{where}: no write permission in {existing}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (through the lock file ``.<name>.lock`` beside it)
+    while the block runs: processes that append to the same file take turns."""
+    path = Path(path)
+    make_dir(path.parent)
+    try:
+        lock = FileLock(str(path.parent / f".{path.name}.lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise PNIError(f"cannot lock {path} for writing: {exc.strerror or exc}") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_weights_only(path: str | os.PathLike, what: str, safe_globals: Sequence[Any] = (),
+                      map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (tensors and plain containers, plus
+    ``safe_globals``): a file that would run code when loaded, or that is not a torch file,
+    is a one-line PNIError ``cannot read <what> <path>: <reason>``."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is a user-file error
+        text = _ANSI.sub("", str(exc))
+        unsafe = _UNSAFE_GLOBAL.search(text)
+        if unsafe is not None:
+            reason = (f"it holds a Python object ({unsafe.group(1)}) that loading would have to run; "
+                      "refused (only tensors and plain containers are read)")
+        elif "Weights only load failed" in text:
+            reason = "it holds Python objects beyond tensors and plain containers; refused"
+        else:
+            reason = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PNIError(f"cannot read {what} {path}: {reason}") from None
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -100,25 +228,29 @@ def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterab
     """Append ``rows`` to a CSV file, writing ``header`` first if the file is new.
 
     The whole file is rewritten through a temporary name, so a crash never leaves a
-    truncated CSV. An existing file with a different header is an error (PNIError).
+    truncated CSV, under a lock (:func:`locked`), so that processes appending to the same
+    file at the same time keep every row. An existing file with a different header is an
+    error (PNIError).
     """
     path = Path(path)
-    existing: list[list[str]] = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            existing = list(csv.reader(fh))
-        if existing and existing[0] != list(header):
-            raise PNIError(
-                f"{path}: existing header {existing[0]} differs from {list(header)}; "
-                "move the old file away or use another --project_root_path"
-            )
-    if not existing:
-        existing = [list(header)]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerows(existing)
-            w.writerows([list(r) for r in rows])
+    rows = [list(r) for r in rows]
+    with locked(path):
+        existing: list[list[str]] = []
+        if path.exists():
+            with open(path, newline="") as fh:
+                existing = list(csv.reader(fh))
+            if existing and existing[0] != list(header):
+                raise PNIError(
+                    f"{path}: existing header {existing[0]} differs from {list(header)}; "
+                    "move the old file away or use another --project_root_path"
+                )
+        if not existing:
+            existing = [list(header)]
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerows(existing)
+                w.writerows(rows)
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -3,7 +3,9 @@ with Lightning's progress bars, devices and (for the MLP and test scoring) strat
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -16,6 +18,21 @@ from pni.coreset import greedy_coreset
 from pni.distributions import NeighbourhoodMLP, gather_windows, grid_windows
 from pni.features import PatchFeatureExtractor
 from pni.memory import release_pages, rows_for, trim_heap
+
+
+def interruptible(trainer_call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``trainer.fit`` / ``.predict`` / ``.test`` (``trainer_call``) so that Ctrl-C stays a
+    ``KeyboardInterrupt``: Lightning catches it, cleans up and calls ``sys.exit(1)``, which
+    would hide the interruption from the caller (and exit 1 without a message)."""
+    trainer = trainer_call.__self__
+    try:
+        return trainer_call(*args, **kwargs)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        with contextlib.suppress(ValueError):  # (not in the main thread)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored further Ctrl-C
+        raise KeyboardInterrupt from None
 
 
 class IndexedDataset(Dataset):

@@ -4,7 +4,7 @@ Every curve is computed by one sort of the scores (or one histogram, for small i
 maps such as the 16-bit ravel PNGs) followed by cumulative sums; nothing loops over
 thresholds. No Lightning, no torch.
 
-AUPRO definitions (SPEC section 6):
+AUPRO definitions (docs/METHOD.md, section 6):
 
 * :func:`aupro_mvtec` -- the MVTec AD evaluation code's definition. Ground-truth regions are
   the 8-connected components of each mask. A pixel is predicted defective at threshold

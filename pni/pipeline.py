@@ -49,7 +49,7 @@ from pni.artefacts import (
     test_hook,
 )
 from pni.config import embedding_dir
-from pni.data.datasets import build_datasets
+from pni.data.datasets import build_datasets, training_set_digest
 from pni.data.transforms import denormalize
 from pni.distributions import (
     load_mlp_checkpoint,
@@ -61,8 +61,8 @@ from pni.distributions import (
     save_mlp_checkpoint,
 )
 from pni.errors import PNIError
-from pni.features import build_feature_extractor
-from pni.io import load_json, load_npy, make_dir, save_json, save_npy
+from pni.features import build_feature_extractor, weights_digest
+from pni.io import check_output_dir, load_json, load_npy, make_dir, save_json, save_npy
 from pni.lightning import (
     AnomalyTestModule,
     CoresetModule,
@@ -70,6 +70,7 @@ from pni.lightning import (
     IndexedDataset,
     NeighbourhoodModule,
     WindowCollate,
+    interruptible,
     split_train_val,
     window_loader,
 )
@@ -113,6 +114,29 @@ def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def check_trainer_flags(args: argparse.Namespace) -> None:
+    """Before any work: ``--accelerator``, ``--devices`` and ``--strategy`` name something this
+    machine has, and Lightning accepts the trainers the stages will build from them."""
+    distributed.check_devices(args.accelerator, args.devices)
+    try:
+        with _quiet_lightning():
+            _trainer(args, devices=1, strategy="auto")
+            _trainer(args, precision=_precision(args),
+                     **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+    except Exception as exc:  # noqa: BLE001 - Lightning's configuration errors
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise PNIError(f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}: "
+                       f"{text}") from None
+
+
+class _TestHookCallback(pl.Callback):
+    """Calls :func:`test_hook` ``feature_batch`` after each batch of training features (the
+    tests' interruption point inside Lightning's predict loop)."""
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        test_hook("feature_batch")
+
+
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -150,7 +174,8 @@ def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBan
     loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args, per_image, budget), shuffle=False,
                         num_workers=args.num_workers)
     with _quiet_lightning():
-        _trainer(args, devices=1, strategy="auto").predict(module, loader, return_predictions=False)
+        trainer = _trainer(args, devices=1, strategy="auto", callbacks=[_TestHookCallback()])
+        interruptible(trainer.predict, module, loader, return_predictions=False)
     return bank, module
 
 
@@ -231,6 +256,7 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
     if max(k_emb, args.dist_coreset_size) >= n_without or k_emb_edge >= n_with:
         raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
                        "but the greedy start point is not selected; use a smaller fraction")
+    check_anomaly_nn(args, k_emb_edge)
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
     bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
                                 probed=probed, pad=pad, n_select=n_select, seed=args.seed)
@@ -256,6 +282,13 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
     log.info("coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches",
              k_emb, k_emb_edge, args.dist_coreset_size, n_without, n_with)
     return bank
+
+
+def check_anomaly_nn(args, with_edge_size: int) -> None:
+    """``--anomaly_nn`` neighbours must exist in the with-edge coreset (checked before training)."""
+    if args.anomaly_nn > with_edge_size:
+        raise PNIError(f"--anomaly_nn {args.anomaly_nn} exceeds the {with_edge_size} entries of the with-edge "
+                       "coreset; lower it (or raise --subsampling_percentage)")
 
 
 def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
@@ -297,14 +330,18 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     ckpt = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
     settings = {**settings_of(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
     child = distributed.is_child()  # DDP ranks > 0 train but write nothing
+    with _quiet_lightning():  # built first: a flag Lightning refuses must not cost the saved model
+        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
+                           **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
     if not child:
         begin_stage(out_dir / "nb_settings.json")
-        ckpt.unlink(missing_ok=True)
     # The same seed gives the same model whichever other stages ran before in this process.
     pl.seed_everything(args.seed, workers=True, verbose=False)
+    saved = []
 
     def on_best(model, train_loss, val_loss):
-        save_mlp_checkpoint(ckpt, model, settings, train_loss, val_loss)
+        save_mlp_checkpoint(ckpt, model, settings, train_loss, val_loss)  # replaces the old model atomically
+        saved.append(val_loss)
         test_hook("nb_checkpoint")
 
     module = NeighbourhoodModule(n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate,
@@ -314,12 +351,11 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
     val_loader = window_loader(val_ids, collate, args.dist_batchsize, False, args.seed, args.num_workers)
     with _quiet_lightning():
-        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
-                           **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
-        trainer.fit(module, train_loader, val_loader)
+        interruptible(trainer.fit, module, train_loader, val_loader)
     if child:
         return
-    if not ckpt.is_file():
+    if not saved:
+        ckpt.unlink(missing_ok=True)
         raise PNIError(f"the neighbourhood MLP never reached a finite validation loss; no {ckpt} written")
     save_json(out_dir / "nb_settings.json", settings)
 
@@ -430,6 +466,10 @@ class ResultCollector:
 
     def __call__(self, meta: dict, result) -> None:
         maps = {m: result.maps[m].detach().float().cpu().numpy() for m in MAP_NAMES}
+        broken = [m for m in MAP_NAMES if not np.isfinite(maps[m]).all()]
+        if broken:
+            raise PNIError(f"the {broken[0]} map of {meta.get('path', meta['stem'])} has NaN or infinite values; "
+                           "check --prob_gamma, --softmax_temperature_alpha and the backbone weights")
         image = denormalize(meta["image"].cpu())
         gt = (meta["mask"].cpu().numpy()[0] > 0.5).astype(np.uint8)
         defect_type, stem, label = str(meta["defect_type"]), str(meta["stem"]), int(meta["label"])
@@ -511,8 +551,9 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
         with _quiet_lightning():
-            _trainer(args, logger=False, precision=_precision(args),
-                     **distributed.devices_and_strategy(args, ddp)).test(module, loader, verbose=False)
+            trainer = _trainer(args, logger=False, precision=_precision(args),
+                               **distributed.devices_and_strategy(args, ddp))
+            interruptible(trainer.test, module, loader, verbose=False)
         rows = collector.rows
         if ddp:  # every rank's rows, once each (the distributed sampler repeats a few images)
             merged: dict[int, tuple] = {}
@@ -579,20 +620,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     child = distributed.is_child()
     if child:  # one copy of the progress lines and tables, from rank 0
         sys.stdout = open(os.devnull, "w")
+    else:
+        check_trainer_flags(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     out_dir = embedding_dir(args)
     train_ds, test_ds = build_datasets(args.dataset_category, args.dataset_path, args.category,
                                        resize=args.resize, imagesize=args.imagesize)
     training = args.train_coreset or args.train_nb_dist or args.train_coor_dist
-    check_saved_stages(args, out_dir)
-    if training and not child:
-        make_dir(out_dir, "--embedding_root_path")
     if args.max_train_images:
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.max_train_images, len(train_ds))))
+    # What decides the features besides the flags, recorded with every stage's settings.
+    args.backbone_weights_digest = weights_digest(args.backbone, args.backbone_weights, args.random_init)
+    args.training_set_digest = training_set_digest(
+        [train_ds.dataset.samples[i] for i in train_ds.indices] if isinstance(train_ds, torch.utils.data.Subset)
+        else train_ds.samples, args.dataset_path)
+    check_saved_stages(args, out_dir)
+    if not child:  # the test stage's outputs, checked before hours of training
+        check_output_dir(args.project_root_path, "--project_root_path")
+        check_score_result(Path(args.project_root_path) / "score_result.csv")
     extractor = build_feature_extractor(args.backbone, args.layer_index, args.pretrain_embed_dimension,
                                         args.target_embed_dimension, args.patchsize, args.backbone_weights,
                                         args.random_init)
     if training and not child:
+        make_dir(out_dir, "--embedding_root_path")
         save_json(out_dir / "feature_settings.json", settings_of(args, FEATURE_KEYS))
     if training and not child:
         remove_stale(out_dir, ".scratch-*")
@@ -605,6 +655,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{args.category}] stage 1/4: coresets", flush=True)
             bank = build_coresets(args, extractor, train_ds, out_dir, scratch)
         coresets = load_coresets(args, out_dir)
+        check_anomaly_nn(args, len(coresets["with_edge"]))
         if (args.train_nb_dist or args.train_coor_dist) and bank is None and not child:
             print(f"[{args.category}] extracting training features", flush=True)
             bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args))

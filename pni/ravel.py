@@ -1,4 +1,4 @@
-"""The flat "ravel" folder (SPEC section 6, ``convert_result_format.py``).
+"""The flat "ravel" folder (docs/METHOD.md, section 6; ``convert_result_format.py``).
 
 Input: an ensemble folder ``<before>/<cat>/{test,ground_truth,anomaly_map}/<type>/...`` as
 written by :mod:`pni.ensemble`. Output: ``{i:05d}_pred.png`` (uint16 = map * 65535,
@@ -22,7 +22,7 @@ import numpy as np
 
 from pni.cli import warn
 from pni.errors import PNIError
-from pni.io import atomic_path, load_npy, write_csv
+from pni.io import atomic_path, check_name, load_npy, write_csv
 from pni.viz import save_png
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -206,6 +206,10 @@ def read_index(root: str | os.PathLike) -> Optional[list[Entry]]:
         if reader.fieldnames is None or list(reader.fieldnames) != list(INDEX_COLUMNS):
             raise PNIError(f"{path}: expected header {','.join(INDEX_COLUMNS)}")
         try:
-            return [Entry(int(r["index"]), r["category"], r["defect_type"], r["stem"]) for r in reader]
+            entries = [Entry(int(r["index"]), r["category"], r["defect_type"], r["stem"]) for r in reader]
         except (TypeError, ValueError) as exc:
             raise PNIError(f"{path}: malformed row ({exc})") from exc
+    for e in entries:  # names, never paths (the category names the folder viz/<category>)
+        for column in ("category", "defect_type", "stem"):
+            check_name(getattr(e, column) or "", f"{path}: {column}")
+    return entries

@@ -1,15 +1,16 @@
 """Score tables of finished test runs: per category, and per defect type (which map
-catches which defect). ``python -m pni.report --project_root_path ./result``.
+catches which defect)::
+
+    python -m pni.report --project_root_path ./result --categories bottle cable --backbone WR101
 """
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from typing import Sequence
 
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.errors import PNIError
 from pni.io import load_json
 from pni.results import MAP_NAMES, auroc_scores, format_score_table, read_sample, version_dirs
@@ -80,4 +81,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,4 +1,4 @@
-"""Per-image result files and the score table of a test run (SPEC section 5).
+"""Per-image result files and the score table of a test run (docs/METHOD.md, sections 5 and 6).
 
 Layout (see docs/DESIGN.md): ``<project_root>/<category>/<backbone>/anomaly/lightning_logs/
 version_<k>/sample/{type}_{stem}[...].npy`` plus ``image_scores.csv`` beside ``sample/``.
@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from pni.cli import warn
 from pni.errors import PNIError
 from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
@@ -109,15 +110,35 @@ def check_score_result(path: str | os.PathLike) -> None:
                        "--project_root_path")
 
 
+def defined_aurocs(labels: np.ndarray, masks: np.ndarray, what: str = "the test set") -> tuple[bool, bool]:
+    """Whether image AUROC (labels ``(N,)``: normal and defective images) and pixel AUROC (masks
+    ``(N, H, W)``: normal and defective pixels) are defined; one warning line naming ``what``
+    when either is not (it is then written as NaN)."""
+    n_defective, n_pixels = int((np.asarray(labels) > 0).sum()), int(np.count_nonzero(masks))
+    image_ok = 0 < n_defective < np.size(labels)
+    pixel_ok = 0 < n_pixels < np.size(masks)
+    if not (image_ok and pixel_ok):
+        undefined = " and ".join(k for k, ok in (("I-AUROC", image_ok), ("P-AUROC", pixel_ok)) if not ok)
+        warn(f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images, {n_pixels} "
+             f"defective pixels: {undefined} undefined, written as nan")
+    return image_ok, pixel_ok
+
+
 def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]], masks: Sequence[np.ndarray],
-                 maps: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float]:
+                 maps: Mapping[str, Sequence[np.ndarray]], what: str = "the test set") -> dict[str, float]:
     """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
-    image scores ``(N,)`` per family, masks and maps ``N x (H, W)``."""
+    image scores ``(N,)`` per family, masks and maps ``N x (H, W)``.
+
+    An AUROC that the images cannot define (no normal or no defective image, no normal or no
+    defective pixel) is NaN, announced by one warning line naming ``what``."""
+    labels = np.asarray(labels)
     gt = np.stack(masks)
+    image_ok, pixel_ok = defined_aurocs(labels, gt, what)
     out = {}
     for m in MAP_NAMES:
-        out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m]))
-        out[f"{m}_I-AUROC"] = image_auroc(np.asarray(labels), np.asarray(image_scores[m], dtype=np.float64))
+        out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")
+        out[f"{m}_I-AUROC"] = (image_auroc(labels, np.asarray(image_scores[m], dtype=np.float64)) if image_ok
+                               else float("nan"))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Per-image anomaly scoring (SPEC section 5): pure torch, device-agnostic, no Lightning/faiss.
+"""Per-image anomaly scoring (docs/METHOD.md, section 5): pure torch, device-agnostic, no Lightning/faiss.
 
 Notation: a feature grid has ``R x C`` positions, ``P = R*C``, ``E`` = feature dimension,
 ``pp = (patchsize-1)//2``; "interior" positions are rows/cols ``pp..R-pp-1`` (``P_int`` of
@@ -331,11 +331,14 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 
     Border handling is scipy.ndimage's ``mode='reflect'`` (half-sample symmetric: the edge
     value is repeated), which the original's ``gaussian_filter`` uses; torch's own 'reflect'
-    padding is scipy's 'mirror', so the padding is done by index here.
+    padding is scipy's 'mirror', so the padding is done by index here. ``sigma`` may not
+    exceed the map's larger side (PNIError), which bounds the padded copy to 9 times the map.
     """
     if sigma <= 0:
         return maps
     h, w = maps.shape[-2:]
+    if sigma > max(h, w):  # the padding grows with sigma: bound it (a wider blur only flattens the map)
+        raise PNIError(f"--blursigma {sigma:g} is wider than the {h}x{w} map; use at most {max(h, w)}")
     kernel = gaussian_kernel1d(sigma, maps.dtype, maps.device)
     r = (kernel.numel() - 1) // 2
     x = maps.reshape(-1, 1, h, w)

@@ -9,9 +9,10 @@
 #                          normal training images of bottle (a fair evaluation: the test
 #                          set is never seen), written to REFINEMENT_CHECKPOINT
 #   DATASET_PATH           dataset root (default ../dataset/MVTecAD)
+#   PYTHON                 interpreter (default .venv/bin/python when it exists, else python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 DATASET_PATH=${DATASET_PATH:-../dataset/MVTecAD}
 RESULT_ROOT=${RESULT_ROOT:-./result}
 REFINEMENT_CHECKPOINT=${REFINEMENT_CHECKPOINT:-./refinement_model/bottle.pt}

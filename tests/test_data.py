@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pni.data import (
+    AnomalyDataset,
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_datasets,
@@ -120,9 +121,12 @@ def test_missing_folders_and_unknown_category(tmp_path: Path) -> None:
 def test_mask_of_other_size_is_error_naming_both(tmp_path: Path) -> None:
     root = _mvtec(tmp_path)
     _write(root / "widget" / "ground_truth" / "bent" / "005_mask.png", np.zeros((8, 8), np.uint8))
-    _, test = build_datasets("MVTec", root, "widget", resize=16, imagesize=16)
     with pytest.raises(PNIError, match=r"005_mask\.png.*8x8.*005\.png.*16x16"):
-        test[0]
+        build_datasets("MVTec", root, "widget", resize=16, imagesize=16)  # from the headers, before any decoding
+    # decoding a sample checks it too (for datasets built from other listings)
+    train, test = list_samples("MVTec", root, "widget")
+    with pytest.raises(PNIError, match=r"005_mask\.png.*8x8.*005\.png.*16x16"):
+        AnomalyDataset(test, 16, 16)[0]
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -7,15 +7,18 @@ stem, never by sort order.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from pni.data.transforms import image_transform, load_image, load_mask, mask_transform
+from pni.data.transforms import _first_line, image_transform, load_image, load_mask, mask_transform
 from pni.errors import PNIError
+from pni.io import check_name
 
 DATASET_CATEGORIES: tuple[str, ...] = ("MVTec", "BTAD", "VisA")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -47,7 +50,7 @@ class AnomalyDataset(Dataset):
         samples: list[Sample],
         resize: int = 512,
         imagesize: int = 480,
-        binarize_masks: bool = False,
+        binarize_masks: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.resize = resize
@@ -68,10 +71,7 @@ class AnomalyDataset(Dataset):
         else:
             pil_mask = load_mask(s.mask_path, binarize=self.binarize_masks)
             if pil_mask.size != pil.size:
-                raise PNIError(
-                    f"mask {s.mask_path} is {pil_mask.size[0]}x{pil_mask.size[1]} but image "
-                    f"{s.image_path} is {pil.size[0]}x{pil.size[1]}"
-                )
+                raise PNIError(_size_mismatch(s, pil_mask.size, pil.size))
             mask = self._mask_tf(pil_mask)
         return {
             "image": image,
@@ -84,6 +84,46 @@ class AnomalyDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _size_mismatch(s: Sample, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
+    return (f"mask {s.mask_path} is {mask_size[0]}x{mask_size[1]} but image {s.image_path} is "
+            f"{image_size[0]}x{image_size[1]}")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """Width and height from an image file's header (nothing decoded)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError as exc:
+        raise PNIError(f"image file not found: {path}") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PNIError(f"cannot read image {path}: {_first_line(exc)}") from exc
+
+
+def check_mask_sizes(samples: list[Sample]) -> None:
+    """Every mask has its image's size, read from the file headers (cheap: nothing is
+    decoded), so that a wrong mask stops a run before training rather than at scoring."""
+    for s in samples:
+        if s.mask_path is not None:
+            mask_size, image_size = _header_size(s.mask_path), _header_size(s.image_path)
+            if mask_size != image_size:
+                raise PNIError(_size_mismatch(s, mask_size, image_size))
+
+
+def training_set_digest(samples: list[Sample], root: str | os.PathLike) -> str:
+    """A digest of the training images for the settings records: their paths relative to the
+    dataset root and their sizes in bytes (stat only; an image edited in place to the very
+    same size goes unnoticed)."""
+    h = hashlib.sha256()
+    for s in samples:
+        try:
+            size = os.stat(s.image_path).st_size
+        except OSError as exc:
+            raise PNIError(f"cannot read training image {s.image_path}: {exc.strerror or exc}") from None
+        h.update(f"{os.path.relpath(s.image_path, root)}\t{size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def canonical_dataset_category(name: str) -> str:
@@ -157,6 +197,7 @@ def _mask_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _check_category(dataset_category: str, root: Path, category: str) -> Path:
+    check_name(category, "--category")
     if not root.is_dir():
         raise PNIError(f"dataset folder not found: {root} (set --dataset_path)")
     cat_root = root / category
@@ -208,6 +249,8 @@ def _list_mvtec_style(
         orphans = sorted(set(masks) - set(images))
         if orphans:
             raise PNIError(f"mask {masks[orphans[0]]} has no test image in {test_dir / folder}")
+    if not test:
+        raise PNIError(f"no test images in the folders of {test_dir}")
     if gt_root.is_dir():
         for folder in _subdirs(gt_root):
             if folder in types or folder in (normal_folder, NORMAL):
@@ -270,6 +313,8 @@ def _list_visa_released(root: Path, category: str) -> tuple[list[Sample], list[S
                 raise PNIError(f"mask {mask} has no image in {anomaly_dir}")
     if not train:
         raise PNIError(f"no training images for '{category}' in {split_file}")
+    if not test:
+        raise PNIError(f"no test images for '{category}' in {split_file}")
     return sorted(train, key=lambda s: s.stem), _sorted_samples(test)
 
 
@@ -321,12 +366,10 @@ def build_datasets(
 ) -> tuple[AnomalyDataset, AnomalyDataset]:
     """(train_dataset, test_dataset) for one category of MVTec, BTAD or VisA.
 
-    See :class:`AnomalyDataset` for the items. VisA masks are binarised (> 0) first.
+    See :class:`AnomalyDataset` for the items; a mask pixel > 0 is a defect. Mask sizes are
+    checked against their images here (file headers only).
     """
     kind = canonical_dataset_category(dataset_category)
     train, test = list_samples(kind, dataset_path, category)
-    binarize = kind == "VisA"
-    return (
-        AnomalyDataset(train, resize, imagesize, binarize_masks=binarize),
-        AnomalyDataset(test, resize, imagesize, binarize_masks=binarize),
-    )
+    check_mask_sizes(test)
+    return AnomalyDataset(train, resize, imagesize), AnomalyDataset(test, resize, imagesize)

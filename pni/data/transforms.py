@@ -1,8 +1,8 @@
-"""Image and mask loading and the test-time transforms (SPEC section 1).
+"""Image and mask loading and the test-time transforms (docs/METHOD.md, section 1).
 
 Images: resize the shorter side to ``resize`` (bilinear), centre-crop ``imagesize``,
-ImageNet normalisation. Masks: the same geometry, then a pixel is defective only where
-the resized mask is exactly 1 (see :func:`mask_transform`).
+ImageNet normalisation. Masks: any value > 0 is a defect; the same geometry, then a pixel
+is defective only where the resized mask is exactly 1 (see :func:`mask_transform`).
 """
 from __future__ import annotations
 
@@ -66,12 +66,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise PNIError(f"cannot convert image {path} (mode {img.mode}) to RGB: {_first_line(exc)}") from exc
 
 
-def load_mask(path: str | os.PathLike, binarize: bool = False) -> Image.Image:
+def load_mask(path: str | os.PathLike, binarize: bool = True) -> Image.Image:
     """Load a mask as an 8-bit single-channel ("L") image.
 
-    ``binarize=True`` (VisA) maps every raw pixel value > 0 to 255 before any resizing;
-    otherwise values are kept (MVTec/BTAD masks are 0/255) and 16-bit masks are scaled
-    to 8 bits.
+    ``binarize=True`` (the default, for every dataset) maps every raw pixel value > 0 to 255
+    before any resizing, so that 0/1, 0/128 and 0/255 masks (and 16-bit or palette ones) mean
+    the same; ``binarize=False`` keeps the grey values (16-bit masks scaled to 8 bits).
     """
     img = _open_decoded(path)
     if binarize:

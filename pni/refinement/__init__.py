@@ -1,4 +1,4 @@
-"""Pixel-wise refinement model (SPEC section 7): model, ravel/synthetic data, training, inference.
+"""Pixel-wise refinement model (docs/METHOD.md, section 7): model, ravel/synthetic data, training, inference.
 
 Importing this package does not import Lightning (see ``pni.refinement.lightning``).
 """

@@ -13,7 +13,7 @@ from .geometry import GEOMETRIES, INPUT_SIZE, check_geometry
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, SPEC section 7). "
+        description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, docs/METHOD.md section 7). "
                     "Without --train: load --checkpoint_path and refine --input_data_path into "
                     "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "
                     "normal images), write --checkpoint_path, then refine if --output_data_path is given.")
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
         raise PNIError("--batch_size and --num_epochs must be at least 1")
     check_geometry(args.geometry, args.image_size)
     devices = parse_devices(args.devices)
+    select_device(args.accelerator, devices)  # an unknown or absent accelerator stops here, before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
     progress = not args.no_progress
     if args.train:

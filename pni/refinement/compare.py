@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from pni.cli import ArgumentParser, run_cli
+from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.errors import PNIError
 from pni.results import render_table
 
@@ -48,4 +47,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,4 +1,4 @@
-"""Data for the refinement model: ravel folders (SPEC section 6) and synthetic defects.
+"""Data for the refinement model: ravel folders (docs/METHOD.md, section 6) and synthetic defects.
 
 Ravel folder: ``{i:05d}_pred.png`` (uint16 = map*65535), ``{i:05d}_gt.png`` (uint16 0/65535),
 ``image{i:05d}.png`` (uint8 RGB) and ``index.csv`` (index, category, defect_type, stem).

@@ -7,6 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pni.lightning import interruptible
+
 from .model import RefinementNet
 from .train import Devices, refinement_loss, save_state_dict
 
@@ -56,5 +58,5 @@ def fit_refinement(model: RefinementNet, dataset: Dataset, checkpoint_path: str 
         callbacks=[SaveStateDict(checkpoint_path)], num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(loader))),
     )
-    trainer.fit(module, loader)
+    interruptible(trainer.fit, module, loader)
     return module.model

@@ -1,4 +1,4 @@
-"""Pixel-wise refinement network (SPEC section 7) and its checkpoint loading.
+"""Pixel-wise refinement network (docs/METHOD.md, section 7) and its checkpoint loading.
 
 The network improves a finished anomaly map from ``(image, map)``:
 
@@ -11,7 +11,7 @@ The network improves a finished anomaly map from ``(image, map)``:
   channels ``convA``, ReLU, 3x3 conv ``convB``, ReLU), then a 1x1 conv to one channel.
 - output = input map + network output (residual).
 
-State-dict key layout (our reading of the SPEC, identical to the original checkpoint's)::
+State-dict key layout (identical to the original checkpoint's)::
 
     encoder1.original_model.features.<torchvision densenet161 feature keys>
         e.g. encoder1.original_model.features.conv0.weight,
@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models import densenet161
 
 from pni.errors import PNIError
+from pni.io import load_weights_only
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,11 +226,7 @@ def load_refinement_checkpoint(path: str | os.PathLike, model: RefinementNet | N
     path = Path(path)
     if not path.is_file():
         raise PNIError(f"refinement checkpoint not found: {path} (pass --checkpoint_path)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user-file error
-        raise PNIError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    obj = load_weights_only(path, "refinement checkpoint", map_location=map_location)
     model = model if model is not None else RefinementNet()
     load_refinement_state_dict(model, obj, source=str(path))
     return model
@@ -255,10 +252,7 @@ def load_imagenet_backbone(model: RefinementNet, weights_path: str | os.PathLike
     path = Path(weights_path)
     if not path.is_file():
         raise PNIError(f"--backbone_weights: file not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise PNIError(f"{path}: cannot be read as a weights-only torch checkpoint") from exc
+    raw = load_weights_only(path, "DenseNet-161 weights")
     raw = _unwrap_state_dict(raw, str(path))
     feats = {}
     for k, v in raw.items():

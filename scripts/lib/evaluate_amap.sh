@@ -13,7 +13,8 @@
 # The scripts run from anywhere: they work in the repository root, and every relative path
 # (the defaults included) is relative to the repository root. Environment:
 #   DATASET_PATH    dataset root (default: the calling script's, e.g. ../dataset/MVTecAD)
-#   PYTHON          Python interpreter (default python)
+#   PYTHON          Python interpreter (default: the repository's .venv/bin/python, made by
+#                   `make venv`, when it exists; else python)
 #   RESULT_ROOT     result folder (default ./result): score_result.csv,
 #                   ensemble_score_result.csv, ensemble_result/, ensemble_ravel/ (with
 #                   score_result.csv and viz/<category>/)
@@ -30,7 +31,7 @@
 # ensemble_result/ keeps the categories of earlier runs, and convert/analysis cover all of
 # them: give each dataset its own RESULT_ROOT to keep them apart.
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 DATASET_PATH=${DATASET_PATH:-$DEFAULT_DATASET_PATH}
 RESULT_ROOT=${RESULT_ROOT:-./result}
 EMBEDDING_ROOT=${EMBEDDING_ROOT:-.}
