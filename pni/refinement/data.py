@@ -8,7 +8,7 @@ Model inputs are resized to ``image_size`` (320) according to the geometry:
 
 - ``aligned`` (default): image bilinear (antialiased), maps and masks nearest
   (``nearest-exact``, pixel centres); the map and the mask share the image's geometry.
-- ``original``: as the original code (SPEC section 7, ``pni.refinement.geometry``), at 320 px
+- ``original``: as the original code (docs/METHOD.md section 7, ``pni.refinement.geometry``), at 320 px
   only: image with PIL's BILINEAR, map and mask nearest (pixel centres, as PIL's NEAREST on
   16-bit PNGs); the model input map is then zoomed (centre ``[11:-11]`` back to 320 px), so it
   no longer lines up with image and mask, which are not zoomed.

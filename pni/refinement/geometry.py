@@ -1,4 +1,4 @@
-"""The original refinement code's geometry (``--geometry original``, SPEC section 7).
+"""The original refinement code's geometry (``--geometry original``, docs/METHOD.md section 7).
 
 For one ravel sample the original code, at its fixed 320 px input size:
 
