@@ -17,17 +17,7 @@ from pni.distributions import (
     window_offsets,
 )
 from pni.errors import PNIError
-
-
-def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np.ndarray:
-    """Reference from SPEC section 4: slice the ``(2dp+1)^2`` window out of the grid padded
-    with ``dp`` zeros, flatten it row-major and drop one slot: the centre
-    ``((2dp+1)^2 - 1) / 2`` (paper) or ``((2dp+1)^2 + 1) // 2`` (original)."""
-    padded = np.pad(grid, ((dp, dp), (dp, dp), (0, 0)))
-    window = padded[r:r + 2 * dp + 1, c:c + 2 * dp + 1].reshape((2 * dp + 1) ** 2, -1)
-    n = (2 * dp + 1) ** 2
-    drop = (n - 1) // 2 if variant == "paper" else (n + 1) // 2
-    return np.delete(window, drop, axis=0).reshape(-1)
+from reference import sliced_window
 
 
 @pytest.mark.parametrize("variant", ["original", "paper"])
