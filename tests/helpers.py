@@ -23,3 +23,26 @@ def load_cli(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def aurocs_from_saved(version_dir: Path) -> dict[str, float]:
+    """``{map}_P-AUROC`` and ``{map}_I-AUROC`` recomputed with scikit-learn from a test run's
+    saved files alone: ``sample/{type}_{stem}_gt.npy`` and ``_amap_{map}.npy`` (all pixels of
+    all images) and ``image_scores.csv`` (labels and image scores)."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    with open(version_dir / "image_scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    sample = version_dir / "sample"
+    gt = np.stack([np.load(sample / f"{r['defect_type']}_{r['stem']}_gt.npy") for r in rows])
+    labels = [int(r["label"]) for r in rows]
+    assert labels == [int(r["defect_type"] != "good") for r in rows]
+    out = {}
+    for m in MAPS:
+        maps = np.stack([np.load(sample / f"{r['defect_type']}_{r['stem']}_amap_{m}.npy") for r in rows])
+        out[f"{m}_P-AUROC"] = roc_auc_score(gt.reshape(-1), maps.reshape(-1))
+        out[f"{m}_I-AUROC"] = roc_auc_score(labels, [float(r[m]) for r in rows])
+    return out

@@ -203,6 +203,28 @@ def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np
     return np.delete(window, drop, axis=0).reshape(-1)
 
 
+def neighbourhood_samples(bank: np.ndarray, distribution: np.ndarray, pad: int, dp: int,
+                          variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """The MLP's training samples (SPEC 4) of every image's interior positions, image by image,
+    row-major: windows ``(N_img * P_int, ((2dp+1)^2 - 1) * E)`` (:func:`sliced_window`) and
+    labels ``(N_img * P_int,)``, the nearest distribution entry to the centre feature."""
+    n_img, rows, cols, _ = bank.shape
+    x, y = [], []
+    for i in range(n_img):
+        for r in range(pad, rows - pad):
+            for c in range(pad, cols - pad):
+                x.append(sliced_window(bank[i], r, c, dp, variant))
+                y.append(int(np.argmin(((distribution - bank[i, r, c]) ** 2).sum(axis=1))))
+    return np.stack(x), np.array(y)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of ``logsumexp(logits) - logits[label]`` over the rows."""
+    top = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
+
+
 def mlp_parameter_shapes(in_features: int, num_classes: int, num_layers: int,
                          hidden: int = HIDDEN_WIDTH) -> dict[str, tuple[int, ...]]:
     """State-dict entries of the SPEC's MLP with the original's names: ``num_layers`` linear

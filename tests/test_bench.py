@@ -15,7 +15,7 @@ from run_all import BENCHES, QUICK  # noqa: E402
 RATIO = re.compile(r"\d+(?:\.\d+)?x\b")
 
 
-def run(args, timeout=240):
+def run(args, timeout=900):
     return subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
