@@ -121,3 +121,101 @@ def test_position_prior_matches_naive_reference():
     assert (prior[:, k - 2:] == 0).all()
     empty = normalise_rows(torch.zeros(2, 3))
     assert torch.equal(empty, torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- stage 2: training the MLP
+
+
+def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monkeypatch):
+    """``train_neighbourhood`` on a random bank, every batch recorded: each sample is the
+    window of an interior position (original layout) labelled with the nearest distribution
+    entry of its centre; a 90/10 split, the same validation tenth every epoch; the saved
+    weights are those of the epoch with the best validation loss, that loss is theirs, and the
+    network has the SPEC's layers and widths."""
+    import copy
+
+    from pni import pipeline
+    from pni.config import parse_args
+    from pni.lightning import NeighbourhoodModule
+
+    import reference
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(4, 7, 7, 6)).astype(np.float32)  # 4 images, 5 x 5 interior positions
+    distribution = bank[rng.integers(0, 4, 5), rng.integers(1, 6, 5), rng.integers(1, 6, 5)]
+    args = parse_args(["--patchsize", "3", "--dist_padding", "1", "--dist_coreset_size", "5", "--num_layers", "3",
+                       "--num_epochs", "4", "--learning_rate", "0.05", "--step_size", "10", "--dist_batchsize",
+                       "32", "--target_embed_dimension", "6", "--accelerator", "cpu", "--devices", "1"])
+    args.ddp = False
+    recorded = []
+
+    class Recording(NeighbourhoodModule):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.batches = {"train": [], "val": []}
+            self.epochs = []  # (validation loss, weights) after each validation
+            recorded.append(self)
+
+        def training_step(self, batch, batch_idx):
+            self.batches["train"].append((self.current_epoch, batch[0].numpy().copy(), batch[1].numpy().copy()))
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            self.batches["val"].append((self.current_epoch, batch[0].numpy().copy(), batch[1].numpy().copy()))
+            return super().validation_step(batch, batch_idx)
+
+        def on_validation_epoch_end(self):
+            super().on_validation_epoch_end()
+            self.epochs.append((float(self.trainer.callback_metrics["val_loss"]),
+                                copy.deepcopy(self.model.state_dict())))
+
+    monkeypatch.setattr(pipeline, "NeighbourhoodModule", Recording)
+    pipeline.train_neighbourhood(args, bank, {"distribution": distribution}, tmp_path)
+    (module,) = recorded
+
+    windows, labels = reference.neighbourhood_samples(bank, distribution, pad=1, dp=1, variant="original")
+    assert len(set(labels.tolist())) > 2  # several classes
+
+    def sample_ids(split, epoch):
+        ids = []
+        for e, x, y in module.batches[split]:
+            if e != epoch:
+                continue
+            for row, label in zip(x, y):
+                (match,) = np.flatnonzero((windows == row).all(axis=1))  # the window of exactly one position
+                assert label == labels[match]
+                ids.append(int(match))
+        return ids
+
+    val = [sample_ids("val", e) for e in range(4)]
+    train = [sample_ids("train", e) for e in range(4)]
+    assert len(val[0]) == 10 and len(set(val[0])) == 10  # a tenth of the 100 positions
+    assert all(sorted(v) == sorted(val[0]) for v in val)
+    for epoch in range(4):  # every other sample once per epoch, shuffled
+        assert sorted(train[epoch] + val[0]) == list(range(100))
+    assert train[0] != train[1]
+    assert sorted(val[0]) != list(range(10)) and sorted(val[0]) != list(range(90, 100))
+
+    losses = [loss for loss, _ in module.epochs]
+    best = int(np.argmin(losses))
+    assert best < 3, losses  # the last epoch is not the best: saving the last weights would fail below
+    ckpt = torch.load(tmp_path / "best_model_dp1_dcs5_n3.pt", weights_only=True)
+    assert ckpt["val_loss"] == pytest.approx(losses[best], rel=1e-6)
+    for key, value in module.epochs[best][1].items():
+        assert torch.equal(ckpt["model"][key], value), key
+    val_ids = np.array(val[0])
+    expected = reference.cross_entropy(reference.mlp_logits(ckpt["model"], windows[val_ids]), labels[val_ids])
+    assert ckpt["val_loss"] == pytest.approx(expected, rel=1e-4)
+
+    shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    assert shapes == reference.mlp_parameter_shapes(8 * 6, 5, 3)
+    blocks = [module.model.first_layer, *module.model.hidden_layers]
+    for block in blocks:
+        assert [type(m) for m in block] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Dropout]
+        assert block[3].p == 0.5
+    optimisers = module.configure_optimizers()
+    assert isinstance(optimisers["optimizer"], torch.optim.Adam)
+    assert optimisers["optimizer"].defaults["lr"] == 0.05
+    scheduler = optimisers["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    assert (scheduler.step_size, scheduler.gamma) == (10, 0.1)
