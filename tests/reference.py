@@ -4,7 +4,7 @@ Plain loops or explicit weight matrices built from the formulas, float64, numpy 
 to run a torchvision backbone's own layers). Tests compare the package with these; the
 scoring benchmark times its naive port from here too.
 
-- transforms (SPEC 1): :func:`image_tensor`;
+- transforms (SPEC 1): :func:`resize_and_crop`, :func:`image_tensor`;
 - patch features (SPEC 2): :func:`resnet_layer_maps`, :func:`patch_features`, built from
   :func:`neighbourhoods`, :func:`bilinear_weights` and :func:`adaptive_pool_weights`;
 - greedy coreset (SPEC 3): :func:`brute_force_farthest_point`, :func:`jl_min_dim`;
@@ -70,20 +70,22 @@ def adaptive_pool_weights(n_in: int, n_out: int) -> np.ndarray:
 # SPEC 1: test-time transform
 
 
-def image_tensor(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
-    """RGB PIL image -> ``(3, imagesize, imagesize)`` float64: shorter side resized to
-    ``resize`` with PIL's bilinear filter (the longer one to ``int(resize * long / short)``),
-    centre crop (offset ``round((size - imagesize) / 2)``), scaled to [0, 1], ImageNet
-    normalisation."""
+def resize_and_crop(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
+    """Shorter side resized to ``resize`` with PIL's bilinear filter (the longer one to
+    ``int(resize * long / short)``), then the centre ``imagesize`` square (offset
+    ``round((size - imagesize) / 2)``): ``uint8 (imagesize, imagesize[, channels])``."""
     w, h = image.size
-    if w <= h:
-        size = (resize, int(resize * h / w))
-    else:
-        size = (int(resize * w / h), resize)
-    resized = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    resized = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
     top = int(round((size[1] - imagesize) / 2.0))
     left = int(round((size[0] - imagesize) / 2.0))
-    crop = resized[top:top + imagesize, left:left + imagesize] / 255.0
+    return resized[top:top + imagesize, left:left + imagesize]
+
+
+def image_tensor(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
+    """RGB PIL image -> ``(3, imagesize, imagesize)`` float64: :func:`resize_and_crop`, scaled
+    to [0, 1], ImageNet normalisation."""
+    crop = resize_and_crop(image.convert("RGB"), resize, imagesize).astype(np.float64) / 255.0
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     return ((crop - mean) / std).transpose(2, 0, 1)
 

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from sklearn.random_projection import SparseRandomProjection
 
@@ -61,3 +62,52 @@ def test_faiss_round_trip_and_nearest(tmp_path):
     queries = rng.normal(size=(30, 8)).astype(np.float32)
     expected = ((queries[:, None] - entries[None]) ** 2).sum(-1).argmin(1)
     np.testing.assert_array_equal(cs.nearest_ids(index, queries, chunk=7), expected)
+
+
+@pytest.mark.parametrize("dist_coreset_size", [3, 9])
+def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_size):
+    """``build_coresets`` with an extractor whose every feature is unique, so that each saved
+    vector names its image and position: ``int(sp*N)`` interior entries, ``int(sp*N)`` entries
+    with edge, ``dist_coreset_size`` distribution entries; the interior and distribution
+    coresets are prefixes of one greedy order over the interior features (of
+    ``max(int(sp*N), dist_coreset_size)`` points), the with-edge one a greedy order over all."""
+    from pni import pipeline
+    from pni.config import parse_args
+
+    n_img, rows, cols, dim, pad = 3, 6, 6, 5, 1
+    table = np.random.default_rng(0).normal(size=(n_img * rows * cols, dim)).astype(np.float32)
+    ids = np.arange(n_img * rows * cols).reshape(n_img, rows, cols)
+    train_ds = [{"image": torch.from_numpy(ids[i]).float()[None].repeat(3, 1, 1)} for i in range(n_img)]
+
+    def extractor(images):  # (B, 3, R, C) -> (B, R, C, E): the table row of each position's id
+        return torch.from_numpy(table)[images[:, 0].round().long()]
+
+    args = parse_args(["--patchsize", "3", "-p", "0.125", "--dist_coreset_size", str(dist_coreset_size),
+                       "--target_embed_dimension", str(dim), "--accelerator", "cpu", "--devices", "1"])
+    args.ddp = False
+    pipeline.build_coresets(args, extractor, train_ds, tmp_path, tmp_path)
+
+    def positions(name):  # (image, row, col) of every saved vector
+        index = cs.load_index(tmp_path / name)
+        vectors = cs.index_vectors(index)
+        found = [np.flatnonzero((table == v).all(axis=1)) for v in vectors]
+        assert all(len(f) == 1 for f in found)
+        return [np.unravel_index(int(f[0]), ids.shape) for f in found]
+
+    without = positions("embedding_coreset_index_12.faiss")
+    with_edge = positions("embedding_coreset_index_12_with_edge.faiss")
+    distribution = positions(f"dist_coreset_index_{dist_coreset_size}.faiss")
+    n_without, n_with = n_img * (rows - 2 * pad) * (cols - 2 * pad), n_img * rows * cols  # 48, 108
+    assert (len(without), len(with_edge), len(distribution)) == (int(0.125 * n_without), int(0.125 * n_with),
+                                                                 dist_coreset_size)
+    assert all(pad <= r < rows - pad and pad <= c < cols - pad for _, r, c in without + distribution)
+    longer = max(without, distribution, key=len)
+    assert len(longer) == max(int(0.125 * n_without), dist_coreset_size)
+    assert min(without, distribution, key=len) == longer[: min(len(without), len(distribution))]
+
+    interior = [(i, r, c) for i in range(n_img) for r in range(pad, rows - pad) for c in range(pad, cols - pad)]
+    points = table[[ids[p] for p in interior]].astype(np.float64)
+    assert greedy_start(points, [interior.index(p) for p in longer]) is not None
+    everything = [(i, r, c) for i in range(n_img) for r in range(rows) for c in range(cols)]
+    assert greedy_start(table.astype(np.float64), [everything.index(p) for p in with_edge]) is not None
+    assert any(not (pad <= r < rows - pad and pad <= c < cols - pad) for _, r, c in with_edge)
