@@ -8,8 +8,8 @@ scoring benchmark times its naive port from here too.
 - patch features (SPEC 2): :func:`resnet_layer_maps`, :func:`patch_features`, built from
   :func:`neighbourhoods`, :func:`bilinear_weights` and :func:`adaptive_pool_weights`;
 - greedy coreset (SPEC 3): :func:`brute_force_farthest_point`, :func:`jl_min_dim`;
-- neighbourhood MLP (SPEC 4): :func:`sliced_window`, :func:`mlp_logits`,
-  :func:`mlp_parameter_shapes`;
+- learned priors (SPEC 4): :func:`sliced_window`, :func:`neighbourhood_samples`, :func:`mlp_logits`,
+  :func:`mlp_parameter_shapes`, :func:`cross_entropy`, :func:`position_counts`;
 - scoring (SPEC 5): :func:`naive_scores` (the original's loop structure, lost parallel
   writes included) and :func:`full_size_maps` (bilinear resize, then scipy's Gaussian blur).
 """
@@ -225,6 +225,21 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     top = logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
     return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
+
+
+def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, cols: int, k: int,
+                    dp: int) -> np.ndarray:
+    """SPEC 4's position histogram: for every image and every flat position ``positions[q]``
+    labelled ``labels[img, q]``, add one at that label to every grid position within ``dp``
+    (clipped to the grid). ``(R*C, k)``."""
+    counts = np.zeros((rows * cols, k))
+    for img in range(labels.shape[0]):
+        for q, pos in enumerate(positions):
+            r, c = divmod(pos, cols)
+            for rr in range(max(0, r - dp), min(rows, r + dp + 1)):
+                for cc in range(max(0, c - dp), min(cols, c + dp + 1)):
+                    counts[rr * cols + cc, labels[img, q]] += 1
+    return counts
 
 
 def mlp_parameter_shapes(in_features: int, num_classes: int, num_layers: int,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import reference
 from pni.distributions import (
     NeighbourhoodMLP,
     gather_windows,
@@ -17,7 +18,6 @@ from pni.distributions import (
     window_offsets,
 )
 from pni.errors import PNIError
-from reference import sliced_window
 
 
 @pytest.mark.parametrize("variant", ["original", "paper"])
@@ -28,7 +28,7 @@ def test_windows_match_sliced_reference(dp, variant):
     img = torch.tensor([0, 2, 1, 2, 1, 0])
     rows = torch.tensor([0, 3, 10, 5, 4, 7])
     cols = torch.tensor([0, 2, 9, 1, 9, 4])
-    expected = np.stack([sliced_window(bank[i], r, c, dp, variant)
+    expected = np.stack([reference.sliced_window(bank[i], r, c, dp, variant)
                          for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())])
     assert expected.shape == (6, ((2 * dp + 1) ** 2 - 1) * 4)
     np.testing.assert_array_equal(gather_windows(bank, img, rows, cols, dp, variant).numpy(), expected)
@@ -96,17 +96,6 @@ def test_checkpoint_with_code_is_refused(tmp_path):
         load_mlp_checkpoint(path)
 
 
-def naive_position_counts(labels: np.ndarray, positions, rows, cols, k, dp):
-    counts = np.zeros((rows * cols, k))
-    for img in range(labels.shape[0]):
-        for q, pos in enumerate(positions):
-            r, c = divmod(pos, cols)
-            for rr in range(max(0, r - dp), min(rows, r + dp + 1)):
-                for cc in range(max(0, c - dp), min(cols, c + dp + 1)):
-                    counts[rr * cols + cc, labels[img, q]] += 1
-    return counts
-
-
 def test_position_prior_matches_naive_reference():
     rng = np.random.default_rng(4)
     rows, cols, k, dp = 6, 5, 9, 1
@@ -114,7 +103,7 @@ def test_position_prior_matches_naive_reference():
     labels = rng.integers(0, k - 2, size=(3, len(positions)))  # entries k-2, k-1 never used
     counts = position_prior_counts(torch.as_tensor(labels), (rows, cols), k, dp,
                                    positions=torch.as_tensor(positions))
-    expected = naive_position_counts(labels, positions, rows, cols, k, dp)
+    expected = reference.position_counts(labels, positions, rows, cols, k, dp)
     np.testing.assert_array_equal(counts.numpy(), expected)
     prior = normalise_rows(counts)
     np.testing.assert_allclose(prior.sum(1).numpy(), 1.0, rtol=1e-6)
@@ -138,7 +127,6 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
     from pni.config import parse_args
     from pni.lightning import NeighbourhoodModule
 
-    import reference
 
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(4, 7, 7, 6)).astype(np.float32)  # 4 images, 5 x 5 interior positions
