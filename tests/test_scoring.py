@@ -12,10 +12,13 @@ from scipy.ndimage import gaussian_filter
 from pni.errors import PNIError
 from pni.scoring import (
     MAP_NAMES,
+    PositionMask,
+    RankColumns,
     ScoringArtefacts,
     ScoringConfig,
     gaussian_blur,
     interior_indices,
+    kth_smallest,
     nb_scores,
     nearest_ids,
     parent_share,
@@ -39,22 +42,27 @@ P_INT = (R - 2 * PP) * (C - 2 * PP)
 # Inputs
 
 
-def _prior(rng: np.random.Generator, rows: int, k: int, zero_rows: int = 3) -> np.ndarray:
-    counts = rng.integers(0, 4, size=(rows, k)) * (rng.random((rows, k)) < 0.4)
+def _prior(rng: np.random.Generator, rows: int, k: int, zero_rows: int = 3, density: float = 0.4) -> np.ndarray:
+    counts = rng.integers(0, 4, size=(rows, k)) * (rng.random((rows, k)) < density)
     counts[rng.choice(rows, zero_rows, replace=False)] = 0
     sums = counts.sum(axis=1, keepdims=True)
     return np.where(sums > 0, counts / np.maximum(sums, 1), 0.0)
 
 
-def make_inputs(seed: int = 0):
+def make_inputs(seed: int = 0, prefix: bool = True, density: float = 0.4):
+    """Random features, coresets, logits and priors. ``prefix``: the distribution coreset is
+    (close to) the first ``D`` embedding entries, as the greedy order makes it, so that
+    ``m(k) = k`` for ``k < D``; otherwise ``D`` entries picked at random, so ``m`` is not.
+    ``density``: fraction of nonzero prior counts."""
     rng = np.random.default_rng(seed)
     feat = rng.normal(size=(R, C, E))
     emb2 = rng.normal(size=(K2, E))
     emb1 = rng.normal(size=(K1, E))
-    dcs = emb1[:D] + 0.05 * rng.normal(size=(D, E))
+    picked = np.arange(D) if prefix else rng.permutation(K1)[:D]
+    dcs = emb1[picked] + 0.05 * rng.normal(size=(D, E))
     logits = 6.0 * rng.normal(size=(P_INT, D))
-    prior1 = _prior(rng, P, K1)
-    prior2 = _prior(rng, P, K2)
+    prior1 = _prior(rng, P, K1, density=density)
+    prior2 = _prior(rng, P, K2, density=density)
     return feat, logits, emb1, emb2, dcs, prior1, prior2
 
 
@@ -92,11 +100,18 @@ VARIANT_WORKERS = [("original", 1), ("original", 3), ("original", 8), ("paper", 
 
 @pytest.mark.parametrize("variant,workers", VARIANT_WORKERS)
 @pytest.mark.parametrize("anomaly_nn", [1, 3])
-def test_matches_naive_reference(variant, workers, anomaly_nn):
-    inputs = make_inputs(1)
+@pytest.mark.parametrize("prefix,density", [(True, 0.4), (False, 0.06)])
+def test_matches_naive_reference(variant, workers, anomaly_nn, prefix, density):
+    """Also with a distribution coreset that is no prefix (the neighbourhood mask's ranks are
+    sorted) and sparse priors (kept as lists of allowed ids)."""
+    inputs = make_inputs(1, prefix, density)
     cfg = replace(CFG, variant=variant, mask_workers=workers, anomaly_nn=anomaly_nn)
     got, want = run_both(inputs, cfg)
     assert_matches(got, want)
+    m = naive_m(inputs[2], inputs[4])
+    assert (m[:D].tolist() == list(range(D))) == prefix
+    for prior, k in ((inputs[5], K1), (inputs[6], K2)):
+        assert (PositionMask(torch.from_numpy(prior > 0.5 / k)).dense is None) == (density < 0.1)
     if anomaly_nn == 1:  # w = 1
         assert got.image["patchcore"] == pytest.approx(want[0]["patchcore"].max(), abs=1e-12)
 
@@ -172,6 +187,35 @@ def test_original_and_paper_variants():
     for got in (orig, pap):
         torch.testing.assert_close(got.coarse["nb"], pad_interior(nearest, PP))
         torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(nearest, PP))
+
+
+def test_kth_smallest_equals_sorting():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(300, 3000))
+    k = rng.integers(0, 3000, 300)
+    k[:100] = rng.integers(0, 12, 100)  # every group of the partial sorts, the first and last too
+    k[100:110] = 0
+    k[110:120] = 2999
+    want = np.sort(q, axis=1)[np.arange(300), k]
+    np.testing.assert_array_equal(kth_smallest(torch.from_numpy(q), torch.from_numpy(k)).numpy(), want)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_rank_columns_without_sorting_when_increasing(workers):
+    """With ``m(k) = k`` below ``D`` (a prefix distribution coreset) the first allowed column
+    comes from the nearest allowed entry's rank; it equals the sorted-ranks answer."""
+    rng = np.random.default_rng(1)
+    m = torch.cat([torch.arange(D), torch.from_numpy(rng.integers(0, D, K1 - D))])
+    columns = RankColumns.build(m, D, workers)
+    assert columns.increasing
+    q_dist = torch.from_numpy(rng.normal(size=(200, D)))
+    allowed = torch.from_numpy(rng.random((200, D)) < 0.15)
+    allowed[:5] = False
+    sorted_ranks = RankColumns(columns.first, increasing=False)
+    fast = columns.first_allowed(q_dist, allowed, K1 - 1)
+    assert fast.tolist() == sorted_ranks.first_allowed(q_dist, allowed, K1 - 1).tolist()
+    assert (fast[:5] == K1 - 1).all() and (fast < K1 - 1).any()
+    assert not RankColumns.build(m.flip(0), D, workers).increasing
 
 
 def test_original_mask_uses_ranks_not_ids():
