@@ -257,12 +257,22 @@ def _take_rows(q: Tensor, rows: Tensor, workspace: Workspace | None) -> Tensor:
     return torch.index_select(q, 0, rows, out=workspace.get("rows", (rows.numel(), q.shape[1]), q))
 
 
-def _masked_min(q: Tensor, allowed: Tensor, workspace: Workspace | None, name: str) -> Tensor:
-    """Row minimum of ``q`` over the allowed entries (``inf`` where none is allowed)."""
-    inf = q.new_tensor(float("inf"))
-    if workspace is None:
-        return torch.where(allowed, q, inf).amin(dim=1)
-    return torch.where(allowed, q, inf, out=workspace.get(name, tuple(q.shape), q)).amin(dim=1)
+BLOCKED = 1e30  # added to the entries a mask blocks: larger than any distance, finite in float32
+
+
+def blocked_indicator(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1.0`` where ``allowed`` is False, ``0.0`` where True. Masks are applied as
+    ``q + BLOCKED * indicator``: on the CPU, float arithmetic runs several times faster than
+    ``torch.where`` on a bool mask (whose speed also depends on the mask's density)."""
+    return (~allowed).to(dtype)
+
+
+def _masked_min(q: Tensor, blocked: Tensor, workspace: Workspace | None, name: str) -> Tensor:
+    """Row minimum of ``q`` over the entries whose ``blocked`` indicator (:func:`blocked_indicator`)
+    is 0 (``inf`` where every entry is blocked)."""
+    out = workspace.get(name, tuple(q.shape), q) if workspace is not None else None
+    best = torch.add(q, blocked, alpha=BLOCKED, out=out).amin(dim=1)
+    return best.masked_fill_(best >= 0.5 * BLOCKED, float("inf"))
 
 
 def _count_below(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str) -> Tensor:
@@ -289,7 +299,10 @@ def select_position(q: Tensor, allowed: Tensor | None, keep: int | None = None, 
     known, instead of ``allowed``.
     """
     n = q.shape[0]
-    best = _masked_min(q, allowed, workspace, "masked") if nearest_allowed is None else nearest_allowed.clone()
+    if nearest_allowed is None:
+        best = _masked_min(q, blocked_indicator(allowed, q.dtype), workspace, "masked")
+    else:
+        best = nearest_allowed.clone()
     found = torch.isfinite(best)
     if keep is not None and keep < q.shape[1]:
         ranked = found if row_min is None else found & (best > row_min)
@@ -307,14 +320,15 @@ def select_position(q: Tensor, allowed: Tensor | None, keep: int | None = None, 
 class PositionMask:
     """The entries a position prior allows at each grid position (``prior > gamma / K``), kept
     as padded lists of entry ids when they are few (so that the nearest allowed entry is a
-    gather of those columns rather than a pass over all ``K``), else as a ``(P, K)`` mask."""
+    gather of those columns rather than a pass over all ``K``), else as a ``(P, K)`` blocked
+    indicator of ``dtype`` (:func:`blocked_indicator`)."""
 
-    def __init__(self, allowed: Tensor) -> None:
+    def __init__(self, allowed: Tensor, dtype: torch.dtype = torch.float32) -> None:
         counts = allowed.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0
-        self.dense: Tensor | None = None
+        self.dense: Tensor | None = None  # blocked indicator (P, K)
         if width == 0 or 4 * width > allowed.shape[1]:
-            self.dense = allowed
+            self.dense = blocked_indicator(allowed, dtype)
             return
         rows, cols = torch.nonzero(allowed, as_tuple=True)  # row-major: each row's ids in order
         start = torch.cumsum(counts, dim=0) - counts
@@ -355,6 +369,15 @@ def nb_allowed_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamm
     """
     probs = torch.softmax(nb_logits / temperature_alpha, dim=-1)
     return probs > nb_gamma / embedding_coreset_size
+
+
+def _blocked_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamma: float,
+                          embedding_coreset_size: int, workspace: Workspace) -> Tensor:
+    """:func:`nb_allowed_distribution` as a blocked indicator: ``(n, D)``, 1.0 where the
+    softmax is at most the threshold."""
+    probs = torch.softmax(nb_logits / temperature_alpha, dim=-1)
+    out = workspace.get("blocked_distribution", tuple(probs.shape), probs)
+    return torch.le(probs, nb_gamma / embedding_coreset_size, out=out)
 
 
 def position_allowed(prior_rows: Tensor, coor_gamma: float, coreset_size: int) -> Tensor:
@@ -408,15 +431,16 @@ class RankColumns:
         increasing = bool(has_column.all()) and bool((first[1:] >= first[:-1]).all())
         return cls(first, increasing)
 
-    def first_allowed(self, q_dist: Tensor, allowed_dist: Tensor, last_column: int,
+    def first_allowed(self, q_dist: Tensor, blocked_dist: Tensor, last_column: int,
                       workspace: Workspace | None = None) -> Tensor:
         """First allowed sorted column of each row, ``(n,)`` long: from ``q_dist`` ``(n, D)``,
-        an increasing function of the distances to the distribution entries, the allowed
-        distribution entries ``allowed_dist`` ``(n, D)`` bool and the last column ``K1 - 1``."""
+        an increasing function of the distances to the distribution entries, the blocked
+        indicator of the distribution entries ``blocked_dist`` ``(n, D)``
+        (:func:`blocked_indicator`) and the last column ``K1 - 1``."""
         ranks = self.first.shape[0]
         last = self.first.new_tensor(last_column)
         if self.increasing:
-            nearest = _masked_min(q_dist, allowed_dist, workspace, "masked_dist")
+            nearest = _masked_min(q_dist, blocked_dist, workspace, "masked_dist")
             rank = _count_below(q_dist, nearest, workspace, "below_dist").long()  # of the nearest allowed entry
             found = torch.isfinite(nearest) & (rank < ranks)
             return torch.where(found, self.first[rank.clamp_max(ranks - 1)], last)
@@ -424,7 +448,7 @@ class RankColumns:
             order = q_dist.topk(ranks, dim=1, largest=False, sorted=True).indices
         else:
             order = q_dist.argsort(dim=1)
-        by_rank = allowed_dist.gather(1, order)  # (n, R): is the r-th nearest entry allowed
+        by_rank = blocked_dist.gather(1, order) == 0  # (n, R): is the r-th nearest entry allowed
         return torch.where(by_rank, self.first[None, :], last).amin(dim=1)
 
 
@@ -479,7 +503,8 @@ def nb_scores(dist_emb: Tensor, allowed_dist: Tensor, embedding_to_distribution:
     if dist_distribution is None:
         raise ValueError("variant 'original' needs dist_distribution")
     columns = RankColumns.build(m, allowed_dist.shape[1], mask_workers)
-    first = columns.first_allowed(dist_distribution, allowed_dist, dist_emb.shape[1] - 1)
+    first = columns.first_allowed(dist_distribution, blocked_indicator(allowed_dist, dist_distribution.dtype),
+                                  dist_emb.shape[1] - 1)
     return gamma * kth_smallest(dist_emb, first) - math.log(gamma)
 
 
@@ -564,6 +589,7 @@ def _prepare(art: ScoringArtefacts, cfg: ScoringConfig, rows: int, cols: int) ->
     if key in art._derived:
         return art._derived[key]
     centre = art.embedding_with_edge.mean(dim=0)
+    dtype = centre.dtype
     coresets = {}
     for name, entries in (("with_edge", art.embedding_with_edge), ("without_edge", art.embedding_without_edge),
                           ("distribution", art.distribution_coreset)):
@@ -574,8 +600,10 @@ def _prepare(art: ScoringArtefacts, cfg: ScoringConfig, rows: int, cols: int) ->
     prepared = _Prepared(
         centre=centre,
         coresets=coresets,
-        allowed_with_edge=PositionMask(position_allowed(art.position_prior_with_edge, cfg.softmax_coor_gamma, k2)),
-        allowed_interior=PositionMask(position_allowed(art.position_prior[inner], cfg.softmax_coor_gamma, k1)),
+        allowed_with_edge=PositionMask(position_allowed(art.position_prior_with_edge, cfg.softmax_coor_gamma, k2),
+                                       dtype),
+        allowed_interior=PositionMask(position_allowed(art.position_prior[inner], cfg.softmax_coor_gamma, k1),
+                                      dtype),
         inner=inner,
         rank_columns=(RankColumns.build(art.embedding_to_distribution, art.distribution_coreset.shape[0],
                                         cfg.mask_workers) if cfg.variant == "original" else None),
@@ -637,7 +665,7 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
         x_all = ws.get("x", (p, e + 1), features)  # [x - centre, 1]
         torch.sub(features[i].reshape(p, e), prep.centre, out=x_all[:, :e])
         x_all[:, e] = 1.0
-        x_sq_all = (x_all[:, :e] * x_all[:, :e]).sum(dim=1)
+        x_sq_all = torch.linalg.vector_norm(x_all[:, :e], dim=1).square_()
         # With-edge coreset, all positions: PatchCore and the coor map.
         for s, t in _row_chunks(p, cfg.chunk_size):
             q = sq_distances(x_all[s:t], "with_edge")
@@ -651,15 +679,17 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
         for s, t in _row_chunks(p_int, cfg.chunk_size):
             q = sq_distances(x_int[s:t], "without_edge")
             q_min = q.amin(dim=1)
-            allowed_d = nb_allowed_distribution(nb_logits[i, s:t], cfg.softmax_temperature_alpha,
-                                                cfg.softmax_nb_gamma, k1)
+            blocked_d = _blocked_distribution(nb_logits[i, s:t], cfg.softmax_temperature_alpha,
+                                              cfg.softmax_nb_gamma, k1, ws)
             if original:
                 q_d = sq_distances(x_int[s:t], "distribution")
-                first = prep.rank_columns.first_allowed(q_d, allowed_d, k1 - 1, ws)
+                first = prep.rank_columns.first_allowed(q_d, blocked_d, k1 - 1, ws)
                 nb[i, s:t] = _distance(kth_smallest(q, first, q_min, ws), x_sq_int[s:t])
-            else:
-                allowed = allowed_d[:, art.embedding_to_distribution]
-                nb[i, s:t] = _distance(select_position(q, allowed, None, q_min, ws), x_sq_int[s:t])
+            else:  # entry k is allowed where m(k) is
+                blocked = torch.index_select(blocked_d, 1, art.embedding_to_distribution,
+                                             out=ws.get("blocked_embedding", tuple(q.shape), q))
+                best = _masked_min(q, blocked, ws, "masked")
+                nb[i, s:t] = _distance(select_position(q, None, None, q_min, ws, best), x_sq_int[s:t])
             best = prep.allowed_interior.nearest_allowed(q, s, t, ws)
             pos_score[i, s:t] = _distance(select_position(q, None, keep1, q_min, ws, best), x_sq_int[s:t])
     nb = g * nb - math.log(g)
@@ -668,8 +698,10 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
 
     # PatchCore image score: the anomaly_nn distances of each image's highest-scoring position.
     worst = nearest.argmax(dim=1)
-    knn = torch.stack([pairwise_distances(features[i].reshape(p, e)[worst[i], None], art.embedding_with_edge)[0]
-                       .topk(cfg.anomaly_nn, largest=False, sorted=True).values for i in range(b)])
+    x = torch.cat([features.reshape(b, p, e)[torch.arange(b), worst] - prep.centre, features.new_ones(b, 1)], dim=1)
+    q = x @ prep.coresets["with_edge"].T  # (B, K2)
+    knn = _distance(q.topk(cfg.anomaly_nn, dim=1, largest=False, sorted=True).values,
+                    torch.linalg.vector_norm(x[:, :e], dim=1).square_()[:, None])
     _, image_pc = patchcore_scores(knn[:, None, :])
     nb_coor = 0.5 * (nb + pos_score)
     image = torch.stack([nb.amax(dim=1), coor.amax(dim=1), image_pc, nb_coor.amax(dim=1)], dim=1)

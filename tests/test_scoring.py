@@ -16,6 +16,7 @@ from pni.scoring import (
     RankColumns,
     ScoringArtefacts,
     ScoringConfig,
+    blocked_indicator,
     gaussian_blur,
     interior_indices,
     kth_smallest,
@@ -212,8 +213,9 @@ def test_rank_columns_without_sorting_when_increasing(workers):
     allowed = torch.from_numpy(rng.random((200, D)) < 0.15)
     allowed[:5] = False
     sorted_ranks = RankColumns(columns.first, increasing=False)
-    fast = columns.first_allowed(q_dist, allowed, K1 - 1)
-    assert fast.tolist() == sorted_ranks.first_allowed(q_dist, allowed, K1 - 1).tolist()
+    blocked = blocked_indicator(allowed, q_dist.dtype)
+    fast = columns.first_allowed(q_dist, blocked, K1 - 1)
+    assert fast.tolist() == sorted_ranks.first_allowed(q_dist, blocked, K1 - 1).tolist()
     assert (fast[:5] == K1 - 1).all() and (fast < K1 - 1).any()
     assert not RankColumns.build(m.flip(0), D, workers).increasing
 
