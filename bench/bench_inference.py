@@ -23,6 +23,7 @@ import common  # noqa: F401
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import goals
 from common import add_device_flag, best, gemm_rate, machine, pick_device, sync
 from pni.distributions import NeighbourhoodMLP
 from pni.features import build_feature_extractor
@@ -67,6 +68,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=2, help="timed images (after one warm-up image)")
     p.add_argument("--precision", default="32", choices=("32", "bf16-mixed", "16-mixed"),
                    help="autocast for the backbone and MLP (scoring stays float32); reports the map change")
+    p.add_argument("--no_goals", action="store_true", help="report missed goals without failing")
     add_device_flag(p)
     args = p.parse_args(argv)
     device = pick_device(args)
@@ -161,8 +163,9 @@ def main(argv=None):
         top = max(float(a[m].abs().max()) for a in ref for m in MAP_NAMES)
         print(f"{args.precision}: max |map difference| against float32: {diff:.2e} ({diff / top:.1e} of the "
               f"largest map value; keep <= 1e-3)")
-    print(f"inference per image: {t_img / bound:.2f}x the FLOP bound (goal <= 2x)")
-    return 0
+    code = goals.check({"inference_flop_bound": t_img / bound}, enforce=not args.no_goals)
+    print(f"inference per image: {t_img / bound:.2f}x the FLOP bound (goal {goals.GOALS['inference_flop_bound']}x)")
+    return code
 
 
 if __name__ == "__main__":

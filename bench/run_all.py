@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Run every benchmark (``make bench``) one after the other and print their figures as a
-Markdown table (the one in docs/PERFORMANCE.md).
+"""Run every benchmark (``make bench``) one after the other, print their figures as a
+Markdown table (the one in docs/PERFORMANCE.md), and fail when one misses a goal.
 
-Each benchmark is its own process and prints its ratio as its last line; see the
-docstring of each ``bench/bench_*.py`` for what it measures. ``--quick`` runs them at tiny
-sizes (a smoke test: the figures mean nothing). Default sizes take about 5-10 minutes on
-2 CPU cores.
+Each benchmark is its own process, prints its figure as its last line and exits non-zero
+when a figure misses its goal (``bench/goals.py``); see the docstring of each
+``bench/bench_*.py`` for what it measures. ``--quick`` runs them at tiny sizes without
+enforcing the goals (a smoke test: the figures mean nothing). Default sizes take about
+5-10 minutes on 2 CPU cores.
+
+A new benchmark: a ``bench_<name>.py`` that ends with its figure and ``goals.check``, a line
+in ``BENCHES`` below, its goals in ``goals.py``.
 """
 from __future__ import annotations
 
@@ -16,29 +20,35 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import goals
 
 HERE = Path(__file__).resolve().parent
 
-BENCHES = {
-    "scoring": ("bench_scoring.py", ">= 100x faster, maps within 1e-4"),
-    "coreset": ("bench_coreset.py", "<= 3x one pass"),
-    "inference": ("bench_inference.py", "<= 2x the FLOP bound"),
-    "memory": ("bench_memory.py", "<= 1.5x the bank"),
-}
 
-QUICK = {
-    "scoring": ["--rows", "12", "--cols", "12", "--dim", "32", "--k1", "200", "--k2", "200", "--dcs", "64",
-                "--loop_positions", "2", "--numpy_positions", "4", "--repeats", "1"],
-    "coreset": ["--n", "20000", "--dim", "16", "--iterations", "5", "--repeats", "2"],
-    "inference": ["--backbone", "R18", "--imagesize", "64", "--dim", "64", "--num_layers", "3", "--dcs", "64",
-                  "--dist_padding", "2", "--images", "1"],
-    "memory": ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p", "0.05"],
+class Bench(NamedTuple):
+    script: str
+    quick: list[str]  # tiny-size flags for --quick and the smoke tests
+    goals: str  # prefix of its goals' names in goals.GOALS
+    takes_device: bool = True
+
+
+BENCHES: dict[str, Bench] = {
+    "scoring": Bench("bench_scoring.py", ["--rows", "12", "--cols", "12", "--dim", "32", "--k1", "200", "--k2", "200",
+                                          "--dcs", "64", "--repeats", "1"], "scoring"),
+    "coreset": Bench("bench_coreset.py", ["--n", "20000", "--dim", "16", "--iterations", "5", "--repeats", "2"],
+                     "coreset"),
+    "inference": Bench("bench_inference.py", ["--backbone", "R18", "--imagesize", "64", "--dim", "64", "--num_layers",
+                                              "3", "--dcs", "64", "--dist_padding", "2", "--images", "1"], "inference"),
+    "memory": Bench("bench_memory.py", ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p",
+                                        "0.05"], "memory", takes_device=False),
 }
 
 
 def run_one(name: str, extra: list[str], quick: bool) -> dict:
-    script, goal = BENCHES[name]
-    cmd = [sys.executable, str(HERE / script)] + (QUICK[name] if quick else []) + extra
+    bench = BENCHES[name]
+    cmd = [sys.executable, str(HERE / bench.script)] + (bench.quick + ["--no_goals"] if quick else []) + extra
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -48,8 +58,12 @@ def run_one(name: str, extra: list[str], quick: bool) -> dict:
         sys.stdout.write(proc.stderr[-4000:])
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     machine = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("machine:")), "")
-    return {"bench": name, "figure": lines[-1] if lines and proc.returncode == 0 else f"FAILED ({proc.returncode})",
-            "goal": goal, "seconds": seconds, "machine": machine, "ok": proc.returncode == 0}
+    missed = any(ln.startswith("goal missed:") for ln in lines)
+    figure = lines[-1] if lines else ""
+    if proc.returncode != 0:
+        figure = f"GOAL MISSED: {figure}" if missed and figure else f"FAILED ({proc.returncode})"
+    return {"bench": name, "figure": figure, "goal": goals.describe(bench.goals), "seconds": seconds,
+            "machine": machine, "ok": proc.returncode == 0}
 
 
 def main(argv=None) -> int:
@@ -66,9 +80,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     results = []
     for name in names:
-        extra = []
-        if args.device and name in ("scoring", "coreset", "inference"):
-            extra = ["--device", args.device]
+        extra = ["--device", args.device] if args.device and BENCHES[name].takes_device else []
         results.append(run_one(name, extra, args.quick))
         print(flush=True)
     print(f"machine: {results[0]['machine'] if results else ''}")

@@ -215,15 +215,6 @@ def local_patches(fmap: torch.Tensor, patchsize: int) -> torch.Tensor:
     return unfolded.reshape(b, c, patchsize, patchsize, h, w).permute(0, 4, 5, 1, 2, 3)
 
 
-def resize_patch_grid(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize the position grid of ``(B, h, w, C, ps, ps)`` to ``size``,
-    each element of the neighbourhood on its own."""
-    b, h, w, c, p1, p2 = patches.shape
-    planes = patches.permute(0, 3, 4, 5, 1, 2).reshape(-1, 1, h, w)
-    planes = F.interpolate(planes, size=size, mode="bilinear", align_corners=False)
-    return planes.reshape(b, c, p1, p2, *size).permute(0, 4, 5, 1, 2, 3)
-
-
 def build_feature_extractor(
     backbone_name: str,
     layers: Sequence[str] = ("layer2", "layer3"),

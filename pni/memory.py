@@ -51,6 +51,13 @@ def rows_for(bytes_per_row: float, fraction: float = 0.25, device: torch.device 
     return min(n, hi) if hi is not None else n
 
 
+def scoring_rows(widest_coreset: int, device: torch.device | str | None = None) -> int:
+    """Feature rows whose distance matrices ``pni.scoring`` holds at once: about six
+    ``(rows, widest_coreset)`` float32 matrices in 1/8 of the free memory of the scoring
+    device, 256 to 16,384 rows."""
+    return rows_for(6 * 4 * widest_coreset, fraction=0.125, device=device, lo=256, hi=16384)
+
+
 def release_pages(array: np.ndarray) -> None:
     """Drop the resident pages of a file-backed memory map from this process (they stay in
     the page cache, written back to the file by the kernel); a no-op for anything else.

@@ -74,7 +74,7 @@ from pni.lightning import (
     split_train_val,
     window_loader,
 )
-from pni.memory import available_bytes, rows_for
+from pni.memory import available_bytes, scoring_rows
 from pni.results import (
     MAP_NAMES,
     append_score_result,
@@ -519,10 +519,8 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         position_prior=torch.as_tensor(priors["without_edge"]),
         position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
     )
-    # Distance matrices: rows at a time so that the ~6 temporaries of (rows x coreset size)
-    # float32 take at most 1/8 of the free memory of the scoring device.
     widest = max(len(coresets["with_edge"]), len(coresets["without_edge"]) + len(coresets["distribution"]))
-    chunk = rows_for(6 * 4 * widest, fraction=0.125, device="cuda" if _on_gpu(args) else "cpu", lo=256, hi=16384)
+    chunk = scoring_rows(widest, "cuda" if _on_gpu(args) else "cpu")
     cfg = ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
                         softmax_temperature_alpha=args.softmax_temperature_alpha,
                         softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,

@@ -1,22 +1,13 @@
 """Greedy k-center selection and faiss index files."""
+import math
+
 import numpy as np
+import pytest
 import torch
+from sklearn.random_projection import SparseRandomProjection
 
 from pni import coreset as cs
-
-
-def brute_force_farthest_point(points: np.ndarray, n_select: int, start: int) -> list[int]:
-    """Naive reference: full distance matrix; repeatedly the point farthest from the start and
-    the points chosen so far. The start itself is not selected (SPEC section 3)."""
-    d = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
-    centres, chosen = [start], []
-    while len(chosen) < n_select:
-        nearest_centre = d[:, centres].min(axis=1)
-        nearest_centre[centres] = -1
-        pick = int(np.argmax(nearest_centre))
-        chosen.append(pick)
-        centres.append(pick)
-    return chosen
+from reference import brute_force_farthest_point, greedy_start, jl_min_dim
 
 
 def test_greedy_order_equals_brute_force():
@@ -29,19 +20,32 @@ def test_greedy_order_equals_brute_force():
     assert ours[0] == np.argmax(((pts - pts[17]) ** 2).sum(1))
 
 
+def test_johnson_lindenstrauss_size():
+    """The projected size is the bound 4 ln(n) / (eps^2/2 - eps^3/3) at eps 0.9, truncated to an
+    integer as scikit-learn's 'auto' size (which the original used) does."""
+    for n, by_hand in ((1000, 170.56), (1_440_000, 350.13)):
+        bound = 4 * math.log(n) / (0.9 ** 2 / 2 - 0.9 ** 3 / 3)
+        assert bound == jl_min_dim(n, 0.9) and round(bound, 2) == by_hand
+        assert cs.projection_matrix(n, 1024, seed=0).shape == (1024, math.floor(bound))
+
+
 def test_greedy_coreset_projects_and_streams_chunks():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(4, 250, 512)).astype(np.float32)  # 4 "images" of 250 patches
     n = 1000
-    matrix = cs.projection_matrix(n, 512, seed=5)
-    assert matrix is not None and matrix.shape[0] == 512 and matrix.shape[1] < 512
     sel = cs.greedy_coreset(lambda: iter(feats), n, 512, 30, seed=5)
-    projected = (torch.from_numpy(feats.reshape(n, 512)) @ matrix).double().numpy()
-    start = int(np.random.default_rng(5).integers(n))
+    # expected: scikit-learn's sparse random projection of the size above, seeded, then the
+    # brute-force greedy order from a start point (whichever the seed drew; not selected)
+    projection = SparseRandomProjection(n_components=170, random_state=5).fit(np.zeros((1, 512)))
+    projected = projection.transform(feats.reshape(n, 512).astype(np.float64))
+    start = greedy_start(projected, sel.tolist())
+    assert start is not None and start not in sel.tolist()
     assert sel.tolist() == brute_force_farthest_point(projected, 30, start)
     # same seed, same selection; the shorter selection is a prefix of the longer one
     again = cs.greedy_coreset(lambda: iter(feats), n, 512, 10, seed=5)
     assert again.tolist() == sel[:10].tolist()
+    # another seed: another projection and start point
+    assert cs.greedy_coreset(lambda: iter(feats), n, 512, 30, seed=6).tolist() != sel.tolist()
 
 
 def test_no_projection_when_it_would_not_reduce():
@@ -58,3 +62,52 @@ def test_faiss_round_trip_and_nearest(tmp_path):
     queries = rng.normal(size=(30, 8)).astype(np.float32)
     expected = ((queries[:, None] - entries[None]) ** 2).sum(-1).argmin(1)
     np.testing.assert_array_equal(cs.nearest_ids(index, queries, chunk=7), expected)
+
+
+@pytest.mark.parametrize("dist_coreset_size", [3, 9])
+def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_size):
+    """``build_coresets`` with an extractor whose every feature is unique, so that each saved
+    vector names its image and position: ``int(sp*N)`` interior entries, ``int(sp*N)`` entries
+    with edge, ``dist_coreset_size`` distribution entries; the interior and distribution
+    coresets are prefixes of one greedy order over the interior features (of
+    ``max(int(sp*N), dist_coreset_size)`` points), the with-edge one a greedy order over all."""
+    from pni import pipeline
+    from pni.config import parse_args
+
+    n_img, rows, cols, dim, pad = 3, 6, 6, 5, 1
+    table = np.random.default_rng(0).normal(size=(n_img * rows * cols, dim)).astype(np.float32)
+    ids = np.arange(n_img * rows * cols).reshape(n_img, rows, cols)
+    train_ds = [{"image": torch.from_numpy(ids[i]).float()[None].repeat(3, 1, 1)} for i in range(n_img)]
+
+    def extractor(images):  # (B, 3, R, C) -> (B, R, C, E): the table row of each position's id
+        return torch.from_numpy(table)[images[:, 0].round().long()]
+
+    args = parse_args(["--patchsize", "3", "-p", "0.125", "--dist_coreset_size", str(dist_coreset_size),
+                       "--target_embed_dimension", str(dim), "--accelerator", "cpu", "--devices", "1"])
+    args.ddp = False
+    pipeline.build_coresets(args, extractor, train_ds, tmp_path, tmp_path)
+
+    def positions(name):  # (image, row, col) of every saved vector
+        index = cs.load_index(tmp_path / name)
+        vectors = cs.index_vectors(index)
+        found = [np.flatnonzero((table == v).all(axis=1)) for v in vectors]
+        assert all(len(f) == 1 for f in found)
+        return [np.unravel_index(int(f[0]), ids.shape) for f in found]
+
+    without = positions("embedding_coreset_index_12.faiss")
+    with_edge = positions("embedding_coreset_index_12_with_edge.faiss")
+    distribution = positions(f"dist_coreset_index_{dist_coreset_size}.faiss")
+    n_without, n_with = n_img * (rows - 2 * pad) * (cols - 2 * pad), n_img * rows * cols  # 48, 108
+    assert (len(without), len(with_edge), len(distribution)) == (int(0.125 * n_without), int(0.125 * n_with),
+                                                                 dist_coreset_size)
+    assert all(pad <= r < rows - pad and pad <= c < cols - pad for _, r, c in without + distribution)
+    longer = max(without, distribution, key=len)
+    assert len(longer) == max(int(0.125 * n_without), dist_coreset_size)
+    assert min(without, distribution, key=len) == longer[: min(len(without), len(distribution))]
+
+    interior = [(i, r, c) for i in range(n_img) for r in range(pad, rows - pad) for c in range(pad, cols - pad)]
+    points = table[[ids[p] for p in interior]].astype(np.float64)
+    assert greedy_start(points, [interior.index(p) for p in longer]) is not None
+    everything = [(i, r, c) for i in range(n_img) for r in range(rows) for c in range(cols)]
+    assert greedy_start(table.astype(np.float64), [everything.index(p) for p in with_edge]) is not None
+    assert any(not (pad <= r < rows - pad and pad <= c < cols - pad) for _, r, c in with_edge)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import reference
 from pni.data import (
     AnomalyDataset,
     IMAGENET_MEAN,
@@ -205,6 +206,22 @@ def test_mask_truncation_erodes_like_the_original() -> None:
     wide = Image.fromarray(np.full((10, 20), 255, np.uint8))
     assert mask_transform(8, 6)(wide).shape == (1, 6, 6)
     assert image_transform(8, 6)(wide.convert("RGB")).shape == (3, 6, 6)
+
+
+@pytest.mark.parametrize("size,resize,crop", [((37, 53), 24, 20), ((60, 41), 32, 30), ((16, 16), 40, 36)])
+def test_transforms_equal_pil_resize_and_centre_crop(size, resize, crop) -> None:
+    """Pixel values: PIL's bilinear resize of the shorter side, the centre square, ImageNet
+    normalisation (reference); masks the same geometry, defective where the value is 255."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    got = image_transform(resize, crop)(image)
+    assert got.shape == (3, crop, crop)
+    np.testing.assert_allclose(got.double().numpy(), reference.image_tensor(image, resize, crop), rtol=0, atol=1e-5)
+    mask = Image.fromarray(_box_mask(size[1] // 4, size[0] // 3, size[1] // 2, size[0] // 3, size=max(size))
+                           [: size[1], : size[0]])
+    want = reference.resize_and_crop(mask, resize, crop) == 255
+    assert 0 < want.sum() < want.size
+    np.testing.assert_array_equal(mask_transform(resize, crop)(mask)[0].numpy(), want.astype(np.float32))
 
 
 def test_denormalize_round_trip() -> None:

@@ -8,25 +8,21 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import reference
 import train_coreset_distribution as tcd
+from helpers import REPO as ROOT
+from helpers import TINY, TRAIN, aurocs_from_saved
 from pni.data.synthetic import make_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
-        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
-        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
-        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
 DDP = ["--devices", "2", "--strategy", "ddp"]
-TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 
 
-def run_script(argv, timeout=240):
+def run_script(argv, timeout=900):
     env = {k: v for k, v in os.environ.items()
            if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PNI_DDP_RUN")}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a two-core machine
@@ -78,9 +74,10 @@ def test_ddp_scoring_matches_one_process(dataset):
                                np.array([r[3:] for r in one[1:]], float), rtol=0, atol=1e-5)
     rows = score_rows(root)
     assert [r["version"] for r in rows] == ["version_0", "version_1"]
-    for key in rows[0]:
-        if key.endswith("AUROC"):
-            assert float(rows[1][key]) == pytest.approx(float(rows[0][key]), abs=1e-6), key
+    expected = aurocs_from_saved(v1)  # scikit-learn on the files the two ranks wrote
+    for key, value in expected.items():
+        assert float(rows[1][key]) == pytest.approx(value, abs=1e-6), key
+        assert float(rows[0][key]) == pytest.approx(float(rows[1][key]), abs=1e-6), key
 
 
 def test_ddp_training_runs_every_stage(dataset):
@@ -92,9 +89,35 @@ def test_ddp_training_runs_every_stage(dataset):
     assert not any(p.name.startswith(".") for p in emb.iterdir())  # no scratch or temporary left
     ckpt = torch.load(emb / "best_model_dp2_dcs16_n3.pt", weights_only=True)
     assert ckpt["model"]["first_layer.0.weight"].shape == (2048, 24 * 32)
-    assert np.isfinite(ckpt["val_loss"]) and 0.0 < ckpt["val_loss"] < 50.0
+    # The recorded validation loss is the cross-entropy of the saved weights on the validation
+    # tenth of the windows, both ranks' shares together.
+    x, y = validation_samples(dataset / "ds", emb)
+    assert len(y) == 6  # 10% of 4 images x 4 x 4 interior positions
+    expected = reference.cross_entropy(reference.mlp_logits(ckpt["model"], x), y)
+    assert ckpt["val_loss"] == pytest.approx(expected, rel=1e-4)
     assert (emb / "coor_model_sp25_with_edge.npy").is_file()
     assert sorted(p.name for p in versions(root).iterdir()) == ["version_0"]
     assert len(list((versions(root) / "version_0" / "sample").glob("*_amap_nb.npy"))) == 7
     (row,) = score_rows(root)
-    assert all(0.0 <= float(row[k]) <= 1.0 for k in row if k.endswith("AUROC"))
+    for key, value in aurocs_from_saved(versions(root) / "version_0").items():
+        assert float(row[key]) == pytest.approx(value, abs=1e-6), key
+
+
+def validation_samples(dataset_path, emb):
+    """Windows and labels of the validation split (seed 22), from the training images'
+    features and the saved distribution coreset."""
+    import faiss
+
+    from pni.data.datasets import build_datasets
+    from pni.features import build_feature_extractor
+    from pni.lightning import split_train_val
+
+    train_ds, _ = build_datasets("MVTec", dataset_path, "texture", resize=64, imagesize=64)
+    extractor = build_feature_extractor("R18", pretrain_embed_dimension=48, target_embed_dimension=32,
+                                        random_init=True)
+    bank = extractor(torch.stack([train_ds[i]["image"] for i in range(len(train_ds))])).double().numpy()
+    index = faiss.read_index(str(emb / "dist_coreset_index_16.faiss"))
+    distribution = index.reconstruct_n(0, index.ntotal).astype(np.float64)
+    x, y = reference.neighbourhood_samples(bank, distribution, pad=2, dp=2, variant="original")
+    _, val_ids = split_train_val(len(y), seed=22)
+    return x[val_ids.numpy()], y[val_ids.numpy()]

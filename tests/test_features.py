@@ -1,8 +1,10 @@
 """Backbones, weight loading and patch aggregation."""
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torchvision
 
+import reference
 from pni.errors import PNIError
 from pni.features import (
     BACKBONES,
@@ -11,7 +13,6 @@ from pni.features import (
     hub_checkpoint_dir,
     load_backbone,
     local_patches,
-    resize_patch_grid,
     weights_file_name,
 )
 
@@ -30,22 +31,36 @@ def test_output_shape_and_batch_independence():
     torch.testing.assert_close(full, singles, rtol=1e-4, atol=1e-5)
 
 
-def test_aggregation_matches_naive_reference():
-    """One position's feature equals pooling its zero-padded neighbourhoods by hand."""
-    fe = small_extractor(patchsize=3)
-    x = torch.randn(1, 3, 64, 64)
-    maps = fe.body(x)
-    l2, l3 = maps["layer2"][0], maps["layer3"][0]  # (C2, 8, 8), (C3, 4, 4)
-    r, c = 5, 2
-    p2 = F.pad(l2, (1, 1, 1, 1))[:, r:r + 3, c:c + 3].reshape(-1)
-    # layer3: every neighbourhood element is interpolated on its own grid
-    u3 = F.pad(l3, (1, 1, 1, 1))
-    shifted = torch.stack([u3[:, i:i + 4, j:j + 4] for i in range(3) for j in range(3)], dim=1)  # (C3, 9, 4, 4)
-    up = F.interpolate(shifted.reshape(-1, 1, 4, 4), size=(8, 8), mode="bilinear", align_corners=False)
-    p3 = up.reshape(l3.shape[0], 9, 8, 8)[:, :, r, c].reshape(-1)
-    v = torch.stack([F.adaptive_avg_pool1d(p[None, None], 48)[0, 0] for p in (p2, p3)])
-    expected = F.adaptive_avg_pool1d(v.reshape(1, 1, -1), 32)[0, 0]
-    torch.testing.assert_close(fe(x)[0, r, c], expected, rtol=1e-4, atol=1e-5)
+def perturbed_resnet18(seed: int = 3) -> torch.nn.Module:
+    """A torchvision ResNet-18 with random weights and BatchNorm statistics (so eval mode matters)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("patchsize", [3, 5])
+def test_features_equal_the_spec_reference(patchsize):
+    """Every position's feature equals SPEC section 2 computed from the backbone's raw layer
+    outputs: zero-padded neighbourhoods, each layer-3 neighbourhood element bilinearly brought
+    to layer 2's grid, adaptive average pooling per layer, then of the concatenation."""
+    model = perturbed_resnet18()
+    fe = PatchFeatureExtractor(model, "R18", pretrain_embed_dimension=48, target_embed_dimension=32,
+                               patchsize=patchsize)
+    x = torch.randn(2, 3, 64, 48)
+    expected = reference.patch_features(reference.resnet_layer_maps(model, x, ["layer2", "layer3"]), patchsize,
+                                        48, 32)
+    assert expected.shape == (2, 8, 6, 32)
+    np.testing.assert_allclose(fe(x).double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_pooling_by_hand():
+    """The reference's adaptive average pooling: 5 -> 3 averages elements 0-1, 1-3, 3-4."""
+    np.testing.assert_allclose(reference.adaptive_pool_weights(5, 3) @ np.array([1.0, 2, 4, 8, 16]),
+                               [1.5, 14 / 3, 12.0])
 
 
 def test_local_patches_layout():
@@ -103,12 +118,26 @@ def test_wrong_checkpoint_is_refused(tmp_path):
 
 def test_densenet_layers_map_to_dense_blocks(tmp_path):
     fe = small_extractor("DN201")
-    assert set(fe.body.return_nodes if hasattr(fe.body, "return_nodes") else []) <= {"layer2", "layer3"}
-    maps = fe.body(torch.randn(1, 3, 64, 64))
-    assert maps["layer2"].shape[1:] == (512, 8, 8)  # denseblock2 of DenseNet-201
-    assert maps["layer3"].shape[1:] == (1792, 4, 4)  # denseblock3
-    # old-style torchvision DenseNet keys ("norm.1") load through --backbone_weights
     model = load_backbone("DN201", random_init=True)
+    x = torch.randn(1, 3, 64, 64)
+    maps = fe.body(x)
+    # reference: DenseNet-201's feature stages run one after the other, outputs of blocks 2 and 3
+    expected, h = {}, x
+    with torch.no_grad():
+        for name, module in model.features.named_children():
+            h = module(h)
+            if name in ("denseblock2", "denseblock3"):
+                expected[name] = h
+            if name == "denseblock3":
+                break
+    assert sorted(maps) == ["layer2", "layer3"]
+    assert maps["layer2"].shape[1:] == (512, 8, 8) and maps["layer3"].shape[1:] == (1792, 4, 4)
+    torch.testing.assert_close(maps["layer2"], expected["denseblock2"])
+    torch.testing.assert_close(maps["layer3"], expected["denseblock3"])
+    names = {n for n, _ in fe.body.named_modules()}
+    assert "features.denseblock3" in names
+    assert not names & {"features.transition3", "features.denseblock4", "features.norm5", "classifier"}
+    # old-style torchvision DenseNet keys ("norm.1") load through --backbone_weights
     state = {k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
              for k, v in model.state_dict().items()}
     torch.save(state, tmp_path / "dn.pth")
@@ -127,20 +156,3 @@ def test_extractor_stops_after_last_layer():
     fe = small_extractor("R18")
     names = {n for n, _ in fe.body.named_modules()}
     assert not any(n.startswith("layer4") or n == "fc" for n in names)
-
-
-def test_pooling_before_resize_equals_resizing_every_neighbourhood_element():
-    """The SPEC's order (resize each neighbourhood element, then pool) gives the same features."""
-    fe = small_extractor()
-    x = torch.randn(2, 3, 64, 64)
-    maps = fe.body(x)
-    ref_hw = maps["layer2"].shape[-2:]
-    pooled = []
-    for layer in ("layer2", "layer3"):
-        patches = local_patches(maps[layer], fe.patchsize)
-        if patches.shape[1:3] != ref_hw:
-            patches = resize_patch_grid(patches, tuple(ref_hw))
-        pooled.append(F.adaptive_avg_pool1d(patches.reshape(-1, 1, patches[0, 0, 0].numel()), 48).squeeze(1))
-    stacked = torch.stack(pooled, dim=1)
-    expected = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), 32).reshape(2, 8, 8, 32)
-    torch.testing.assert_close(fe(x), expected, rtol=1e-4, atol=1e-5)

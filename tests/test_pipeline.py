@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from sklearn.metrics import roc_auc_score
+
 import train_coreset_distribution as tcd
+from helpers import TINY, aurocs_from_saved
 from pni.config import build_parser, parse_args
 from pni.data.synthetic import make_dataset
-
-TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
-        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
-        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
-        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +56,12 @@ def test_results_layout_and_score_table(tiny_run):
     with open(root / "result" / "score_result.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["category"] == "texture"
-    for m in ("nb", "coor", "patchcore", "nb_coor"):
-        assert 0.0 <= float(rows[0][f"{m}_P-AUROC"]) <= 1.0
     with open(version / "image_scores.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 8
+    expected = aurocs_from_saved(version)  # scikit-learn on the saved maps, masks and image scores
+    assert len(expected) == 8
+    for key, value in expected.items():
+        assert float(rows[0][key]) == pytest.approx(value, abs=1e-6), key
 
 
 def test_rerun_without_train_flags_reuses_artefacts(tiny_run):
@@ -126,7 +126,6 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
 
 
 def test_report_tables_per_category_and_defect_type(tiny_run):
-    from pni.metrics import pixel_auroc
     from pni.report import latest_run, load_run, per_defect_scores, report
 
     root, _ = tiny_run
@@ -135,8 +134,11 @@ def test_report_tables_per_category_and_defect_type(tiny_run):
     rows, samples = load_run(latest_run(root / "result", "texture", "R18"))
     hole = [d for d in per_defect_scores(rows, samples) if d["defect_type"] == "hole"][0]
     keep = [i for i, r in enumerate(rows) if r["defect_type"] in ("good", "hole")]
-    expected = pixel_auroc(np.stack([samples[i]["gt"] for i in keep]), np.stack([samples[i]["nb"] for i in keep]))
-    assert hole["n"] == 2 and hole["nb_P-AUROC"] == expected
+    expected = roc_auc_score(np.concatenate([samples[i]["gt"].reshape(-1) for i in keep]),
+                             np.concatenate([samples[i]["nb"].reshape(-1) for i in keep]))
+    assert hole["n"] == 2 and hole["nb_P-AUROC"] == pytest.approx(expected, abs=1e-12)
+    expected = roc_auc_score([int(rows[i]["label"]) for i in keep], [float(rows[i]["coor"]) for i in keep])
+    assert hole["coor_I-AUROC"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_old_nb_mask_flag_maps_to_variant(capsys):

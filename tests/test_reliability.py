@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import pickle
 import shutil
@@ -23,26 +22,13 @@ import torch
 from PIL import Image
 
 import train_coreset_distribution as tcd
+from helpers import MAPS, REPO, TINY, TRAIN, load_cli
 from pni import coreset as cs
 from pni.config import parse_args
 from pni.data.synthetic import make_dataset
 from pni.errors import PNIError
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
-        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
-        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
-        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
-TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 CAT = "texture"
-MAPS = ("nb", "coor", "patchcore", "nb_coor")
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "analysis_code" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def argv_for(dataset: Path, emb_root: Path, project: Path, *extra: str) -> list[str]:
@@ -365,7 +351,7 @@ def test_cli_in_a_subprocess_prints_one_line_and_exit_code_2(tmp_path, capsys):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("PNI_DEBUG", None)
     proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: dataset folder not found: {tmp_path / 'nope'} "
                                                 "(set --dataset_path)"]
@@ -457,7 +443,7 @@ def test_killed_run_can_be_rerun_with_the_same_results(trained, tmp_path, capsys
     argv = trained.argv(*TRAIN, emb_root=tmp_path, project=project)
     env = {**os.environ, "PNI_TEST_KILL_AT": "nb_checkpoint", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "PNI_TEST_KILL_AT=nb_checkpoint" in proc.stdout
     emb = emb_dir(tmp_path)
@@ -482,7 +468,7 @@ def test_killed_test_stage_leaves_no_version_folder(trained, tmp_path, capsys):
     env = {**os.environ, "PNI_TEST_KILL_AT": "test_sample", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")]
                           + trained.argv(project=project), capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+                          cwd=tmp_path, timeout=900)
     assert proc.returncode == -9, proc.stderr[-2000:]
     left = list(logs_dir(project).iterdir())
     assert len(left) == 1 and left[0].name.startswith(".version_0.partial-")

@@ -7,16 +7,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from pni.errors import PNIError
 from pni.scoring import (
     MAP_NAMES,
+    PositionMask,
+    RankColumns,
     ScoringArtefacts,
     ScoringConfig,
+    blocked_indicator,
     gaussian_blur,
     interior_indices,
+    kth_smallest,
     nb_scores,
     nearest_ids,
     parent_share,
@@ -27,6 +30,7 @@ from pni.scoring import (
     score_batch,
     score_image,
 )
+from reference import bilinear_resize, bilinear_weights, full_size_maps, naive_m, naive_scores, pymp_split
 
 R = C = 6
 E, K1, K2, D, PS = 8, 21, 26, 11, 3  # patchsize 3 -> pp = 1; no size divisible by 3 or 8
@@ -36,150 +40,30 @@ P_INT = (R - 2 * PP) * (C - 2 * PP)
 
 
 # ---------------------------------------------------------------------------------------------
-# Naive reference, written from the SPEC and from the original's loop structure, plain loops.
-
-
-def _dist(a: np.ndarray, b: np.ndarray) -> float:
-    return math.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b)))
-
-
-def _neg_log_max(probs: list[float], mask: list[bool]) -> float:
-    return -math.log(max(p * (1.0 if a else 0.0) for p, a in zip(probs, mask)))
-
-
-def naive_m(emb: np.ndarray, dcs: np.ndarray) -> np.ndarray:
-    return np.array([int(np.argmin([_dist(e, c) for c in dcs])) for e in emb])
-
-
-def pymp_split(n: int, workers: int) -> list[range]:
-    """How pymp's ``p.range(n)`` shares a loop among ``workers`` processes: contiguous chunks,
-    the first ``n % workers`` of them one iteration longer; worker 0 is the parent."""
-    base, extra = divmod(n, workers)
-    chunks, start = [], 0
-    for w in range(workers):
-        size = base + (1 if w < extra else 0)
-        chunks.append(range(start, start + size))
-        start += size
-    return chunks
-
-
-def parallel_fill(n: int, workers: int, write) -> None:
-    """Run ``write(it)`` for every iteration of an ``n``-iteration pymp loop, keeping only the
-    writes that survive in the original: those of the parent process (worker 0). The forked
-    workers' writes into a plain numpy array are lost."""
-    for worker, chunk in enumerate(pymp_split(n, workers)):
-        for it in chunk:
-            if worker == 0:
-                write(it)
-
-
-def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg: ScoringConfig):
-    """Coarse (R, C) maps and image scores the way the original computes them: per position,
-    every coreset entry sorted by distance (the original's faiss search with k = all), masks
-    filled in loops (``parallel_fill`` under ``variant='original'``), scores from the sorted
-    probabilities."""
-    g = cfg.prob_gamma
-    rows, cols, _ = feat.shape
-    pp = (cfg.patchsize - 1) // 2
-    k1, k2 = len(emb1), len(emb2)
-    workers = cfg.mask_workers if cfg.variant == "original" else 1
-
-    def position_score(d: list[float], prior_row, k: int) -> float:
-        order = sorted(range(k), key=lambda q: d[q])  # ids by rank
-        mask = [False] * k
-
-        def write(rank):  # the original's loop over ranks
-            mask[rank] = prior_row[order[rank]] > cfg.softmax_coor_gamma / k
-
-        parallel_fill(k, workers, write)
-        mask[-1] = True  # the farthest entry
-        return _neg_log_max([g * math.exp(-g * d[q]) for q in order], mask)
-
-    # With edge, all positions.
-    pc_pixel, knn_rows, coor = [], [], []
-    for r in range(rows):
-        for c in range(cols):
-            i = r * cols + c
-            d = [_dist(feat[r, c], e) for e in emb2]
-            knn = sorted(d)[: cfg.anomaly_nn]
-            pc_pixel.append(knn[0])
-            knn_rows.append(knn)
-            coor.append(position_score(d, prior2[i], k2))
-    best = int(np.argmax(pc_pixel))
-    s_star = pc_pixel[best]
-    if cfg.anomaly_nn == 1:
-        w = 1.0
-    else:
-        w = 1.0 - math.exp(s_star) / sum(math.exp(x) for x in knn_rows[best])
-    image_pc = w * s_star
-
-    # Without edge, interior positions.
-    nb, pos = [], []
-    j = 0
-    for r in range(pp, rows - pp):
-        for c in range(pp, cols - pp):
-            i = r * cols + c
-            d = [_dist(feat[r, c], e) for e in emb1]
-            z = [float(v) / cfg.softmax_temperature_alpha for v in logits[j]]
-            ex = [math.exp(v - max(z)) for v in z]
-            soft = [v / sum(ex) for v in ex]
-            allowed_dist = [s > cfg.softmax_nb_gamma / k1 for s in soft]
-            if cfg.variant == "paper":
-                mask = [allowed_dist[m[k]] for k in range(k1)]
-                mask[int(np.argmax(d))] = True
-                nb.append(_neg_log_max([g * math.exp(-g * x) for x in d], mask))
-            else:
-                dd = [_dist(feat[r, c], x) for x in dcs]
-                order = sorted(range(len(dcs)), key=lambda q: dd[q])
-                by_rank = [allowed_dist[order[q]] for q in range(len(dcs))]
-                mask = [False] * k1
-
-                def write(jd):  # the original's loop over distribution ids
-                    for k in range(k1):
-                        if m[k] == jd:
-                            mask[k] = by_rank[jd]  # column k: the k-th nearest entry
-
-                parallel_fill(len(dcs), workers, write)
-                mask[-1] = True
-                probs_sorted = [g * math.exp(-g * x) for x in sorted(d)]
-                nb.append(_neg_log_max(probs_sorted, mask))
-            pos.append(position_score(d, prior1[i], k1))
-            j += 1
-
-    ri, ci = rows - 2 * pp, cols - 2 * pp
-    nb_int = np.array(nb).reshape(ri, ci)
-    nbc_int = ((np.array(nb) + np.array(pos)) / 2).reshape(ri, ci)
-    coarse = {
-        "nb": np.pad(nb_int, pp, mode="edge"),
-        "coor": np.array(coor).reshape(rows, cols),
-        "patchcore": np.array(pc_pixel).reshape(rows, cols),
-        "nb_coor": np.pad(nbc_int, pp, mode="edge"),
-    }
-    image = {"nb": nb_int.max(), "coor": max(coor), "patchcore": image_pc,
-             "nb_coor": nbc_int.max()}
-    return coarse, image
-
-
-# ---------------------------------------------------------------------------------------------
 # Inputs
 
 
-def _prior(rng: np.random.Generator, rows: int, k: int, zero_rows: int = 3) -> np.ndarray:
-    counts = rng.integers(0, 4, size=(rows, k)) * (rng.random((rows, k)) < 0.4)
+def _prior(rng: np.random.Generator, rows: int, k: int, zero_rows: int = 3, density: float = 0.4) -> np.ndarray:
+    counts = rng.integers(0, 4, size=(rows, k)) * (rng.random((rows, k)) < density)
     counts[rng.choice(rows, zero_rows, replace=False)] = 0
     sums = counts.sum(axis=1, keepdims=True)
     return np.where(sums > 0, counts / np.maximum(sums, 1), 0.0)
 
 
-def make_inputs(seed: int = 0):
+def make_inputs(seed: int = 0, prefix: bool = True, density: float = 0.4):
+    """Random features, coresets, logits and priors. ``prefix``: the distribution coreset is
+    (close to) the first ``D`` embedding entries, as the greedy order makes it, so that
+    ``m(k) = k`` for ``k < D``; otherwise ``D`` entries picked at random, so ``m`` is not.
+    ``density``: fraction of nonzero prior counts."""
     rng = np.random.default_rng(seed)
     feat = rng.normal(size=(R, C, E))
     emb2 = rng.normal(size=(K2, E))
     emb1 = rng.normal(size=(K1, E))
-    dcs = emb1[:D] + 0.05 * rng.normal(size=(D, E))
+    picked = np.arange(D) if prefix else rng.permutation(K1)[:D]
+    dcs = emb1[picked] + 0.05 * rng.normal(size=(D, E))
     logits = 6.0 * rng.normal(size=(P_INT, D))
-    prior1 = _prior(rng, P, K1)
-    prior2 = _prior(rng, P, K2)
+    prior1 = _prior(rng, P, K1, density=density)
+    prior2 = _prior(rng, P, K2, density=density)
     return feat, logits, emb1, emb2, dcs, prior1, prior2
 
 
@@ -217,11 +101,18 @@ VARIANT_WORKERS = [("original", 1), ("original", 3), ("original", 8), ("paper", 
 
 @pytest.mark.parametrize("variant,workers", VARIANT_WORKERS)
 @pytest.mark.parametrize("anomaly_nn", [1, 3])
-def test_matches_naive_reference(variant, workers, anomaly_nn):
-    inputs = make_inputs(1)
+@pytest.mark.parametrize("prefix,density", [(True, 0.4), (False, 0.06)])
+def test_matches_naive_reference(variant, workers, anomaly_nn, prefix, density):
+    """Also with a distribution coreset that is no prefix (the neighbourhood mask's ranks are
+    sorted) and sparse priors (kept as lists of allowed ids)."""
+    inputs = make_inputs(1, prefix, density)
     cfg = replace(CFG, variant=variant, mask_workers=workers, anomaly_nn=anomaly_nn)
     got, want = run_both(inputs, cfg)
     assert_matches(got, want)
+    m = naive_m(inputs[2], inputs[4])
+    assert (m[:D].tolist() == list(range(D))) == prefix
+    for prior, k in ((inputs[5], K1), (inputs[6], K2)):
+        assert (PositionMask(torch.from_numpy(prior > 0.5 / k)).dense is None) == (density < 0.1)
     if anomaly_nn == 1:  # w = 1
         assert got.image["patchcore"] == pytest.approx(want[0]["patchcore"].max(), abs=1e-12)
 
@@ -299,6 +190,36 @@ def test_original_and_paper_variants():
         torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(nearest, PP))
 
 
+def test_kth_smallest_equals_sorting():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(300, 3000))
+    k = rng.integers(0, 3000, 300)
+    k[:100] = rng.integers(0, 12, 100)  # every group of the partial sorts, the first and last too
+    k[100:110] = 0
+    k[110:120] = 2999
+    want = np.sort(q, axis=1)[np.arange(300), k]
+    np.testing.assert_array_equal(kth_smallest(torch.from_numpy(q), torch.from_numpy(k)).numpy(), want)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_rank_columns_without_sorting_when_increasing(workers):
+    """With ``m(k) = k`` below ``D`` (a prefix distribution coreset) the first allowed column
+    comes from the nearest allowed entry's rank; it equals the sorted-ranks answer."""
+    rng = np.random.default_rng(1)
+    m = torch.cat([torch.arange(D), torch.from_numpy(rng.integers(0, D, K1 - D))])
+    columns = RankColumns.build(m, D, workers)
+    assert columns.increasing
+    q_dist = torch.from_numpy(rng.normal(size=(200, D)))
+    allowed = torch.from_numpy(rng.random((200, D)) < 0.15)
+    allowed[:5] = False
+    sorted_ranks = RankColumns(columns.first, increasing=False)
+    blocked = blocked_indicator(allowed, q_dist.dtype)
+    fast = columns.first_allowed(q_dist, blocked, K1 - 1)
+    assert fast.tolist() == sorted_ranks.first_allowed(q_dist, blocked, K1 - 1).tolist()
+    assert (fast[:5] == K1 - 1).all() and (fast < K1 - 1).any()
+    assert not RankColumns.build(m.flip(0), D, workers).increasing
+
+
 def test_original_mask_uses_ranks_not_ids():
     # One feature, distribution entries ranked [2, 0, 1]; only entry 2 (rank 0) is allowed.
     dist_emb = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
@@ -361,13 +282,25 @@ def test_chunk_size_and_batch_invariance():
 
 def test_full_size_maps_are_resized_and_blurred():
     inputs = make_inputs(6)
-    got, _ = run_both(inputs, CFG)
+    got, (coarse, _) = run_both(inputs, CFG)
+    want = full_size_maps(coarse, CFG.imagesize, CFG.blursigma)
     for name in MAP_NAMES:
         assert got.maps[name].shape == (CFG.imagesize, CFG.imagesize)
-        up = F.interpolate(got.coarse[name][None, None], size=(CFG.imagesize,) * 2,
-                           mode="bilinear", align_corners=False)[0, 0].numpy()
-        want = gaussian_filter(up, sigma=CFG.blursigma, mode="reflect", truncate=4.0)
-        np.testing.assert_allclose(got.maps[name].numpy(), want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.maps[name].numpy(), want[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_reference_bilinear_follows_pil_when_upsampling():
+    """The reference's convention (pixel centres aligned, edge pixels repeated) is PIL's
+    bilinear filter when enlarging, on float images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.random((5, 7)).astype(np.float32)
+    for size in ((16, 16), (12, 21), (480, 480)):
+        pil = np.asarray(Image.fromarray(img, mode="F").resize(size[::-1], Image.Resampling.BILINEAR))
+        np.testing.assert_allclose(bilinear_resize(img, size), pil, rtol=0, atol=1e-5)
+    # by hand: 2 -> 4 pixels samples at -0.25 (clamped to 0), 0.25, 0.75, 1.25 (-> 1)
+    np.testing.assert_allclose(bilinear_weights(2, 4), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
 
 
 def test_float32_runs_and_is_close():
@@ -408,12 +341,15 @@ def test_blur_equals_scipy_reflect(shape, sigma):
     np.testing.assert_allclose(got32, want, rtol=0, atol=1e-5)
 
 
-def test_resize_and_blur_shape():
-    maps = torch.rand(3, 5, 7)
-    assert resize_and_blur(maps, 12, 1.0).shape == (3, 12, 12)
-    torch.testing.assert_close(resize_and_blur(maps, 12, 0.0),
-                               F.interpolate(maps[:, None], size=(12, 12), mode="bilinear",
-                                             align_corners=False)[:, 0])
+def test_resize_and_blur_equals_reference():
+    maps = torch.rand(3, 5, 7, dtype=torch.float64)
+    got = resize_and_blur(maps, 12, 1.0)
+    assert got.shape == (3, 12, 12)
+    np.testing.assert_allclose(resize_and_blur(maps, 12, 0.0).numpy(), bilinear_resize(maps.numpy(), (12, 12)),
+                               rtol=0, atol=1e-12)
+    want = [gaussian_filter(bilinear_resize(m, (12, 12)), sigma=1.0, mode="reflect", truncate=4.0)
+            for m in maps.numpy()]
+    np.testing.assert_allclose(got.numpy(), np.stack(want), rtol=0, atol=1e-12)
 
 
 def test_interior_and_padding():

@@ -29,7 +29,7 @@ VISA = ("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 p
 ENSEMBLE = ["WR101", "RNX101", "DN201"]
 
 
-def run_script(name, timeout=120, **env):
+def run_script(name, timeout=900, **env):
     full = dict(os.environ)  # conftest's MPLCONFIGDIR / TORCH_HOME go along
     full.setdefault("MPLBACKEND", "Agg")
     full.update({k: str(v) for k, v in env.items()})
@@ -115,7 +115,7 @@ def recorder(tmp_path):
     def record(name, **env):
         base = dict(PYTHON=stub, CALL_LOG=log, DATASET_PATH=tmp_path / "ds",
                     RESULT_ROOT=tmp_path / "res", EMBEDDING_ROOT=tmp_path / "emb")
-        proc = run_script(name, timeout=30, **{**base, **env})
+        proc = run_script(name, timeout=300, **{**base, **env})
         calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
         log.unlink(missing_ok=True)
         return proc, calls

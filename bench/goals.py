@@ -1,0 +1,61 @@
+"""The benchmarks' goals, in one place.
+
+Each benchmark measures its figures, then calls :func:`check`, which prints a line for every
+goal it misses and returns the exit code: ``make bench`` (``bench/run_all.py``) fails when
+any benchmark misses a goal, so a regression is seen. ``--no_goals`` (used by ``--quick``
+and the smoke tests, whose tiny sizes say nothing) reports without failing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``value <op> target``; ``what`` names the figure, ``unit`` follows the target in tables."""
+
+    op: str  # ">=" or "<="
+    target: float
+    what: str
+    unit: str = "x"
+
+    def met(self, value: float) -> bool:
+        return {">=": operator.ge, "<=": operator.le}[self.op](value, self.target)
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.target:g}"
+
+
+GOALS: dict[str, Goal] = {
+    # bench_scoring.py: one 60x60 image at the paper's coreset sizes, on 2 CPU cores
+    "scoring_vs_original": Goal(">=", 15.0, "speed-up over the original's method (faiss k = all, mask loops)",
+                                "x vs the original"),
+    "scoring_flop_bound": Goal("<=", 1.5, "scoring time over the FLOP bound of its distance products",
+                               "x the FLOP bound"),
+    "scoring_map_difference": Goal("<=", 1e-4, "largest map difference from the original's method",
+                                   " map difference"),
+    # bench_coreset.py
+    "coreset_pass": Goal("<=", 3.0, "greedy iteration over one pass over the projected bank", "x one pass"),
+    # bench_inference.py
+    "inference_flop_bound": Goal("<=", 2.0, "one test image end to end over its FLOP bound", "x the FLOP bound"),
+    # bench_memory.py
+    "memory_bank": Goal("<=", 1.5, "coreset stage peak memory over the feature bank", "x the bank"),
+}
+
+
+def describe(prefix: str) -> str:
+    """The goals whose names start with ``prefix``, e.g. ``>= 15x vs the original``."""
+    return ", ".join(f"{g}{g.unit}" for name, g in GOALS.items() if name.startswith(prefix))
+
+
+def check(values: Mapping[str, float], enforce: bool = True) -> int:
+    """Print ``goal missed: ...`` for every value that misses its goal; return 1 if one did
+    and ``enforce``, else 0."""
+    missed = [name for name, value in values.items() if not GOALS[name].met(value)]
+    for name in missed:
+        goal = GOALS[name]
+        print(f"goal missed: {goal.what} is {values[name]:.3g}, goal {goal}"
+              + ("" if enforce else " (not enforced)"))
+    return 1 if missed and enforce else 0
