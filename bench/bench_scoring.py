@@ -45,7 +45,7 @@ from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig, interior_ind
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "oracles"))
 import pymp_original_masks as original  # noqa: E402  (the original's mask loops)
-import reference  # noqa: E402  (resize and blur written from the SPEC)
+import reference  # noqa: E402  (resize and blur written from the method)
 
 
 # ---------------------------------------------------------------------------------------------

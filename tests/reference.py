@@ -1,16 +1,17 @@
-"""Naive references written from SPEC.md, independent of the ``pni`` code they check.
+"""Naive references written from the method (docs/METHOD.md; "METHOD n" is its section n),
+independent of the ``pni`` code they check.
 
 Plain loops or explicit weight matrices built from the formulas, float64, numpy (torch only
 to run a torchvision backbone's own layers). Tests compare the package with these; the
 scoring benchmark times its naive port from here too.
 
-- transforms (SPEC 1): :func:`resize_and_crop`, :func:`image_tensor`;
-- patch features (SPEC 2): :func:`resnet_layer_maps`, :func:`patch_features`, built from
+- transforms (METHOD 1): :func:`resize_and_crop`, :func:`image_tensor`;
+- patch features (METHOD 2): :func:`resnet_layer_maps`, :func:`patch_features`, built from
   :func:`neighbourhoods`, :func:`bilinear_weights` and :func:`adaptive_pool_weights`;
-- greedy coreset (SPEC 3): :func:`brute_force_farthest_point`, :func:`jl_min_dim`;
-- learned priors (SPEC 4): :func:`sliced_window`, :func:`neighbourhood_samples`, :func:`mlp_logits`,
+- greedy coreset (METHOD 3): :func:`brute_force_farthest_point`, :func:`jl_min_dim`;
+- learned priors (METHOD 4): :func:`sliced_window`, :func:`neighbourhood_samples`, :func:`mlp_logits`,
   :func:`mlp_parameter_shapes`, :func:`cross_entropy`, :func:`position_counts`;
-- scoring (SPEC 5): :func:`naive_scores` (the original's loop structure, lost parallel
+- scoring (METHOD 5): :func:`naive_scores` (the original's loop structure, lost parallel
   writes included) and :func:`full_size_maps` (bilinear resize, then scipy's Gaussian blur).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from scipy.ndimage import gaussian_filter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HIDDEN_WIDTH = 2048  # SPEC 4: hidden layers of the neighbourhood MLP
+HIDDEN_WIDTH = 2048  # METHOD 4: hidden layers of the neighbourhood MLP
 BATCHNORM_EPS = 1e-5  # torch.nn.BatchNorm1d's default, which the MLP keeps
 
 
@@ -67,7 +68,7 @@ def adaptive_pool_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 1: test-time transform
+# METHOD 1: test-time transform
 
 
 def resize_and_crop(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
@@ -91,7 +92,7 @@ def image_tensor(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2: patch features
+# METHOD 2: patch features
 
 
 def resnet_layer_maps(model, images, layers: Sequence[str]) -> list[np.ndarray]:
@@ -128,7 +129,7 @@ def neighbourhoods(fmap: np.ndarray, patchsize: int) -> np.ndarray:
 
 def patch_features(layer_maps: Sequence[np.ndarray], patchsize: int, pretrain_dim: int,
                    target_dim: int) -> np.ndarray:
-    """SPEC 2, in the SPEC's order: per layer, each position's neighbourhood as a
+    """METHOD 2, in the method's order: per layer, each position's neighbourhood as a
     ``C * patchsize^2`` vector (channel-major), every neighbourhood element of a coarser layer
     brought to the first layer's grid by bilinear interpolation, each vector average-pooled to
     ``pretrain_dim``; the layers' vectors concatenated and pooled to ``target_dim``.
@@ -146,7 +147,7 @@ def patch_features(layer_maps: Sequence[np.ndarray], patchsize: int, pretrain_di
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 3: greedy coreset
+# METHOD 3: greedy coreset
 
 
 def jl_min_dim(n_samples: int, eps: float) -> float:
@@ -156,7 +157,7 @@ def jl_min_dim(n_samples: int, eps: float) -> float:
 
 def brute_force_farthest_point(points: np.ndarray, n_select: int, start: int) -> list[int]:
     """Full distance matrix; repeatedly the point farthest from the start and the points
-    chosen so far. The start itself is not selected (SPEC 3)."""
+    chosen so far. The start itself is not selected (METHOD 3)."""
     d = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
     centres, chosen = [start], []
     while len(chosen) < n_select:
@@ -191,7 +192,7 @@ def greedy_start(points: np.ndarray, selection: Sequence[int]) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 4: neighbourhood windows and the MLP
+# METHOD 4: neighbourhood windows and the MLP
 
 
 def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np.ndarray:
@@ -207,7 +208,7 @@ def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np
 
 def neighbourhood_samples(bank: np.ndarray, distribution: np.ndarray, pad: int, dp: int,
                           variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """The MLP's training samples (SPEC 4) of every image's interior positions, image by image,
+    """The MLP's training samples (METHOD 4) of every image's interior positions, image by image,
     row-major: windows ``(N_img * P_int, ((2dp+1)^2 - 1) * E)`` (:func:`sliced_window`) and
     labels ``(N_img * P_int,)``, the nearest distribution entry to the centre feature."""
     n_img, rows, cols, _ = bank.shape
@@ -229,7 +230,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, cols: int, k: int,
                     dp: int) -> np.ndarray:
-    """SPEC 4's position histogram: for every image and every flat position ``positions[q]``
+    """METHOD 4's position histogram: for every image and every flat position ``positions[q]``
     labelled ``labels[img, q]``, add one at that label to every grid position within ``dp``
     (clipped to the grid). ``(R*C, k)``."""
     counts = np.zeros((rows * cols, k))
@@ -244,7 +245,7 @@ def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, col
 
 def mlp_parameter_shapes(in_features: int, num_classes: int, num_layers: int,
                          hidden: int = HIDDEN_WIDTH) -> dict[str, tuple[int, ...]]:
-    """State-dict entries of the SPEC's MLP with the original's names: ``num_layers`` linear
+    """State-dict entries of the method's MLP with the original's names: ``num_layers`` linear
     layers, the ``num_layers - 1`` hidden ones each Linear -> BatchNorm1d (-> ReLU -> Dropout,
     no parameters), the last a Linear to ``num_classes``."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -281,7 +282,7 @@ def mlp_logits(state: dict, x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 5: scoring, with the original's loop structure
+# METHOD 5: scoring, with the original's loop structure
 
 
 def _dist(a: np.ndarray, b: np.ndarray) -> float:

@@ -72,7 +72,7 @@ def read_csv(path):
         return list(csv.reader(fh))
 
 
-# ----------------------------------------------------------------------------- references from SPEC section 6
+# ----------------------------------------------------------------------------- references from METHOD section 6
 # Written from the definitions, one threshold at a time; no pni code.
 
 def best_f1(labels, scores):
@@ -338,7 +338,7 @@ def test_pixel_threshold_on_the_category_scale_and_pictures(tmp_path):
 
 def test_analysis_known_answers(tmp_path):
     """Two categories, maps in part of 0-65535, masks with a ring (its hole counts for the PNI
-    AUPRO only) and two regions in one image; every column against the SPEC references."""
+    AUPRO only) and two regions in one image; every column against the METHOD references."""
     rng = np.random.default_rng(5)
     codes, masks, rows = [], [], []
     for c, cat in enumerate(("cat_a", "cat_b")):

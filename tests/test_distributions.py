@@ -120,7 +120,7 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
     window of an interior position (original layout) labelled with the nearest distribution
     entry of its centre; a 90/10 split, the same validation tenth every epoch; the saved
     weights are those of the epoch with the best validation loss, that loss is theirs, and the
-    network has the SPEC's layers and widths."""
+    network has the method's layers and widths."""
     import copy
 
     from pni import pipeline

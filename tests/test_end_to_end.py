@@ -1,7 +1,7 @@
 """End to end, from the saved files: the pipeline runs on a tiny generated category, then
 every test image's four maps and image scores are recomputed from what it saved (the faiss
 coresets, the two position priors, the MLP checkpoint, the backbone's weights file) with the
-references of ``tests/reference.py`` (features from SPEC section 2 on the backbone's raw
+references of ``tests/reference.py`` (features from METHOD section 2 on the backbone's raw
 layer outputs, the MLP from its state dict, the original's scoring loops, bilinear resize and
 scipy's blur) and compared with the saved maps. Artefacts put in each other's place no
 longer reproduce them.
@@ -71,7 +71,7 @@ def saved_artefacts(emb) -> dict:
 
 
 def reference_features(backbone_file, paths) -> np.ndarray:
-    """SPEC sections 1 and 2: ``(N, 8, 8, 32)`` features of the images at ``paths``."""
+    """METHOD sections 1 and 2: ``(N, 8, 8, 32)`` features of the images at ``paths``."""
     model = torchvision.models.resnet18(weights=None)
     model.load_state_dict(torch.load(backbone_file, weights_only=True))
     images = np.stack([reference.image_tensor(Image.open(p), RESIZE, IMAGESIZE) for p in paths])
@@ -86,7 +86,7 @@ def test_features(run):
 
 
 def recomputed(features: np.ndarray, art: dict, layout: str = "original"):
-    """Full-size maps and image scores of one image's ``(R, C, E)`` features (SPEC 4-5)."""
+    """Full-size maps and image scores of one image's ``(R, C, E)`` features (METHOD 4-5)."""
     rows, cols, _ = features.shape
     pad = 2
     windows = np.stack([reference.sliced_window(features, r, c, DP, layout)
@@ -159,7 +159,7 @@ def test_test_time_logits_from_the_saved_mlp(run, test_features):
 
 
 def test_position_priors_recomputed_from_the_training_features(run):
-    """SPEC 4: nearest coreset entry of every training position (interior positions and the
+    """METHOD 4: nearest coreset entry of every training position (interior positions and the
     interior coreset; all positions and the with-edge coreset), counted within ``dp``,
     normalised per position."""
     art = saved_artefacts(run.emb)

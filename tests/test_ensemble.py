@@ -1,4 +1,4 @@
-"""The backbone ensemble (SPEC section 6, ``calc_ensemble_score.py``): the image score is the
+"""The backbone ensemble (METHOD section 6, ``calc_ensemble_score.py``): the image score is the
 mean of each map's top 1% of pixels, averaged over backbones; the pixel ensemble is each
 backbone's maps min-max normalised over the category, averaged; the CSV holds their AUROCs."""
 import csv
@@ -27,7 +27,7 @@ def test_top_fraction_mean_by_hand():
 
 
 def write_run(version_dir, rng, scale):
-    """One backbone's test run, written the way the test stage writes it (SPEC section 5):
+    """One backbone's test run, written the way the test stage writes it (METHOD section 5):
     ``sample/{type}_{stem}[_gt|_amap_{map}].npy`` and ``image_scores.csv``."""
     sample = version_dir / "sample"
     sample.mkdir(parents=True)

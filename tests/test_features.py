@@ -44,7 +44,7 @@ def perturbed_resnet18(seed: int = 3) -> torch.nn.Module:
 
 @pytest.mark.parametrize("patchsize", [3, 5])
 def test_features_equal_the_spec_reference(patchsize):
-    """Every position's feature equals SPEC section 2 computed from the backbone's raw layer
+    """Every position's feature equals METHOD section 2 computed from the backbone's raw layer
     outputs: zero-padded neighbourhoods, each layer-3 neighbourhood element bilinearly brought
     to layer 2's grid, adaptive average pooling per layer, then of the concatenation."""
     model = perturbed_resnet18()

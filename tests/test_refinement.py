@@ -1,4 +1,4 @@
-"""Refinement model (SPEC section 7): key layout, loading, 16-bit PNGs, training, inference, CLI."""
+"""Refinement model (METHOD section 7): key layout, loading, 16-bit PNGs, training, inference, CLI."""
 from __future__ import annotations
 
 import csv
@@ -251,7 +251,7 @@ def _codes(x: np.ndarray) -> np.ndarray:
 
 
 def _spec_reference(folder: Path, i: int, net: torch.nn.Module) -> tuple[np.ndarray, np.ndarray, dict]:
-    """SPEC section 7's ``--geometry original`` steps for sample ``i``, written out one by one:
+    """METHOD section 7's ``--geometry original`` steps for sample ``i``, written out one by one:
     the written (_pred, _gt) arrays and the model inputs."""
     rgb = np.asarray(Image.open(folder / f"image{i:05d}.png").convert("RGB").resize((320, 320), Image.BILINEAR))
     image = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255

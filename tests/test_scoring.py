@@ -1,4 +1,4 @@
-"""Scoring (SPEC section 5): the vectorised code against a naive loop-by-loop reference."""
+"""Scoring (METHOD section 5): the vectorised code against a naive loop-by-loop reference."""
 from __future__ import annotations
 
 import math

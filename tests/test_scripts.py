@@ -1,4 +1,4 @@
-"""The evaluate_amap_on_*.sh scripts (SPEC section 8).
+"""The evaluate_amap_on_*.sh scripts (METHOD section 8).
 
 One real end-to-end run of the MVTec WR101 script on a tiny generated dataset (backbone,
 sizes and output folders overridden through the scripts' environment variables, everything
