@@ -64,16 +64,17 @@ from pni.errors import PNIError
 from pni.features import build_feature_extractor
 from pni.io import load_json, load_npy, make_dir, save_json, save_npy
 from pni.lightning import (
-    AnomalyTestModule,
     CoresetModule,
     FeatureBankModule,
     IndexedDataset,
     NeighbourhoodModule,
+    ScoringModule,
     WindowCollate,
     split_train_val,
     window_loader,
 )
-from pni.memory import available_bytes, rows_for
+from pni.memory import available_bytes
+from pni.model import PNIModel, scoring_config
 from pni.results import (
     MAP_NAMES,
     append_score_result,
@@ -84,7 +85,6 @@ from pni.results import (
     write_image_scores,
     write_sample,
 )
-from pni.scoring import ScoringArtefacts, ScoringConfig, nearest_ids, score_image
 
 log = logging.getLogger("pni")
 
@@ -469,34 +469,9 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     other ranks return ``{}``)."""
     ddp = bool(getattr(args, "ddp", False))
     child = distributed.is_child()
-    emb = torch.as_tensor(coresets["without_edge"])
-    dist = torch.as_tensor(coresets["distribution"])
-    art_cpu = ScoringArtefacts(
-        embedding_without_edge=emb,
-        embedding_with_edge=torch.as_tensor(coresets["with_edge"]),
-        distribution_coreset=dist,
-        embedding_to_distribution=nearest_ids(emb, dist),
-        position_prior=torch.as_tensor(priors["without_edge"]),
-        position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
-    )
-    # Distance matrices: rows at a time so that the ~6 temporaries of (rows x coreset size)
-    # float32 take at most 1/8 of the free memory of the scoring device.
-    widest = max(len(coresets["with_edge"]), len(coresets["without_edge"]) + len(coresets["distribution"]))
-    chunk = rows_for(6 * 4 * widest, fraction=0.125, device="cuda" if _on_gpu(args) else "cpu", lo=256, hi=16384)
-    cfg = ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
-                        softmax_temperature_alpha=args.softmax_temperature_alpha,
-                        softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
-                        variant=args.variant, mask_workers=args.mask_workers, imagesize=args.imagesize,
-                        blursigma=args.blursigma, chunk_size=chunk)
-
     per_image = _check_grid(args, extractor, priors)
-    on_device: dict[torch.device, ScoringArtefacts] = {}
-
-    def scorer(features, logits):
-        # the artefacts follow the features to the device Lightning put this rank on
-        if features.device not in on_device:
-            on_device[features.device] = art_cpu.to(features.device)
-        return score_image(features, logits, on_device[features.device], cfg)
+    model = PNIModel.from_arrays(extractor, mlp, coresets, priors, scoring_config(args), args.dist_padding,
+                                 args.resize)
 
     score_csv = Path(args.project_root_path) / "score_result.csv"
     check_score_result(score_csv)  # fail now, not after scoring every image
@@ -506,8 +481,7 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     try:
         sample_dir = make_dir(partial / "sample")
         collector = ResultCollector(sample_dir)
-        pad = (args.patchsize - 1) // 2
-        module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector, args.variant)
+        module = ScoringModule(model, collector)
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
         with _quiet_lightning():
