@@ -443,18 +443,20 @@ class ResultCollector:
             self.image_scores[m].append(float(result.image[m]))
             self.maps[m].append(maps[m])
 
-    def scores(self) -> dict[str, float]:
-        return auroc_scores(self.labels, self.image_scores, self.masks, self.maps)
+    def scores(self, with_masks: bool = True) -> dict[str, float | None]:
+        return auroc_scores(self.labels, self.image_scores, self.masks if with_masks else None, self.maps)
 
 
-def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list) -> dict[str, float]:
+def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list,
+                        with_masks: bool = True) -> dict[str, float | None]:
     """P- and I-AUROC of each map family from the written sample files, the image rows
     (``[defect_type, stem, label, ...]``) and each image's scores in ``MAP_NAMES`` order;
     what rank 0 computes under DDP."""
     samples = [read_sample(sample_dir, str(r[0]), str(r[1])) for r in rows]
     return auroc_scores([int(r[2]) for r in rows],
                         {m: [float(v[j]) for v in image_scores] for j, m in enumerate(MAP_NAMES)},
-                        [smp["gt"] for smp in samples], {m: [smp[m] for smp in samples] for m in MAP_NAMES})
+                        [smp["gt"] for smp in samples] if with_masks else None,
+                        {m: [smp[m] for smp in samples] for m in MAP_NAMES})
 
 
 def _precision(args: argparse.Namespace) -> str:
@@ -501,7 +503,12 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         if len(rows) != len(test_ds):
             raise PNIError(f"scored {len(rows)} of {len(test_ds)} test images")
         write_image_scores(partial / "image_scores.csv", rows)
-        scores = scores_from_samples(sample_dir, rows, image_scores) if ddp else collector.scores()
+        with_masks = getattr(test_ds, "has_masks", True)
+        if not with_masks:
+            print(f"note: the test images of {args.category} have no ground_truth/ masks: image-level results "
+                  "only (P-AUROC columns left empty)", flush=True)
+        scores = scores_from_samples(sample_dir, rows, image_scores, with_masks) if ddp \
+            else collector.scores(with_masks)
         save_json(partial / "settings.json", vars(args))
         version_dir = publish_version_dir(partial)
     except BaseException:
@@ -594,6 +601,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     distributed.barrier()  # DDP ranks > 0 wait here for rank 0's position priors
     priors = load_position_priors(args, out_dir, coresets)
     mlp = load_neighbourhood_model(args, out_dir, coresets)
+    if len(test_ds) == 0:
+        print(f"[{args.category}] stage 4/4: no test images in {Path(args.dataset_path) / args.category}: "
+              "nothing to score, test stage skipped", flush=True)
+        return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
+                "version_dir": None}
     print(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images", flush=True)
     result = run_test(args, extractor, test_ds, coresets, priors, mlp)
     if child:

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from pni.cli import nan_on_error
 from pni.errors import PNIError
 from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
@@ -90,7 +91,8 @@ def write_image_scores(path: str | os.PathLike, rows: Sequence[Sequence]) -> Non
 def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
                         scores: Mapping[str, float]) -> list:
     """Append one run's row to ``score_result.csv`` (header on creation); return the row."""
-    row = [settings.get(c, "") for c in SETTING_COLUMNS] + [f"{scores[c]:.6f}" for c in SCORE_COLUMNS]
+    row = [settings.get(c, "") for c in SETTING_COLUMNS] + [
+        "" if scores[c] is None else f"{scores[c]:.6f}" for c in SCORE_COLUMNS]  # "": no pixel ground truth
     append_csv_rows(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS), [row])
     return row
 
@@ -109,15 +111,19 @@ def check_score_result(path: str | os.PathLike) -> None:
                        "--project_root_path")
 
 
-def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]], masks: Sequence[np.ndarray],
-                 maps: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float]:
+def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]],
+                 masks: Sequence[np.ndarray] | None, maps: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float | None]:
     """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
-    image scores ``(N,)`` per family, masks and maps ``N x (H, W)``."""
-    gt = np.stack(masks)
-    out = {}
+    image scores ``(N,)`` per family, masks and maps ``N x (H, W)``. ``masks`` ``None`` (no
+    pixel ground truth): P-AUROC ``None``. An AUROC that is undefined (one class only) is NaN
+    with a warning."""
+    gt = np.stack(masks) if masks is not None else None
+    out: dict[str, float | None] = {}
     for m in MAP_NAMES:
-        out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m]))
-        out[f"{m}_I-AUROC"] = image_auroc(np.asarray(labels), np.asarray(image_scores[m], dtype=np.float64))
+        out[f"{m}_P-AUROC"] = None if gt is None else nan_on_error(pixel_auroc, gt, np.stack(maps[m]),
+                                                                   what=f"{m} P-AUROC")
+        out[f"{m}_I-AUROC"] = nan_on_error(image_auroc, np.asarray(labels),
+                                           np.asarray(image_scores[m], dtype=np.float64), what=f"{m} I-AUROC")
     return out
 
 
@@ -134,12 +140,14 @@ def variant_label(variant: object, mask_workers: object = "") -> str:
 
 def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "category", digits: int = 2) -> str:
     """One line per row (named by its ``first`` entry) with P-/I-AUROC of each map family, in %;
-    a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``."""
+    a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``; ``-`` where a
+    score is missing (no pixel ground truth)."""
     with_variant = any("variant" in r for r in rows)
     head = [first] + (["variant"] if with_variant else []) + [f"{m} {k}" for m in MAP_NAMES
                                                                for k in ("P-AUROC", "I-AUROC")]
     lines = [head]
     for r in rows:
         label = [variant_label(r.get("variant", ""), r.get("mask_workers", ""))] if with_variant else []
-        lines.append([str(r[first])] + label + [f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS])
+        lines.append([str(r[first])] + label + ["-" if r[c] in (None, "") else f"{100 * float(r[c]):.{digits}f}"
+                                                for c in SCORE_COLUMNS])
     return render_table(lines)
