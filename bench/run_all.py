@@ -24,6 +24,7 @@ BENCHES = {
     "coreset": ("bench_coreset.py", "<= 3x one pass"),
     "inference": ("bench_inference.py", "<= 2x the FLOP bound"),
     "memory": ("bench_memory.py", "<= 1.5x the bank"),
+    "predict": ("bench_predict.py", "<= 1.2x the test stage per image; memory flat (<= 1.1x) from 10 to 200 images"),
 }
 
 QUICK = {
@@ -33,6 +34,10 @@ QUICK = {
     "inference": ["--backbone", "R18", "--imagesize", "64", "--dim", "64", "--num_layers", "3", "--dcs", "64",
                   "--dist_padding", "2", "--images", "1"],
     "memory": ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p", "0.05"],
+    "predict": ["--image_size", "64", "--train", "4", "--small", "1", "--large", "2", "--memory", "2", "6",
+                "--train_flags", "--backbone R18 --random_init --resize 64 --imagesize 64 --pretrain_embed_dimension 48 "
+                "--target_embed_dimension 32 -p 0.25 --dist_coreset_size 16 --dist_padding 2 --num_layers 3 "
+                "--num_epochs 1 --step_size 1 --dist_batchsize 64 --blursigma 1"],
 }
 
 
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         extra = []
-        if args.device and name in ("scoring", "coreset", "inference"):
+        if args.device and name in ("scoring", "coreset", "inference", "predict"):
             extra = ["--device", args.device]
         results.append(run_one(name, extra, args.quick))
         print(flush=True)

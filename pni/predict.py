@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -35,7 +34,7 @@ from pni.io import make_dir, save_npy, write_csv
 from pni.model import PNIModel
 from pni.results import MAP_NAMES, render_table
 from pni.scoring import ImageScores
-from pni.viz import draw_contours, jet, save_png
+from pni.viz import draw_contours, jet, save_jpeg, save_png
 
 THRESHOLD_KEYS = {"image": {"fpr": "image", "best_f1": "image_best_f1"},
                   "pixel": {"fpr": "pixel", "best_f1": "pixel_best_f1"}}
@@ -43,6 +42,7 @@ PREDICTION_COLUMNS = (("name", "path", "width", "height", "verdict", "map", "sco
                        "image_threshold", "pixel_threshold", "regions", "inspected_x0", "inspected_y0",
                        "inspected_x1", "inspected_y1")
                       + tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("score", "normalised")))
+SUMMARY_ROWS = 20
 REGION_COLUMNS = ("name", "region", "x0", "y0", "x1", "y1", "area", "peak_score", "peak_normalised", "peak_x",
                   "peak_y")
 
@@ -123,7 +123,7 @@ def find_regions(mask: np.ndarray, amap: np.ndarray, pixel_threshold: float) -> 
         return []
     index = np.arange(1, n + 1)
     boxes = ndimage.find_objects(labels)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     peaks = ndimage.maximum(amap, labels, index)
     where = ndimage.maximum_position(amap, labels, index)
     return [Region(int(b[1].start), int(b[0].start), int(b[1].stop), int(b[0].stop), int(a), float(p),
@@ -150,18 +150,23 @@ class Predictor:
         self.transform = model.transform()
 
     def _threshold(self, level: str, map_name: str, choice: str | float) -> float:
-        if not isinstance(choice, str):
-            return float(choice) if map_name == self.map_name else self._threshold(level, map_name, "fpr")
+        """The ``level`` ("image"/"pixel") threshold of ``map_name``: ``fpr``, ``best_f1`` or a
+        raw score (which applies to the chosen map; the others keep their ``fpr`` one)."""
         flag = f"--{level}_threshold"
-        if choice not in THRESHOLD_KEYS[level]:
+        if isinstance(choice, str) and choice not in THRESHOLD_KEYS[level]:
             try:
-                return self._threshold(level, map_name, float(choice))
+                choice = float(choice)
             except ValueError:
                 raise PNIError(f"{flag} must be fpr, best_f1 or a number, got {choice!r}") from None
+        if not isinstance(choice, str):
+            if map_name == self.map_name:
+                return float(choice)
+            choice = "fpr"
         entry = (self.manifest.get("thresholds") or {}).get(map_name, {}).get(THRESHOLD_KEYS[level][choice])
         if entry is None:
-            raise PNIError(f"{flag} {choice}: bundle {self.path} has no such threshold for {map_name} "
-                           "(no defective images with masks at export); use fpr or a number")
+            what = "defective images with masks" if level == "pixel" else "defective images"
+            raise PNIError(f"{flag} {choice}: bundle {self.path} has no such threshold for {map_name} (the export "
+                           f"had no {what}); use fpr or a number")
         return float(entry["value"])
 
     # ------------------------------------------------------------ one image
@@ -333,11 +338,11 @@ class PredictionWriter:
         self.names = list(names)
         self.save_maps = save_maps
         for sub in ("overlays", "masks") + (("maps",) if save_maps else ()):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+            make_dir(out_dir / sub, "--output")
         self.predictions = _CsvStream(out_dir / "predictions.csv", PREDICTION_COLUMNS)
         self.regions = _CsvStream(out_dir / "regions.csv", REGION_COLUMNS)
         self.errors: list[tuple[str, str]] = []
-        self.summary: list[list[str]] = []
+        self.summary: list[list[str]] = []  # the first SUMMARY_ROWS images, for the printed table
         self.counts = {"good": 0, "defective": 0}
 
     def failed(self, path: str, message: str) -> None:
@@ -351,7 +356,7 @@ class PredictionWriter:
         name = self.names[int(meta["index"])]
         original = meta["original"]
         p = self.predictor.finish(result, original, meta["path"], all_maps=self.save_maps)
-        save_png(self.out_dir / "overlays" / f"{name}.jpg", self.predictor.overlay(p, original))
+        save_jpeg(self.out_dir / "overlays" / f"{name}.jpg", self.predictor.overlay(p, original))
         save_png(self.out_dir / "masks" / f"{name}.png", p.mask.astype(np.uint8) * 255)
         if self.save_maps:
             for m, amap in p.maps.items():
@@ -364,7 +369,8 @@ class PredictionWriter:
             self.regions.write([name, i, r.x0, r.y0, r.x1, r.y1, r.area, f"{r.peak_score:.6f}",
                                 f"{r.peak_normalised:.4f}", r.peak_x, r.peak_y])
         self.counts[p.verdict] += 1
-        self.summary.append([name, p.verdict, f"{p.score_normalised:.3f}", str(len(p.regions))])
+        if len(self.summary) < SUMMARY_ROWS:
+            self.summary.append([name, p.verdict, f"{p.score_normalised:.3f}", str(len(p.regions))])
 
     def close(self) -> None:
         self.predictions.close()
@@ -404,12 +410,12 @@ def predict_files(args) -> int:
                                                            return_predictions=False)
     finally:
         writer.close()
-    rows = writer.summary
-    shown = rows[:20]
-    print(render_table([["image", "verdict", "score / threshold", "regions"]] + shown))
-    if len(rows) > len(shown):
-        print(f"... and {len(rows) - len(shown)} more in predictions.csv")
-    print(f"{len(rows)} images: {writer.counts['defective']} defective, {writer.counts['good']} good"
+    done = writer.counts["defective"] + writer.counts["good"]
+    if writer.summary:
+        print(render_table([["image", "verdict", "score / threshold", "regions"]] + writer.summary))
+    if done > len(writer.summary):
+        print(f"... and {done - len(writer.summary)} more in predictions.csv")
+    print(f"{done} images: {writer.counts['defective']} defective, {writer.counts['good']} good"
           + (f"; {len(writer.errors)} could not be read (errors.csv)" if writer.errors else ""))
     print(f"predictions: {out_dir / 'predictions.csv'}, regions: {out_dir / 'regions.csv'}")
     print(f"pictures: {out_dir / 'overlays'}/ (heat map on the image, defects outlined), masks: {out_dir / 'masks'}/"

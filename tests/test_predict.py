@@ -28,11 +28,9 @@ from pni.data.synthetic import make_dataset
 from pni.data.transforms import CropGeometry
 from pni.scoring import ImageScores
 
+from test_pipeline import TINY  # the tiny model settings every end-to-end test uses
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
-        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
-        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
-        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
 TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 MAPS = ("nb", "coor", "patchcore", "nb_coor")
 
@@ -401,6 +399,39 @@ def test_missing_backbone_weights_named(run, tmp_path, capsys):
               "--backbone_weights")
 
 
+def test_backbone_weights_found_as_in_training_and_checked(run, tmp_path, monkeypatch, capsys):
+    """A bundle that names its backbone weights (file name + sha256) instead of including them
+    finds them through --backbone_weights or the torch hub cache, and refuses another file."""
+    import hashlib
+
+    import pni
+    from pni.features import load_backbone, weights_file_name
+
+    weights = tmp_path / "weights.pth"
+    torch.save(load_backbone("R18", random_init=True).state_dict(), weights)  # what the bundle's model used
+    bundle = tmp_path / "named"
+    shutil.copytree(run.bundle, bundle)
+    (bundle / "backbone.safetensors").unlink()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["backbone.safetensors"]
+    manifest["backbone_weights"] = {"file": weights_file_name("R18"), "random_init": False, "included": False,
+                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    image = run.ds / "texture" / "test" / "scratch" / "000.png"
+    expected = pni.load_model(run.bundle, "cpu").predict(image)
+    assert pni.load_model(bundle, "cpu", backbone_weights=weights).predict(image).scores == expected.scores
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, weights_file_name("R18"), str(hub))
+    shutil.copy(weights, hub / weights_file_name("R18"))
+    assert pni.load_model(bundle, "cpu").predict(image).scores == expected.scores
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 for k, v in torch.load(weights, weights_only=True).items()}, other)
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path, "--backbone_weights", str(other))), capsys,
+              str(other), "are not the ones")
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--map", "other"], "--map"),
     (["--image_threshold", "median"], "--image_threshold"),
@@ -430,8 +461,11 @@ def test_only_good_training_images_train_and_export(run, tmp_path, capsys):
     assert "--calibration_dir" in captured.err and captured.err.startswith("warning:")
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["calibration"]["good_images"]["seen_in_training"] is True
+    assert manifest["calibration"]["good_images"]["count"] == 4
     assert manifest["calibration"]["defective_images"]["count"] == 0
     assert manifest["thresholds"]["nb_coor"]["image_best_f1"] is None
+    one_error(predict_cli.main(predict_argv(tmp_path / "bundle", run, tmp_path, "--image_threshold", "best_f1")),
+              capsys, "--image_threshold best_f1", "no such threshold")
 
 
 def test_test_folder_without_ground_truth_gives_image_level_results(run, tmp_path, capsys):
