@@ -9,25 +9,22 @@ and ``predict.py`` each run on a small and a large test set of the same images; 
 per image is the difference of the two runs divided by the difference in images (model
 loading, start-up and the other fixed costs cancel). Each side writes what it always
 writes: the test stage its per-image ``.npy`` maps, JPEG heat maps and AUROCs, ``predict.py``
-its overlay, mask and CSV rows. Memory: ``predict.py`` in a fresh process on 10 and on 200
-images, peak resident size of each. Last line: both ratios.
+its overlay, mask and CSV rows. Memory: ``predict.py`` on 10 and on 200 images, the peak
+resident size of this process during each run (reset before it). Last line: both ratios.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import common  # noqa: F401
-from common import ROOT, add_device_flag, machine, mib, pick_device
+from common import add_device_flag, machine, mib, peak_rss_bytes, pick_device, reset_peak_rss
 
 import export_model  # noqa: E402
 import predict as predict_cli  # noqa: E402
@@ -52,18 +49,6 @@ def timed(fn, *args) -> float:
     t = time.perf_counter()
     quiet(fn, *args)
     return time.perf_counter() - t
-
-
-def peak_rss_of(cmd: list[str], env: dict[str, str]) -> int:
-    """Peak resident size (bytes) of a child process, from its own rusage."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed: {log.read()[-2000:].decode(errors='replace')}")
-    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def main(argv=None):
@@ -111,7 +96,8 @@ def main(argv=None):
         print(f"predict.py: {pred_t['small']:.2f} s ({n_small} images), {pred_t['large']:.2f} s ({n_large}): "
               f"{1000 * per_pred:.1f} ms per image")
 
-        # Memory: predict.py in fresh processes on copies of the test images.
+        # Memory: predict.py on copies of the test images, the peak resident size of this process
+        # during each run (reset before it; everything imported and cached is there already).
         pool = sorted((sets["large"] / "texture" / "test").rglob("*.png"))
         peaks = {}
         for count in args.memory:
@@ -119,12 +105,14 @@ def main(argv=None):
             folder.mkdir()
             for i in range(count):
                 shutil.copy(pool[i % len(pool)], folder / f"{i:05d}.png")
-            env = dict(os.environ, PYTHONPATH=str(ROOT))
-            cmd = [sys.executable, str(ROOT / "predict.py"), "--model", str(work / "bundle"), "--input", str(folder),
-                   "--output", str(work / f"mem_{count}"), "--accelerator", accelerator]
-            peaks[count] = peak_rss_of(cmd, env)
+            if not reset_peak_rss():
+                raise SystemExit("the memory figure needs Linux (/proc/self/clear_refs)")
+            quiet(predict_cli.main, ["--model", str(work / "bundle"), "--input", str(folder), "--output",
+                                     str(work / f"mem_{count}"), "--accelerator", accelerator])
+            peaks[count] = peak_rss_bytes()
         low, high = args.memory
-        print(f"predict.py peak memory: {mib(peaks[low])} at {low} images, {mib(peaks[high])} at {high} images")
+        print(f"predict.py peak memory: {mib(peaks[low])} at {low} images, {mib(peaks[high])} at {high} images "
+              "(this process, imports and the model included)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"prediction per image: {per_pred / per_test:.2f}x the test stage's (goal <= 1.2x); peak memory at "

@@ -38,7 +38,7 @@ from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
 from pni.io import make_dir
 from pni.model import ARTEFACT_NAMES, PNIModel
-from pni.scoring import ScoringArtefacts, ScoringConfig
+from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
 
 FORMAT = "pni-bundle"
 FORMAT_VERSION = 1
@@ -168,6 +168,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
                            "model again")
     if manifest.get("backbone_weights", {}).get("included") and BACKBONE not in files:
         raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
+    thresholds = manifest.get("thresholds")
+    for m in MAP_NAMES:
+        entry = thresholds.get(m) if isinstance(thresholds, dict) else None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
+            raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
     return manifest
 
 

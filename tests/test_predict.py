@@ -46,16 +46,24 @@ class Run:
                 str(self.root / "result"), "--embedding_root_path", str(emb_root or self.root)] + TINY + list(extra)
 
     @property
+    def calibration(self) -> Path:
+        return self.root / "more" / "texture" / "test" / "good"
+
+    @property
     def version(self) -> Path:
         return self.root / "result" / "texture" / "R18" / "anomaly" / "lightning_logs" / "version_0"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
+    """A tiny trained texture model, exported with thresholds calibrated on 10 good images it
+    never saw (another seed of the built-in dataset) at a target false-positive rate of 25%."""
     r = Run(tmp_path_factory.mktemp("predict"))
     make_dataset(r.ds, num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
+    make_dataset(r.root / "more", num_train=1, num_test_per_type=10, image_size=64, seed=7, categories=["texture"])
     assert tcd.main(r.argv(*TRAIN)) == 0
-    assert export_model.main(r.argv("--output", str(r.bundle))) == 0
+    assert export_model.main(r.argv("--output", str(r.bundle), "--calibration_dir", str(r.calibration),
+                                    "--target_fpr", "0.25")) == 0
     return r
 
 
@@ -103,11 +111,10 @@ def test_bundle_holds_the_model_and_its_thresholds(run):
     assert set(arrays) == {"embedding_without_edge", "embedding_with_edge", "distribution_coreset",
                            "embedding_to_distribution", "position_prior", "position_prior_with_edge"}
     assert arrays["distribution_coreset"].shape == (16, 32) and arrays["position_prior"].shape[0] == 8 * 8
-    for m in MAPS:  # 2 good test images calibrate the image threshold; 6 defective images with masks
+    for m in MAPS:  # 10 good calibration images; the 6 defective test images with masks
         t = manifest["thresholds"][m]
-        assert t["image"]["good_images"] == 2 and t["image"]["defective_images"] == 6
+        assert t["image"]["good_images"] == 10 and t["image"]["defective_images"] == 6
         assert t["pixel_best_f1"]["defective_images"] == 6 and t["heatmap"]["high"] > t["heatmap"]["low"]
-    assert manifest["calibration"]["good_images"]["count"] == 2
 
 
 def test_fresh_process_predicts_the_test_stage_numbers(run, tmp_path):
@@ -187,22 +194,17 @@ def test_best_f1_cut_against_sklearn():
     assert not np.any(scores == cut)  # halfway between two scores
 
 
-def test_calibration_on_good_images_bounds_their_false_positives(run, tmp_path, capsys):
+def test_calibration_on_good_images_bounds_their_false_positives(run):
     """Calibrated on N good images the model never saw, at most floor(target_fpr * N) of them
-    are called defective, and the manifest says how many."""
-    make_dataset(tmp_path / "more", num_train=1, num_test_per_type=10, image_size=64, seed=7, categories=["texture"])
-    good = tmp_path / "more" / "texture" / "test" / "good"
-    bundle = tmp_path / "calibrated"
-    assert export_model.main(run.argv("--output", str(bundle), "--calibration_dir", str(good),
-                                      "--target_fpr", "0.25")) == 0
-    printed = capsys.readouterr().out
-    assert "image, FPR 0.25" in printed and "pixel, best F1" in printed
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["calibration"]["good_images"] == {"count": 10, "source": f"--calibration_dir {good}",
+    are called defective (image threshold) or get a flagged pixel (pixel threshold), and the
+    manifest says how many."""
+    manifest = json.loads((run.bundle / "manifest.json").read_text())
+    assert manifest["calibration"]["good_images"] == {"count": 10, "source": f"--calibration_dir {run.calibration}",
                                                       "seen_in_training": False}
+    assert manifest["calibration"]["target_fpr"] == 0.25
     import pni
 
-    preds = pni.load_model(bundle, "cpu").predict(sorted(good.glob("*.png")))
+    preds = pni.load_model(run.bundle, "cpu").predict(sorted(run.calibration.glob("*.png")))
     for m in MAPS:
         thresholds = manifest["thresholds"][m]
         flagged = sum(p.normalised[m] > 1.0 for p in preds)  # score above the image threshold
@@ -212,6 +214,18 @@ def test_calibration_on_good_images_bounds_their_false_positives(run, tmp_path, 
         assert with_pixels <= math.floor(0.25 * 10)
         assert thresholds["pixel"]["good_images_flagged"] == with_pixels
     assert sum(p.is_defective for p in preds) == manifest["thresholds"]["nb_coor"]["image"]["false_positives"]
+
+
+def test_export_prints_the_thresholds_table(run, tmp_path, capsys):
+    assert export_model.main(run.argv("--output", str(tmp_path / "b"), "--train_coreset")) == 0
+    captured = capsys.readouterr()
+    assert "--train_coreset ignored" in captured.err
+    header = next(ln for ln in captured.out.splitlines() if ln.strip().startswith("map"))
+    for column in ("threshold", "value", "good images", "defective images", "false positives", "misses", "F1"):
+        assert column in header
+    assert "image, FPR 0.01" in captured.out and "pixel, best F1" in captured.out
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["calibration"]["good_images"]["count"] == 2  # the good test images by default
 
 
 # ---------------------------------------------------------------- geometry
