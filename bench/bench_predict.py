@@ -9,8 +9,9 @@ and ``predict.py`` each run on a small and a large test set of the same images; 
 per image is the difference of the two runs divided by the difference in images (model
 loading, start-up and the other fixed costs cancel). Each side writes what it always
 writes: the test stage its per-image ``.npy`` maps, JPEG heat maps and AUROCs, ``predict.py``
-its overlay, mask and CSV rows. Memory: ``predict.py`` on 10 and on 200 images, the peak
-resident size of this process during each run (reset before it). Last line: both ratios.
+its overlay, mask and CSV rows. Memory: ``predict.py`` on 10 and on 200 images in batches of
+the same size (so that the batch's working set is the same), the peak resident size of this
+process during each run (reset before it). Last line: both ratios.
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def main(argv=None):
         # Memory: predict.py on copies of the test images, the peak resident size of this process
         # during each run (reset before it; everything imported and cached is there already).
         pool = sorted((sets["large"] / "texture" / "test").rglob("*.png"))
+        batch = max(1, min(8, min(args.memory) // 2))  # both runs fill whole batches: the same working set
         peaks = {}
         for count in args.memory:
             folder = work / f"inputs_{count}"
@@ -108,11 +110,12 @@ def main(argv=None):
             if not reset_peak_rss():
                 raise SystemExit("the memory figure needs Linux (/proc/self/clear_refs)")
             quiet(predict_cli.main, ["--model", str(work / "bundle"), "--input", str(folder), "--output",
-                                     str(work / f"mem_{count}"), "--accelerator", accelerator])
+                                     str(work / f"mem_{count}"), "--accelerator", accelerator,
+                                     "--batch_size", str(batch)])
             peaks[count] = peak_rss_bytes()
         low, high = args.memory
-        print(f"predict.py peak memory: {mib(peaks[low])} at {low} images, {mib(peaks[high])} at {high} images "
-              "(this process, imports and the model included)")
+        print(f"predict.py peak memory (batches of {batch}): {mib(peaks[low])} at {low} images, {mib(peaks[high])} "
+              f"at {high} images (this process, imports and the model included)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"prediction per image: {per_pred / per_test:.2f}x the test stage's (goal <= 1.2x); peak memory at "

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pni.errors import PNIError
-from pni.metrics import best_f1_from_sweep, sweep
+from pni.metrics import F1_EPS, best_f1_from_sweep, sweep
 from pni.results import MAP_NAMES, render_table
 
 
@@ -71,7 +71,7 @@ def _image_stats(threshold: float, good: np.ndarray, defective: np.ndarray) -> d
         tp = defective.size - misses
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / defective.size
-        stats.update(precision=precision, recall=recall, f1=2 * precision * recall / (precision + recall + 1e-6))
+        stats.update(precision=precision, recall=recall, f1=2 * precision * recall / (precision + recall + F1_EPS))
     return stats
 
 
@@ -167,7 +167,7 @@ def _pixel_stats(threshold: float, scores: CalibrationScores, m: str, with_masks
         precision = flagged_positive / (flagged_positive + flagged_normal) if flagged_positive + flagged_normal else 0.0
         recall = flagged_positive / positive
         out.update(pixel_miss_rate=(positive - flagged_positive) / positive, precision=precision, recall=recall,
-                   f1=2 * precision * recall / (precision + recall + 1e-6))
+                   f1=2 * precision * recall / (precision + recall + F1_EPS))
     return out
 
 

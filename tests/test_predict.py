@@ -194,6 +194,30 @@ def test_best_f1_cut_against_sklearn():
     assert not np.any(scores == cut)  # halfway between two scores
 
 
+def test_calibrate_hand_computed():
+    """Four good images scoring 1, 2, 3, 4 (constant 2x2 maps), two defective ones scoring 2.5
+    and 5 with one defect pixel each, target rate 25%: every figure by hand."""
+    from pni.calibration import CalibrationScores, calibrate
+
+    scores = CalibrationScores()
+    for label, value in ((0, 1.0), (0, 2.0), (0, 3.0), (0, 4.0), (1, 2.5), (1, 5.0)):
+        mask = np.array([[True, False], [False, False]]) if label else None
+        scores.add(label, {m: value for m in MAPS}, {m: np.full((2, 2), value) for m in MAPS}, mask)
+    t = calibrate(scores, 0.25)["nb_coor"]
+    assert t["image"]["value"] == pytest.approx(3.0003)  # floor(0.25 * 4) = 1 above: the 3rd lowest, + 1e-4
+    assert (t["image"]["false_positives"], t["image"]["misses"], t["image"]["miss_rate"]) == (1, 1, 0.5)
+    # best F1 2/3 at ">= 5" and at ">= 2.5": the lower one, halfway down to 2
+    assert t["image_best_f1"]["value"] == pytest.approx(2.25)
+    assert (t["image_best_f1"]["false_positives"], t["image_best_f1"]["misses"]) == (2, 0)
+    assert t["image_best_f1"]["f1"] == pytest.approx(2 * 0.5 * 1 / (1.5 + 1e-6))
+    pixel = t["pixel"]
+    assert pixel["value"] == pytest.approx(3.0003) and pixel["good_images_flagged"] == 1
+    # normal pixels: 16 of good images (4 above) + 3 + 3 of the defective ones (3 above)
+    assert pixel["pixel_false_positive_rate"] == pytest.approx(7 / 22)
+    assert pixel["pixel_miss_rate"] == 0.5  # the defect pixel of the 2.5 image
+    assert t["heatmap"]["low"] == 2.5 and t["heatmap"]["high"] == pytest.approx(2.5 + 2 * 0.5003)
+
+
 def test_calibration_on_good_images_bounds_their_false_positives(run):
     """Calibrated on N good images the model never saw, at most floor(target_fpr * N) of them
     are called defective (image threshold) or get a flagged pixel (pixel threshold), and the
