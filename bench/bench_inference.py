@@ -2,7 +2,7 @@
 """End-to-end inference per test image against its FLOP bound, in the same run.
 
 One test image goes through what ``trainer.test`` runs per image
-(``pni.lightning.AnomalyTestModule.test_step``): the backbone (WR101, random init, no
+(``pni.lightning.ScoringModule.test_step`` around ``pni.model.PNIModel.score``): the backbone (WR101, random init, no
 download) cut after layer3 and the patch aggregation, the neighbourhood MLP on every
 interior window, and the PNI scoring (distance matrices, masks, resize + blur of the four
 maps). The FLOPs of the matrix products and convolutions are counted with
@@ -27,7 +27,8 @@ import goals
 from common import add_device_flag, best, gemm_rate, machine, pick_device, sync
 from pni.distributions import NeighbourhoodMLP
 from pni.features import build_feature_extractor
-from pni.lightning import AnomalyTestModule
+from pni.lightning import ScoringModule
+from pni.model import PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig, score_image
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -83,7 +84,8 @@ def main(argv=None):
     k2 = int(0.01 * args.train_images * p_all)
     n_win = (2 * args.dist_padding + 1) ** 2 - 1
     torch.manual_seed(0)
-    mlp = NeighbourhoodMLP(n_win * args.dim, args.dcs, args.num_layers).eval()
+    mlp = NeighbourhoodMLP(n_win * args.dim, args.dcs, args.num_layers).eval().to(device)
+    extractor.to(device)
     cfg = ScoringConfig(imagesize=args.imagesize)
     print(f"size: {args.backbone} at {args.imagesize} px ({rows}x{cols} grid, {p_int} interior windows of "
           f"{n_win}x{args.dim}), MLP {args.num_layers} layers -> {args.dcs}, K1={k1}, K2={k2}, device={device}, "
@@ -94,9 +96,6 @@ def main(argv=None):
     def sink(meta, result):
         outputs.append({m: result.maps[m].float().cpu() for m in MAP_NAMES})
 
-    art_box = {}
-    module = AnomalyTestModule(extractor, mlp, pp, args.dist_padding,
-                               lambda f, lg: score_image(f, lg, art_box["art"], cfg), sink, cfg.variant).to(device)
     gen = torch.Generator().manual_seed(1)
     images = [torch.randn(1, 3, args.imagesize, args.imagesize, generator=gen) for _ in range(args.images + 1)]
 
@@ -119,10 +118,12 @@ def main(argv=None):
                 feats = fn()
                 sync(device)
             parts[name] = (fc.get_total_flops(), time.perf_counter() - t)
-        art = art_box["art"] = artefacts_from_features(feats[0], k1, k2, args.dcs).to(device)
+        art = artefacts_from_features(feats[0], k1, k2, args.dcs).to(device)
+        model = PNIModel(extractor, mlp, art, cfg, args.dist_padding, args.imagesize).to(device)
+        module = ScoringModule(model, sink)
         with FlopCounterMode(display=False) as fc:
             t = time.perf_counter()
-            logits = module.nb_logits(feats[0])
+            logits = model.nb_logits(feats[0])
             sync(device)
         parts["neighbourhood MLP"] = (fc.get_total_flops(), time.perf_counter() - t)
         with FlopCounterMode(display=False) as fc:

@@ -42,6 +42,9 @@ GOALS: dict[str, Goal] = {
     "inference_flop_bound": Goal("<=", 2.0, "one test image end to end over its FLOP bound", "x the FLOP bound"),
     # bench_memory.py
     "memory_bank": Goal("<=", 1.5, "coreset stage peak memory over the feature bank", "x the bank"),
+    # bench_predict.py
+    "predict_per_image": Goal("<=", 1.2, "predict.py per image over the test stage per image", "x the test stage"),
+    "predict_memory": Goal("<=", 1.1, "predict.py peak memory at 200 images over 10 images", "x at 10 images"),
 }
 
 

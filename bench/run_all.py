@@ -43,6 +43,12 @@ BENCHES: dict[str, Bench] = {
                                               "3", "--dcs", "64", "--dist_padding", "2", "--images", "1"], "inference"),
     "memory": Bench("bench_memory.py", ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p",
                                         "0.05"], "memory", takes_device=False),
+    "predict": Bench("bench_predict.py", ["--image_size", "64", "--train", "4", "--small", "1", "--large", "2",
+                                          "--memory", "2", "6", "--train_flags",
+                                          "--backbone R18 --random_init --resize 64 --imagesize 64 "
+                                          "--pretrain_embed_dimension 48 --target_embed_dimension 32 -p 0.25 "
+                                          "--dist_coreset_size 16 --dist_padding 2 --num_layers 3 --num_epochs 1 "
+                                          "--step_size 1 --dist_batchsize 64 --blursigma 1"], "predict"),
 }
 
 

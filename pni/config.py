@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse and check the flags (``parser``: :func:`build_parser`'s, possibly extended)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.imagesize > args.resize:
         parser.error(f"--imagesize ({args.imagesize}) must not exceed --resize ({args.resize})")
@@ -173,3 +174,51 @@ def embedding_dir(args: argparse.Namespace) -> Path:
     elif args.dataset_category == "VisA":
         root = root / "VisA_embedding"
     return root / f"embeddings_{'+'.join(args.layer_index)}" / args.category / args.backbone
+
+
+_open_fraction = _checked("_open_fraction", float, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """``export_model.py``: the flags of ``train_coreset_distribution.py`` (to find the
+    artefacts) plus where the bundle goes and how its thresholds are calibrated."""
+    p = build_parser()
+    p.description = ("Export a trained PNI model (its artefacts, found with the same flags as "
+                     "train_coreset_distribution.py) as a self-contained bundle folder with calibrated thresholds.")
+    g = p.add_argument_group("export")
+    g.add_argument("--output", required=True, metavar="DIR", help="bundle folder to write (replaced if it is one)")
+    g.add_argument("--include_backbone", action="store_true",
+                   help="copy the backbone weights into the bundle (else it names the file and its sha256)")
+    g.add_argument("--target_fpr", type=_open_fraction, default=0.01,
+                   help="false-positive rate of the image threshold on the good calibration images")
+    g.add_argument("--calibration_dir", nargs="+", default=None, metavar="DIR",
+                   help="folder(s) of good images not used in training to calibrate on (default: the "
+                        "category's good test images)")
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """``predict.py``: a bundle, input images, an output folder."""
+    p = ArgumentParser(description="Predict new images with a PNI model bundle (made by export_model.py): "
+                                   "verdicts, scores, heat maps, defect masks and regions.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="image files, folders (every image below) or glob patterns")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for predictions.csv and the pictures")
+    p.add_argument("--map", default="nb_coor", choices=("nb_coor", "nb", "coor", "patchcore"),
+                   help="the map whose score decides")
+    p.add_argument("--image_threshold", default="fpr", metavar="fpr|best_f1|SCORE",
+                   help="image threshold: calibrated on good images at the export's target false-positive rate, "
+                        "the best-F1 one, or a raw score")
+    p.add_argument("--pixel_threshold", default="fpr", metavar="fpr|best_f1|SCORE",
+                   help="pixel threshold of the defect mask: from good images (at most the target rate of good "
+                        "images get a flagged pixel), the best-F1 one, or a raw score")
+    p.add_argument("--save_maps", action="store_true", help="also write the four maps as .npy (input pixels)")
+    p.add_argument("--batch_size", type=_positive_int, default=None, help="images per batch (default: from memory)")
+    p.add_argument("--num_workers", type=_non_negative_int, default=0, help="image decoding worker processes")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    p.add_argument("--backbone_weights", default=None, metavar="PATH",
+                   help="backbone weights file, when the bundle does not include them")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p

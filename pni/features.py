@@ -170,6 +170,7 @@ class PatchFeatureExtractor(nn.Module):
         unknown = [layer for layer in layers if layer not in nodes]
         if unknown:
             raise PNIError(f"--layer_index: unknown layer(s) {unknown}; choose from {list(nodes)}")
+        self.backbone_name = backbone_name
         self.layers = list(layers)
         # create_feature_extractor traces the model and drops everything after the last node.
         self.body = create_feature_extractor(backbone, {nodes[layer]: layer for layer in self.layers})

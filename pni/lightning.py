@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pni.coreset import greedy_coreset
-from pni.distributions import NeighbourhoodMLP, gather_windows, grid_windows
+from pni.distributions import NeighbourhoodMLP, gather_windows
 from pni.features import PatchFeatureExtractor
-from pni.memory import release_pages, rows_for, trim_heap
+from pni.memory import release_pages, trim_heap
+from pni.model import PNIModel
 
 
 def interruptible(trainer_call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -209,55 +210,35 @@ def window_loader(ids: torch.Tensor, collate: WindowCollate, batch_size: int, sh
                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
-# ---------------------------------------------------------------- stage 4: test scoring
+# ---------------------------------------------------------------- stage 4 and prediction: scoring
 
 
-class AnomalyTestModule(pl.LightningModule):
-    """Scores test images (features -> neighbourhood logits -> PNI maps) and hands each
-    image's result to ``sink(item_meta, result)``; returns nothing per step.
+class ScoringModule(pl.LightningModule):
+    """Scores batches with a :class:`pni.model.PNIModel` (``trainer.test`` in the test stage,
+    ``trainer.predict`` for new images) and hands each image's result to
+    ``sink(item_meta, result)``; returns nothing per step, so memory stays flat.
 
-    ``scorer(features (R,C,E), nb_logits (P_int,D)) -> result`` is the per-image scoring
-    function bound to its artefacts (see ``pni.scoring``).
+    A batch may carry ``error`` (one message per item, empty for readable images): those
+    items are not scored and reach the sink with ``result=None``.
     """
 
-    def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, pad: int, dist_padding: int,
-                 scorer: Callable[[torch.Tensor, torch.Tensor], Any], sink: Callable[[dict, Any], None],
-                 layout: str, window_chunk: int | None = None) -> None:
+    def __init__(self, model: PNIModel, sink: Callable[[dict, Any], None]) -> None:
         super().__init__()
-        self.extractor = extractor
-        self.mlp = mlp.eval()
-        self.pad = pad
-        self.dist_padding = dist_padding
-        self.layout = layout  # window layout the MLP was trained with
-        self.scorer = scorer
+        self.model = model
         self.sink = sink
-        self.window_chunk = window_chunk
 
     @torch.no_grad()
-    def nb_logits(self, grid: torch.Tensor) -> torch.Tensor:
-        """Neighbourhood MLP logits at the interior positions of one grid ``(R, C, E)``
-        -> ``(P_int, D)``; windows built chunk by chunk."""
-        n_rows, n_cols, _ = grid.shape
-        p = self.pad
-        rr, cc = torch.meshgrid(torch.arange(p, n_rows - p), torch.arange(p, n_cols - p), indexing="ij")
-        positions = (rr * n_cols + cc).reshape(-1).to(grid.device)
-        chunk = self.window_chunk
-        if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
-            n_win = (2 * self.dist_padding + 1) ** 2 - 1
-            chunk = rows_for(4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
-                             fraction=0.125, device=grid.device, lo=64, hi=8192)
-        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding, self.layout))
-               for s in range(0, len(positions), chunk)]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.mlp.eval()
-        feats = self.extractor(batch["image"])  # in reduced precision under --precision 16-mixed
-        for b in range(feats.shape[0]):
-            logits = self.nb_logits(feats[b])
-            # Distances, masks and maps always in float32: mixed precision stops at the MLP.
-            with torch.autocast(device_type=feats.device.type, enabled=False):
-                result = self.scorer(feats[b].float(), logits.float())
+    def _score(self, batch: dict) -> None:
+        errors = batch.get("error") or [""] * len(batch["image"])
+        ok = [i for i, e in enumerate(errors) if not e]
+        images = batch["image"] if len(ok) == len(errors) else batch["image"][ok]
+        results = dict(zip(ok, self.model.score(images)))
+        for b in range(len(errors)):
             meta = {k: (v[b] if isinstance(v, (list, tuple, torch.Tensor)) else v) for k, v in batch.items()}
-            self.sink(meta, result)
+            self.sink(meta, results.get(b))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._score(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score(batch)

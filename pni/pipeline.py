@@ -64,17 +64,18 @@ from pni.errors import PNIError
 from pni.features import build_feature_extractor, weights_digest
 from pni.io import check_output_dir, load_json, load_npy, make_dir, save_json, save_npy
 from pni.lightning import (
-    AnomalyTestModule,
     CoresetModule,
     FeatureBankModule,
     IndexedDataset,
     NeighbourhoodModule,
+    ScoringModule,
     WindowCollate,
     interruptible,
     split_train_val,
     window_loader,
 )
-from pni.memory import available_bytes, scoring_rows
+from pni.memory import available_bytes
+from pni.model import PNIModel, scoring_config
 from pni.results import (
     MAP_NAMES,
     append_score_result,
@@ -85,7 +86,6 @@ from pni.results import (
     write_image_scores,
     write_sample,
 )
-from pni.scoring import ScoringArtefacts, ScoringConfig, nearest_ids, score_image
 
 log = logging.getLogger("pni")
 
@@ -483,18 +483,20 @@ class ResultCollector:
             self.image_scores[m].append(float(result.image[m]))
             self.maps[m].append(maps[m])
 
-    def scores(self) -> dict[str, float]:
-        return auroc_scores(self.labels, self.image_scores, self.masks, self.maps)
+    def scores(self, with_masks: bool = True) -> dict[str, float | None]:
+        return auroc_scores(self.labels, self.image_scores, self.masks if with_masks else None, self.maps)
 
 
-def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list) -> dict[str, float]:
+def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list,
+                        with_masks: bool = True) -> dict[str, float | None]:
     """P- and I-AUROC of each map family from the written sample files, the image rows
     (``[defect_type, stem, label, ...]``) and each image's scores in ``MAP_NAMES`` order;
     what rank 0 computes under DDP."""
     samples = [read_sample(sample_dir, str(r[0]), str(r[1])) for r in rows]
     return auroc_scores([int(r[2]) for r in rows],
                         {m: [float(v[j]) for v in image_scores] for j, m in enumerate(MAP_NAMES)},
-                        [smp["gt"] for smp in samples], {m: [smp[m] for smp in samples] for m in MAP_NAMES})
+                        [smp["gt"] for smp in samples] if with_masks else None,
+                        {m: [smp[m] for smp in samples] for m in MAP_NAMES})
 
 
 def _precision(args: argparse.Namespace) -> str:
@@ -509,32 +511,9 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     other ranks return ``{}``)."""
     ddp = bool(getattr(args, "ddp", False))
     child = distributed.is_child()
-    emb = torch.as_tensor(coresets["without_edge"])
-    dist = torch.as_tensor(coresets["distribution"])
-    art_cpu = ScoringArtefacts(
-        embedding_without_edge=emb,
-        embedding_with_edge=torch.as_tensor(coresets["with_edge"]),
-        distribution_coreset=dist,
-        embedding_to_distribution=nearest_ids(emb, dist),
-        position_prior=torch.as_tensor(priors["without_edge"]),
-        position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
-    )
-    widest = max(len(coresets["with_edge"]), len(coresets["without_edge"]) + len(coresets["distribution"]))
-    chunk = scoring_rows(widest, "cuda" if _on_gpu(args) else "cpu")
-    cfg = ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
-                        softmax_temperature_alpha=args.softmax_temperature_alpha,
-                        softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
-                        variant=args.variant, mask_workers=args.mask_workers, imagesize=args.imagesize,
-                        blursigma=args.blursigma, chunk_size=chunk)
-
     per_image = _check_grid(args, extractor, priors)
-    on_device: dict[torch.device, ScoringArtefacts] = {}
-
-    def scorer(features, logits):
-        # the artefacts follow the features to the device Lightning put this rank on
-        if features.device not in on_device:
-            on_device[features.device] = art_cpu.to(features.device)
-        return score_image(features, logits, on_device[features.device], cfg)
+    model = PNIModel.from_arrays(extractor, mlp, coresets, priors, scoring_config(args), args.dist_padding,
+                                 args.resize)
 
     score_csv = Path(args.project_root_path) / "score_result.csv"
     check_score_result(score_csv)  # fail now, not after scoring every image
@@ -544,8 +523,7 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
     try:
         sample_dir = make_dir(partial / "sample")
         collector = ResultCollector(sample_dir)
-        pad = (args.patchsize - 1) // 2
-        module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector, args.variant)
+        module = ScoringModule(model, collector)
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
         with _quiet_lightning():
@@ -566,7 +544,12 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         if len(rows) != len(test_ds):
             raise PNIError(f"scored {len(rows)} of {len(test_ds)} test images")
         write_image_scores(partial / "image_scores.csv", rows)
-        scores = scores_from_samples(sample_dir, rows, image_scores) if ddp else collector.scores()
+        with_masks = getattr(test_ds, "has_masks", True)
+        if not with_masks:
+            print(f"note: the test images of {args.category} have no ground_truth/ masks: image-level results "
+                  "only (P-AUROC columns left empty)", flush=True)
+        scores = scores_from_samples(sample_dir, rows, image_scores, with_masks) if ddp \
+            else collector.scores(with_masks)
         save_json(partial / "settings.json", vars(args))
         version_dir = publish_version_dir(partial)
     except BaseException:
@@ -669,6 +652,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     distributed.barrier()  # DDP ranks > 0 wait here for rank 0's position priors
     priors = load_position_priors(args, out_dir, coresets)
     mlp = load_neighbourhood_model(args, out_dir, coresets)
+    if len(test_ds) == 0:
+        print(f"[{args.category}] stage 4/4: no test images in {Path(args.dataset_path) / args.category}: "
+              "nothing to score, test stage skipped", flush=True)
+        return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
+                "version_dir": None}
     print(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images", flush=True)
     result = run_test(args, extractor, test_ds, coresets, priors, mlp)
     if child:

@@ -91,7 +91,8 @@ def write_image_scores(path: str | os.PathLike, rows: Sequence[Sequence]) -> Non
 def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
                         scores: Mapping[str, float]) -> list:
     """Append one run's row to ``score_result.csv`` (header on creation); return the row."""
-    row = [settings.get(c, "") for c in SETTING_COLUMNS] + [f"{scores[c]:.6f}" for c in SCORE_COLUMNS]
+    row = [settings.get(c, "") for c in SETTING_COLUMNS] + [
+        "" if scores[c] is None else f"{scores[c]:.6f}" for c in SCORE_COLUMNS]  # "": no pixel ground truth
     append_csv_rows(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS), [row])
     return row
 
@@ -110,33 +111,40 @@ def check_score_result(path: str | os.PathLike) -> None:
                        "--project_root_path")
 
 
-def defined_aurocs(labels: np.ndarray, masks: np.ndarray, what: str = "the test set") -> tuple[bool, bool]:
+def defined_aurocs(labels: np.ndarray, masks: np.ndarray | None, what: str = "the test set") -> tuple[bool, bool]:
     """Whether image AUROC (labels ``(N,)``: normal and defective images) and pixel AUROC (masks
-    ``(N, H, W)``: normal and defective pixels) are defined; one warning line naming ``what``
-    when either is not (it is then written as NaN)."""
-    n_defective, n_pixels = int((np.asarray(labels) > 0).sum()), int(np.count_nonzero(masks))
+    ``(N, H, W)``: normal and defective pixels; ``None``: no pixel ground truth, not asked for)
+    are defined; one warning line naming ``what`` when either is not (it is then written as NaN)."""
+    n_defective = int((np.asarray(labels) > 0).sum())
     image_ok = 0 < n_defective < np.size(labels)
-    pixel_ok = 0 < n_pixels < np.size(masks)
+    n_pixels = int(np.count_nonzero(masks)) if masks is not None else 0
+    pixel_ok = masks is None or 0 < n_pixels < np.size(masks)
     if not (image_ok and pixel_ok):
         undefined = " and ".join(k for k, ok in (("I-AUROC", image_ok), ("P-AUROC", pixel_ok)) if not ok)
-        warn(f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images, {n_pixels} "
-             f"defective pixels: {undefined} undefined, written as nan")
+        pixels = f", {n_pixels} defective pixels" if masks is not None else ""
+        warn(f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images{pixels}: "
+             f"{undefined} undefined, written as nan")
     return image_ok, pixel_ok
 
 
-def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]], masks: Sequence[np.ndarray],
-                 maps: Mapping[str, Sequence[np.ndarray]], what: str = "the test set") -> dict[str, float]:
+def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]],
+                 masks: Sequence[np.ndarray] | None, maps: Mapping[str, Sequence[np.ndarray]],
+                 what: str = "the test set") -> dict[str, float | None]:
     """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
     image scores ``(N,)`` per family, masks and maps ``N x (H, W)``.
 
+    ``masks`` ``None`` (no pixel ground truth): P-AUROC ``None`` (written as an empty cell).
     An AUROC that the images cannot define (no normal or no defective image, no normal or no
     defective pixel) is NaN, announced by one warning line naming ``what``."""
     labels = np.asarray(labels)
-    gt = np.stack(masks)
+    gt = np.stack(masks) if masks is not None else None
     image_ok, pixel_ok = defined_aurocs(labels, gt, what)
-    out = {}
+    out: dict[str, float | None] = {}
     for m in MAP_NAMES:
-        out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")
+        if gt is None:
+            out[f"{m}_P-AUROC"] = None
+        else:
+            out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")
         out[f"{m}_I-AUROC"] = (image_auroc(labels, np.asarray(image_scores[m], dtype=np.float64)) if image_ok
                                else float("nan"))
     return out
@@ -155,12 +163,14 @@ def variant_label(variant: object, mask_workers: object = "") -> str:
 
 def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "category", digits: int = 2) -> str:
     """One line per row (named by its ``first`` entry) with P-/I-AUROC of each map family, in %;
-    a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``."""
+    a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``; ``-`` where a
+    score is missing (no pixel ground truth)."""
     with_variant = any("variant" in r for r in rows)
     head = [first] + (["variant"] if with_variant else []) + [f"{m} {k}" for m in MAP_NAMES
                                                                for k in ("P-AUROC", "I-AUROC")]
     lines = [head]
     for r in rows:
         label = [variant_label(r.get("variant", ""), r.get("mask_workers", ""))] if with_variant else []
-        lines.append([str(r[first])] + label + [f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS])
+        lines.append([str(r[first])] + label + ["-" if r[c] in (None, "") else f"{100 * float(r[c]):.{digits}f}"
+                                                for c in SCORE_COLUMNS])
     return render_table(lines)

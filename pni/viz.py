@@ -82,6 +82,14 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
             raise OSError(f"cannot write {path}")
 
 
+def save_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> None:
+    """Write an RGB (HxWx3 uint8) image as JPEG, atomically."""
+    bgr = cv2.cvtColor(as_rgb(image), cv2.COLOR_RGB2BGR)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)]):
+            raise OSError(f"cannot write {path}")
+
+
 def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:

@@ -51,3 +51,17 @@ echo "      e.g. $RESULT/ensemble_ravel/viz/texture/*_heatmap_on_img_with_mask.p
 
 # Refinement: a refiner trained on synthetic defects of the training images; before/after.
 PY="$PY" DEMO_ROOT="$DEMO_ROOT" bash scripts/demo_refinement.sh
+
+# Use on new images (README, "Use on your own images"): export the texture model as a bundle
+# (thresholds calibrated on its good test images) and predict a few images with it.
+"$PY" export_model.py --dataset_path "$DATASET" --dataset_category MVTec --category texture \
+  --project_root_path "$RESULT" --embedding_root_path "$DEMO_ROOT" \
+  --backbone R18 "${WEIGHTS[@]}" --resize 128 --imagesize 128 \
+  --pretrain_embed_dimension 256 --target_embed_dimension 256 \
+  --subsampling_percentage 0.1 --dist_coreset_size 128 --dist_padding 2 --num_layers 3 --blursigma 2 \
+  --seed 22 --output "$DEMO_ROOT/model_texture"
+"$PY" predict.py --model "$DEMO_ROOT/model_texture" --output "$DEMO_ROOT/predictions" \
+  --input "$DATASET/texture/test/good/000.png" "$DATASET/texture/test/good/001.png" \
+  "$DATASET/texture/test/hole/000.png" "$DATASET/texture/test/scratch/000.png" "$DATASET/texture/test/stain/000.png"
+echo "demo: the model bundle is $DEMO_ROOT/model_texture; heat maps on the images (fixed colour scale, defects"
+echo "      outlined) in $DEMO_ROOT/predictions/overlays/, defect masks in masks/, scores in predictions.csv"

@@ -62,6 +62,11 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether every defective sample has a mask (pixel-level ground truth)."""
+        return all(s.mask_path is not None for s in self.samples if s.label)
+
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         pil = load_image(s.image_path)
@@ -218,7 +223,8 @@ def _list_mvtec_style(
     mask_suffixes: tuple[str, ...],
     train_fraction_half: bool = False,
 ) -> tuple[list[Sample], list[Sample]]:
-    """List ``train/<normal_folder>``, ``test/<type>`` and ``ground_truth/<type>``."""
+    """List ``train/<normal_folder>``, ``test/<type>`` and ``ground_truth/<type>``. Without
+    ``test/`` the test list is empty; without ``ground_truth/`` defective images have no mask."""
     train_dir = cat_root / "train" / normal_folder
     _require_dir(train_dir, "training folder")
     train_files = sorted(_image_files(train_dir).items(), key=lambda kv: kv[1].name)
@@ -229,7 +235,8 @@ def _list_mvtec_style(
     train = [Sample(str(p), None, 0, NORMAL, stem) for stem, p in train_files]
 
     test_dir = cat_root / "test"
-    _require_dir(test_dir, "test folder")
+    if not test_dir.is_dir():  # own data: good training images only, nothing to score
+        return train, []
     types = _subdirs(test_dir)
     if not types:
         raise PNIError(f"no defect-type folders in {test_dir}")
@@ -239,6 +246,9 @@ def _list_mvtec_style(
         images = _image_files(test_dir / folder)
         if folder in (normal_folder, NORMAL):
             test += [Sample(str(p), None, 0, NORMAL, stem) for stem, p in images.items()]
+            continue
+        if not gt_root.is_dir():  # no ground_truth/ at all: image-level labels only
+            test += [Sample(str(p), None, 1, folder, stem) for stem, p in images.items()]
             continue
         masks = _mask_files(gt_root / folder, mask_suffixes)
         for stem, path in images.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -53,7 +54,12 @@ def _wide_to_uint8(img: Image.Image) -> np.ndarray:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Load any image file as 8-bit RGB (grayscale, 16-bit, palette, RGBA converted)."""
-    img = _open_decoded(path)
+    return to_rgb(_open_decoded(path), path)
+
+
+def to_rgb(img: Image.Image, name: str | os.PathLike = "image") -> Image.Image:
+    """A decoded PIL image as 8-bit RGB (grayscale, 16-bit, palette, RGBA converted; alpha
+    dropped); ``name`` (the file) appears in the error if it cannot be converted."""
     if img.mode in _WIDE_INT_MODES or img.mode == "F":
         return Image.fromarray(_wide_to_uint8(img)).convert("RGB")
     if img.mode == "RGB":
@@ -63,7 +69,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             img = img.convert("RGBA")
         return img.convert("RGB")  # alpha is dropped
     except (OSError, ValueError) as exc:
-        raise PNIError(f"cannot convert image {path} (mode {img.mode}) to RGB: {_first_line(exc)}") from exc
+        raise PNIError(f"cannot convert image {name} (mode {img.mode}) to RGB: {_first_line(exc)}") from exc
 
 
 def load_mask(path: str | os.PathLike, binarize: bool = True) -> Image.Image:
@@ -149,3 +155,60 @@ def denormalize(image: torch.Tensor | np.ndarray) -> np.ndarray:
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
     x = (x * std + mean) * 255.0
     return x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where the model's ``size x size`` input lies in an image of ``width x height`` pixels:
+    the image is resized (shorter side to ``resize``, bilinear) to ``resized_width x
+    resized_height`` and centre-cropped at ``(top, left)``, as :func:`image_transform` does.
+    """
+
+    width: int
+    height: int
+    resized_width: int
+    resized_height: int
+    top: int
+    left: int
+    size: int
+
+    @classmethod
+    def of(cls, width: int, height: int, resize: int, size: int) -> "CropGeometry":
+        """The geometry of torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a
+        ``width x height`` image (their rounding rules)."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = resize, int(resize * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        if new_w < size or new_h < size:
+            raise PNIError(f"image of {width}x{height} resized to {new_w}x{new_h} is smaller than the {size} px crop")
+        return cls(width, height, new_w, new_h, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0)),
+                   size)
+
+    def _axis(self, n_in: int, n_resized: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per input pixel along one axis: the two crop pixels it interpolates between, the
+        weight of the second, and whether its centre lies inside the crop."""
+        u = (np.arange(n_in, dtype=np.float64) + 0.5) * (n_resized / n_in) - 0.5 - offset
+        inside = (u >= -0.5) & (u <= self.size - 0.5)
+        u = np.clip(u, 0.0, self.size - 1)
+        i0 = np.floor(u).astype(np.int64)
+        i1 = np.minimum(i0 + 1, self.size - 1)
+        return i0, i1, (u - i0).astype(np.float32), inside
+
+    def to_input(self, maps: np.ndarray) -> np.ndarray:
+        """Maps ``(..., size, size)`` in the crop's pixels -> ``(..., height, width)`` float32 in
+        the input image's pixels (bilinear, pixel centres aligned); NaN where the crop cut the
+        image off (not inspected)."""
+        maps = np.asarray(maps, dtype=np.float32)
+        y0, y1, wy, inside_y = self._axis(self.height, self.resized_height, self.top)
+        x0, x1, wx, inside_x = self._axis(self.width, self.resized_width, self.left)
+        rows = maps[..., y0, :] * (1.0 - wy)[:, None] + maps[..., y1, :] * wy[:, None]
+        out = rows[..., x0] * (1.0 - wx) + rows[..., x1] * wx
+        out[..., ~inside_y, :] = np.nan
+        out[..., ~inside_x] = np.nan
+        return out
+
+    def inspected_box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the inspected input pixels (x1, y1 exclusive)."""
+        ys = np.flatnonzero(self._axis(self.height, self.resized_height, self.top)[3])
+        xs = np.flatnonzero(self._axis(self.width, self.resized_width, self.left)[3])
+        return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1

@@ -1,0 +1,261 @@
+"""The model bundle: one self-contained folder that scores new images without the dataset
+or the embedding folder, and never unpickles anything.
+
+Layout (format version :data:`FORMAT_VERSION`)::
+
+    manifest.json          format, versions, every setting scoring needs, thresholds,
+                           calibration figures, the sha256 of every other file
+    arrays.safetensors     the scoring artefacts (pni.model.ARTEFACT_NAMES): three coresets,
+                           the entry map m(k), both position priors
+    mlp.safetensors        the neighbourhood MLP's state dict (original parameter names)
+    backbone.safetensors   the backbone layers the features use (only with
+                           --include_backbone, or a randomly initialised backbone)
+
+Without ``backbone.safetensors`` the manifest names the weights file and its sha256, found
+as in training (``--backbone_weights`` or the torch hub cache). The arrays are plain
+tensors and the MLP a plain module, so other exports (ONNX, TorchScript) can start from a
+loaded :class:`~pni.model.PNIModel`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pni import __version__
+from pni.distributions import dropped_slot, mlp_from_state_dict
+from pni.errors import PNIError
+from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
+from pni.io import make_dir
+from pni.model import ARTEFACT_NAMES, PNIModel
+from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
+
+FORMAT = "pni-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.safetensors"
+MLP = "mlp.safetensors"
+BACKBONE = "backbone.safetensors"
+_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_settings(model: PNIModel) -> dict[str, Any]:
+    """Everything :func:`load_bundle` needs to rebuild ``model`` around its arrays."""
+    ext = model.extractor
+    scoring = dataclasses.asdict(model.config)
+    scoring.pop("chunk_size")  # chosen per device when scoring
+    return {
+        "features": {"backbone": ext.backbone_name, "layers": list(ext.layers),
+                     "pretrain_embed_dimension": ext.pretrain_embed_dimension,
+                     "target_embed_dimension": ext.target_embed_dimension, "patchsize": ext.patchsize,
+                     "resize": model.resize, "imagesize": model.imagesize},
+        "neighbourhood": {"dist_padding": model.dist_padding, "window_layout": model.layout,
+                          "dropped_slot": dropped_slot(model.dist_padding, model.layout),
+                          "num_layers": len(model.mlp.hidden_layers) + 2,
+                          "classes": model.mlp.last_layer[0].out_features},
+        "scoring": scoring,
+    }
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str, Any], provenance: dict[str, Any],
+                 thresholds: dict[str, Any], calibration: dict[str, Any], include_backbone: bool) -> Path:
+    """Write ``model`` with its thresholds as a bundle folder ``output``.
+
+    ``backbone``: ``{file, sha256, random_init, random_init_seed}`` (where the weights came
+    from); ``provenance``: the training settings (category, seed, ...). The folder is built
+    under a temporary name beside ``output`` and renamed; an existing bundle there is
+    replaced, any other existing non-empty folder is refused.
+    """
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise PNIError(f"--output {out} exists and is not a PNI model bundle; choose a new folder")
+    make_dir(out.parent, "--output")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise PNIError(f"cannot write to folder {out.parent}: {exc.strerror or exc}") from None
+    try:
+        save_file(_contiguous({name: getattr(model, name) for name in ARTEFACT_NAMES}), str(tmp / ARRAYS),
+                  metadata=_METADATA)
+        save_file(_contiguous(model.mlp.state_dict()), str(tmp / MLP), metadata=_METADATA)
+        backbone = dict(backbone)
+        backbone["included"] = bool(include_backbone or backbone.get("random_init"))
+        if backbone["included"]:
+            save_file(_contiguous(model.extractor.body.state_dict()), str(tmp / BACKBONE), metadata=_METADATA)
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **model_settings(model), "backbone_weights": backbone, "training": provenance,
+            "thresholds": thresholds, "calibration": calibration,
+            "files": {name: sha256_of(tmp / name) for name in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version
+    whose listed files are all there with their recorded sha256 (else one-line PNIError
+    naming the file)."""
+    root = Path(path)
+    if not root.exists():
+        raise PNIError(f"model bundle not found: {root}")
+    manifest_path = root / MANIFEST
+    if not root.is_dir() or not manifest_path.is_file():
+        raise PNIError(f"{root} is not a PNI model bundle (a folder with {MANIFEST}, written by export_model.py)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PNIError(f"cannot read {manifest_path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PNIError(f"{manifest_path} is not a PNI model bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PNIError(f"{manifest_path}: bundle format version {manifest.get('format_version')!r}, but PNI "
+                       f"{__version__} reads version {FORMAT_VERSION}; export the model again with this version")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or ARRAYS not in files or MLP not in files:
+        raise PNIError(f"{manifest_path} lists no {ARRAYS} and {MLP}; the bundle is incomplete")
+    for name, digest in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
+        file = root / name
+        if not file.is_file():
+            raise PNIError(f"bundle file missing: {file}")
+        if sha256_of(file) != digest:
+            raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
+                           "model again")
+    if manifest.get("backbone_weights", {}).get("included") and BACKBONE not in files:
+        raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
+    thresholds = manifest.get("thresholds")
+    for m in MAP_NAMES:
+        entry = thresholds.get(m) if isinstance(thresholds, dict) else None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
+            raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
+    return manifest
+
+
+def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PNIError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    missing = [n for n in (names or ()) if n not in state]
+    if missing:
+        raise PNIError(f"{path} lacks {', '.join(missing)}")
+    return state
+
+
+def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | os.PathLike | None) -> Path:
+    """The backbone weights file a bundle without ``backbone.safetensors`` names, found as in
+    training (``weights_path``, else the torch hub cache) and checked against its sha256."""
+    info = manifest.get("backbone_weights") or {}
+    name, digest = info.get("file"), info.get("sha256")
+    backbone = manifest["features"]["backbone"]
+    if weights_path is not None:
+        candidates = [Path(weights_path)]
+        if not candidates[0].is_file():
+            raise PNIError(f"--backbone_weights: file not found: {weights_path}")
+    else:
+        candidates = [hub_checkpoint_dir() / n for n in dict.fromkeys([name, weights_file_name(backbone)]) if n]
+    for path in candidates:
+        if path.is_file():
+            if digest and sha256_of(path) != digest:
+                raise PNIError(f"backbone weights {path} are not the ones bundle {root} was made with ({name}, "
+                               f"sha256 {digest[:16]}...); pass the right file with --backbone_weights")
+            return path
+    raise PNIError(f"bundle {root} needs the backbone weights {name} (sha256 {str(digest)[:16]}...): put the file "
+                   f"in {hub_checkpoint_dir()} or pass --backbone_weights PATH (or export with --include_backbone)")
+
+
+def load_bundle(path: str | os.PathLike, backbone_weights: str | os.PathLike | None = None
+                ) -> tuple[PNIModel, dict[str, Any]]:
+    """The :class:`PNIModel` of a bundle folder (on the CPU) and its manifest. Refuses, with
+    one line naming the file, a folder that is not a bundle, of another format version, with
+    a missing or altered file, or whose arrays do not fit its settings."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    try:
+        feats, nb, scoring = manifest["features"], manifest["neighbourhood"], manifest["scoring"]
+        config = ScoringConfig(**scoring, chunk_size=None)
+        if nb["window_layout"] != config.variant or nb["dropped_slot"] != dropped_slot(nb["dist_padding"],
+                                                                                        config.variant):
+            raise PNIError(f"{root / MANIFEST}: the MLP window layout ({nb['window_layout']}, slot "
+                           f"{nb['dropped_slot']}) is not the one of variant {config.variant}")
+        arrays = _tensors(root / ARRAYS, ARTEFACT_NAMES)
+        mlp = mlp_from_state_dict(_tensors(root / MLP))
+        included = bool(manifest.get("backbone_weights", {}).get("included"))
+        weights = None if included else _backbone_weights(root, manifest, backbone_weights)
+        extractor = build_feature_extractor(feats["backbone"], feats["layers"], feats["pretrain_embed_dimension"],
+                                            feats["target_embed_dimension"], feats["patchsize"], weights,
+                                            random_init=included)
+        if included:
+            try:
+                extractor.body.load_state_dict(_tensors(root / BACKBONE))
+            except RuntimeError as exc:
+                raise PNIError(f"{root / BACKBONE} does not fit {feats['backbone']}: "
+                               f"{str(exc).strip().splitlines()[0]}") from None
+        model = PNIModel(extractor, mlp, ScoringArtefacts(**{n: arrays[n] for n in ARTEFACT_NAMES}), config,
+                         nb["dist_padding"], feats["resize"])
+    except (KeyError, TypeError) as exc:
+        raise PNIError(f"{root / MANIFEST} lacks or mistypes a setting ({exc}); export the model again") from None
+    except RuntimeError as exc:  # state dicts of the wrong shape
+        raise PNIError(f"bundle {root} does not fit its manifest: {str(exc).strip().splitlines()[0]}") from None
+    _check_fit(model, root)
+    return model, manifest
+
+
+def _check_fit(model: PNIModel, root: Path) -> None:
+    """The arrays must fit the grid the extractor gives at ``imagesize`` and the MLP's sizes."""
+    with torch.no_grad():
+        _, rows, cols, dim = model.extractor(torch.zeros(1, 3, model.imagesize, model.imagesize)).shape
+    try:
+        model.artefacts().check(rows, cols, dim)
+    except PNIError as exc:
+        raise PNIError(f"bundle {root}: {exc}") from None
+    n_in = ((2 * model.dist_padding + 1) ** 2 - 1) * dim
+    mlp = model.mlp
+    if mlp.first_layer[0].in_features != n_in or mlp.last_layer[0].out_features != len(model.distribution_coreset):
+        raise PNIError(f"bundle {root}: the MLP (input {mlp.first_layer[0].in_features}, "
+                       f"{mlp.last_layer[0].out_features} classes) does not fit its settings")

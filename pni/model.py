@@ -1,0 +1,152 @@
+"""The trained model as one object: everything that turns an image into PNI's four maps.
+
+:class:`PNIModel` holds the feature extractor (backbone + patch aggregation), the
+neighbourhood MLP with its window layout, the scoring artefacts (three coresets, the entry
+map ``m(k)``, both position priors) as buffers, the :class:`~pni.scoring.ScoringConfig`
+and the image geometry (``resize``, ``imagesize``). The test stage
+(:func:`pni.pipeline.run_test`), the model bundle (:mod:`pni.bundle`) and prediction
+(:mod:`pni.predict`) all score through :meth:`PNIModel.score`, so they cannot drift apart.
+
+Plain ``nn.Module`` on tensors, no Lightning: ``pni.lightning.ScoringModule`` runs it on the
+Lightning device. The MLP's window layout is the variant's (``config.variant``); there is
+no way to pair a model with another layout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pni.data.transforms import image_transform
+from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows
+from pni.features import PatchFeatureExtractor
+from pni.memory import scoring_rows
+from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, nearest_ids, score_image
+
+ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts))
+
+
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
+    """The :class:`ScoringConfig` of parsed ``train_coreset_distribution.py`` flags
+    (``chunk_size`` is chosen per device by :class:`PNIModel`)."""
+    return ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
+                         softmax_temperature_alpha=args.softmax_temperature_alpha,
+                         softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
+                         variant=args.variant, mask_workers=args.mask_workers, imagesize=args.imagesize,
+                         blursigma=args.blursigma, chunk_size=None)
+
+
+class PNIModel(nn.Module):
+    """A trained PNI model: images ``(B, 3, imagesize, imagesize)`` (ImageNet-normalised, as
+    :meth:`transform` makes them) -> one :class:`~pni.scoring.ImageScores` per image.
+
+    ``config.chunk_size`` ``None``: distance matrices are built in row chunks sized from the
+    free memory of the device the model runs on (chosen once per device).
+    """
+
+    def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, artefacts: ScoringArtefacts,
+                 config: ScoringConfig, dist_padding: int, resize: int) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.mlp = mlp.eval()
+        for name in ARTEFACT_NAMES:
+            self.register_buffer(name, getattr(artefacts, name).detach().contiguous())
+        self.config = config
+        self.dist_padding = int(dist_padding)
+        self.resize = int(resize)
+        self._chunks: dict[torch.device, int] = {}
+        dropped_slot(self.dist_padding, self.layout)  # refuses an unknown variant now
+
+    @classmethod
+    def from_arrays(cls, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, coresets: dict[str, np.ndarray],
+                    priors: dict[str, np.ndarray], config: ScoringConfig, dist_padding: int,
+                    resize: int) -> "PNIModel":
+        """From the stage artefacts: ``coresets`` ``{without_edge, with_edge, distribution}``
+        ``(K, E)`` and ``priors`` ``{without_edge, with_edge}`` ``(P, K)``; computes ``m(k)``."""
+        emb = torch.as_tensor(coresets["without_edge"])
+        dist = torch.as_tensor(coresets["distribution"])
+        artefacts = ScoringArtefacts(
+            embedding_without_edge=emb,
+            embedding_with_edge=torch.as_tensor(coresets["with_edge"]),
+            distribution_coreset=dist,
+            embedding_to_distribution=nearest_ids(emb, dist),
+            position_prior=torch.as_tensor(priors["without_edge"]),
+            position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
+        )
+        return cls(extractor, mlp, artefacts, config, dist_padding, resize)
+
+    # ------------------------------------------------------------ settings
+
+    @property
+    def layout(self) -> str:
+        """The MLP's window layout: the variant's (``pni.distributions.dropped_slot``)."""
+        return self.config.variant
+
+    @property
+    def imagesize(self) -> int:
+        return self.config.imagesize
+
+    @property
+    def pad(self) -> int:
+        return (self.config.patchsize - 1) // 2
+
+    def artefacts(self) -> ScoringArtefacts:
+        """The scoring artefacts, on the model's device."""
+        return ScoringArtefacts(**{name: getattr(self, name) for name in ARTEFACT_NAMES})
+
+    def transform(self) -> Callable:
+        """RGB PIL image -> the model's input tensor (resize, centre crop, normalisation)."""
+        return image_transform(self.resize, self.imagesize)
+
+    def train(self, mode: bool = True) -> "PNIModel":  # a trained model: dropout and BN stay in eval
+        return super().train(False)
+
+    # ------------------------------------------------------------ scoring
+
+    def _config_on(self, device: torch.device) -> ScoringConfig:
+        if self.config.chunk_size is not None:
+            return self.config
+        if device not in self._chunks:
+            # ~6 temporaries of (rows x coreset size) float32 in at most 1/8 of the free memory
+            widest = max(len(self.embedding_with_edge), len(self.embedding_without_edge) + len(self.distribution_coreset))
+            self._chunks[device] = scoring_rows(widest, device)
+        return dataclasses.replace(self.config, chunk_size=self._chunks[device])
+
+    @torch.no_grad()
+    def nb_logits(self, grid: Tensor, window_chunk: int | None = None) -> Tensor:
+        """Neighbourhood MLP logits at the interior positions of one grid ``(R, C, E)`` ->
+        ``(P_int, D)``; windows built chunk by chunk."""
+        n_rows, n_cols, _ = grid.shape
+        p = self.pad
+        rr, cc = torch.meshgrid(torch.arange(p, n_rows - p), torch.arange(p, n_cols - p), indexing="ij")
+        positions = (rr * n_cols + cc).reshape(-1).to(grid.device)
+        chunk = window_chunk
+        if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
+            n_win = (2 * self.dist_padding + 1) ** 2 - 1
+            chunk = rows_for(4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
+                             fraction=0.125, device=grid.device, lo=64, hi=8192)
+        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding, self.layout))
+               for s in range(0, len(positions), chunk)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def score(self, images: Tensor) -> list[ImageScores]:
+        """Score a batch ``(B, 3, imagesize, imagesize)`` -> ``B`` results (maps on the
+        images' device). Under autocast the backbone and the MLP run in reduced precision;
+        distances, masks and maps always in float32."""
+        self.mlp.eval()
+        if images.shape[0] == 0:
+            return []
+        feats = self.extractor(images)
+        art = self.artefacts()
+        cfg = self._config_on(feats.device)
+        out = []
+        for b in range(feats.shape[0]):
+            logits = self.nb_logits(feats[b])
+            with torch.autocast(device_type=feats.device.type, enabled=False):
+                out.append(score_image(feats[b].float(), logits.float(), art, cfg))
+        return out
