@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 
-
 def main(argv: list[str] | None = None) -> int:
     from pni.cli import run_cli
     from pni.config import build_export_parser, parse_args

@@ -5,7 +5,6 @@ or a bad bundle."""
 from __future__ import annotations
 
 
-
 def main(argv: list[str] | None = None) -> int:
     from pni.cli import run_cli
     from pni.config import build_predict_parser

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from pni.data.transforms import image_transform
 from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows
 from pni.features import PatchFeatureExtractor
-from pni.memory import scoring_rows
+from pni.memory import rows_for, scoring_rows
 from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, nearest_ids, score_image
 
-ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts))
+ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts) if f.init)
 
 
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
@@ -59,6 +59,7 @@ class PNIModel(nn.Module):
         self.dist_padding = int(dist_padding)
         self.resize = int(resize)
         self._chunks: dict[torch.device, int] = {}
+        self._artefacts: tuple[tuple[int, ...], ScoringArtefacts] | None = None
         dropped_slot(self.dist_padding, self.layout)  # refuses an unknown variant now
 
     @classmethod
@@ -95,8 +96,14 @@ class PNIModel(nn.Module):
         return (self.config.patchsize - 1) // 2
 
     def artefacts(self) -> ScoringArtefacts:
-        """The scoring artefacts, on the model's device."""
-        return ScoringArtefacts(**{name: getattr(self, name) for name in ARTEFACT_NAMES})
+        """The scoring artefacts, on the model's device: the same object from call to call
+        while the buffers stay where they are (scoring caches what it derives from them, and
+        its scratch memory, on that object)."""
+        tensors = {name: getattr(self, name) for name in ARTEFACT_NAMES}
+        key = tuple(t.data_ptr() for t in tensors.values())  # the cached object keeps its tensors alive
+        if self._artefacts is None or self._artefacts[0] != key:
+            self._artefacts = (key, ScoringArtefacts(**tensors))
+        return self._artefacts[1]
 
     def transform(self) -> Callable:
         """RGB PIL image -> the model's input tensor (resize, centre crop, normalisation)."""

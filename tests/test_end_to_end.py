@@ -142,14 +142,17 @@ def test_test_time_logits_from_the_saved_mlp(run, test_features):
     layout (centre kept, right-hand neighbour dropped), through the saved MLP in eval mode.
     (The maps alone barely depend on the logits of this tiny, briefly trained MLP.)"""
     from pni.distributions import load_mlp_checkpoint, mlp_from_state_dict
-    from pni.lightning import AnomalyTestModule
+    from pni.model import PNIModel
+    from pni.scoring import ScoringArtefacts, ScoringConfig
 
     art = saved_artefacts(run.emb)
     mlp = mlp_from_state_dict(load_mlp_checkpoint(run.emb / "best_model_dp2_dcs24_n3.pt")["model"])
+    arrays = ScoringArtefacts.build(*(torch.from_numpy(art[k]).float() for k in
+                                      ("without_edge", "with_edge", "distribution", "prior", "prior_with_edge")))
     for layout in ("original", "paper"):
-        module = AnomalyTestModule(None, mlp, 2, DP, None, None, layout)
+        model = PNIModel(None, mlp, arrays, ScoringConfig(patchsize=5, variant=layout), DP, RESIZE)
         for feat in test_features:
-            got = module.nb_logits(torch.from_numpy(feat).float()).double().numpy()
+            got = model.nb_logits(torch.from_numpy(feat).float()).double().numpy()
             windows = np.stack([reference.sliced_window(feat, r, c, DP, layout)
                                 for r in range(2, 6) for c in range(2, 6)])
             np.testing.assert_allclose(got, reference.mlp_logits(art["mlp"], windows), rtol=1e-4, atol=1e-4)
