@@ -2,7 +2,7 @@
 
 Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
 ``--backbone_weights``, ``--random_init``, ``--embedding_root_path``,
-``--max_train_images``, ``--variant``, ``--mask_workers`` and ``--debug`` are ours.
+``--max_train_images``, ``--variant``, ``--mask_workers``, ``--debug`` and ``--verbose`` are ours.
 """
 from __future__ import annotations
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the training feature bank (float16 halves its memory; coresets are "
                         "then rounded to float16 precision)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--verbose", action="store_true",
+                   help="show everything: third-party warnings and Lightning's own output and progress bars")
     return p
 
 

@@ -15,10 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from pni import coreset as cs
 from pni import distributed
 from pni.cli import parse_devices
+from pni.console import Progress, print_table, trainer_progress
 from pni.artefacts import (
     COOR_KEYS,
     CORESET_KEYS,
@@ -106,35 +106,26 @@ IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30)
 
 
 
-def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
+def _trainer(args: argparse.Namespace, progress: Progress | None = None, **kwargs: Any) -> pl.Trainer:
+    """A Trainer for one stage, shown as ``progress`` (see :func:`pni.console.trainer_progress`)."""
     defaults = dict(accelerator=args.accelerator, devices=parse_devices(args.devices), logger=False,
-                    enable_checkpointing=False, enable_model_summary=False, deterministic=False)
+                    enable_checkpointing=False, enable_model_summary=False, deterministic=False,
+                    **trainer_progress(progress))
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
-
-
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", ".*_pytree.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*predict returned None.*")
-        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        yield
 
 
 # ---------------------------------------------------------------- stage helpers
 
 
 def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, on_disk: bool = False,
-                 probed: tuple[torch.Tensor, int | None] | None = None, **module_kwargs):
+                 probed: tuple[torch.Tensor, int | None] | None = None, progress: Progress | None = None,
+                 **module_kwargs):
     """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``
     (``--feature_bank_dtype``): an array, or a memory map in ``scratch`` when it is larger
     than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it). ``probed``: the
-    result of :func:`_probe` on the first training image, if the caller already has it."""
+    result of :func:`_probe` on the first training image, if the caller already has it.
+    ``progress`` gains one unit per extraction batch."""
     probe, per_image = probed if probed is not None else _probe(extractor, train_ds[0]["image"])
     dtype = np.dtype(getattr(args, "feature_bank_dtype", "float32"))
     shape = (len(train_ds),) + tuple(probe.shape[1:])
@@ -149,8 +140,9 @@ def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBan
     budget = None if _on_gpu(args) else min(available_bytes() // 4, max(256 * 2**20, nbytes // 4))
     loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args, per_image, budget), shuffle=False,
                         num_workers=args.num_workers)
-    with _quiet_lightning():
-        _trainer(args, devices=1, strategy="auto").predict(module, loader, return_predictions=False)
+    if progress is not None:
+        progress.add_total(len(loader))
+    _trainer(args, progress, devices=1, strategy="auto").predict(module, loader, return_predictions=False)
     return bank, module
 
 
@@ -210,8 +202,10 @@ def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, bu
     return max(1, min(default, int(budget // per_image_bytes)))
 
 
-def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> np.ndarray:
-    """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank."""
+def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
+                   progress: Progress | None = None) -> np.ndarray:
+    """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank.
+    ``progress`` counts extraction batches and greedy steps."""
     pad = (args.patchsize - 1) // 2
     probed = _probe(extractor, train_ds[0]["image"])
     _, n_rows, n_cols, _ = probed[0].shape
@@ -232,8 +226,11 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
         raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
                        "but the greedy start point is not selected; use a smaller fraction")
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
+    if progress is not None:
+        progress.add_total(sum(n_select.values()))
     bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
-                                probed=probed, pad=pad, n_select=n_select, seed=args.seed)
+                                probed=probed, progress=progress, pad=pad, n_select=n_select, seed=args.seed,
+                                track=progress.track if progress is not None else None)
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
     flat = bank.reshape(-1, bank.shape[-1])  # a view (no copy of the bank)
@@ -285,9 +282,11 @@ def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path) -> None:
+def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
+                        progress: Progress | None = None) -> None:
     """Stage 2: label interior training positions by their nearest distribution entry and
-    train the neighbourhood MLP; keeps the best-validation weights."""
+    train the neighbourhood MLP; keeps the best-validation weights. ``progress`` counts
+    training batches."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
     index = cs.use_gpu_index(cs.build_index(coresets["distribution"]))
@@ -313,10 +312,9 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     collate = WindowCollate(bank, labels, pad, args.dist_padding, args.variant)
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
     val_loader = window_loader(val_ids, collate, args.dist_batchsize, False, args.seed, args.num_workers)
-    with _quiet_lightning():
-        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
-                           **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
-        trainer.fit(module, train_loader, val_loader)
+    trainer = _trainer(args, progress, max_epochs=args.num_epochs, num_sanity_val_steps=0,
+                       precision=_precision(args), **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+    trainer.fit(module, train_loader, val_loader)
     if child:
         return
     if not ckpt.is_file():
@@ -324,11 +322,15 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     save_json(out_dir / "nb_settings.json", settings)
 
 
-def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path) -> None:
+def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
+                   progress: Progress | None = None) -> None:
     """Stage 3: the two position priors (interior / without-edge coreset and all positions /
-    with-edge coreset), normalised per position, as ``.npy``."""
+    with-edge coreset), normalised per position, as ``.npy``. ``progress`` counts images
+    (twice: once per prior)."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
+    if progress is not None:
+        progress.add_total(2 * n_img)
     begin_stage(out_dir / "coor_settings.json")
     rr, cc = np.meshgrid(np.arange(pad, n_rows - pad), np.arange(pad, n_cols - pad), indexing="ij")
     interior_pos = torch.as_tensor((rr * n_cols + cc).reshape(-1))
@@ -346,6 +348,8 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
                 ids = cs.nearest_ids(index, grid[pad:n_rows - pad, pad:n_cols - pad].reshape(-1, dim))
                 position_prior_counts(torch.as_tensor(ids)[None], (n_rows, n_cols), len(entries),
                                       args.dist_padding, positions=interior_pos, counts=counts)
+            if progress is not None:
+                progress.update()
         prior = normalise_rows(counts).numpy()
         save_npy(out_dir / position_prior_file_name(args.subsampling_percentage, with_edge), prior)
         test_hook("coor_prior")
@@ -461,8 +465,9 @@ def _precision(args: argparse.Namespace) -> str:
     return getattr(args, "precision", "32-true")
 
 
-def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
-    """Stage 4: score every test image, write results and the score table row.
+def run_test(args, extractor, test_ds, coresets, priors, mlp, progress: Progress | None = None) -> dict[str, Any]:
+    """Stage 4: score every test image, write results and the score table row; ``progress``
+    counts test batches.
 
     Under DDP every rank scores its share of the test set and writes those images' files;
     rank 0 gathers the rows, reads the maps back for the AUROCs and writes the tables (the
@@ -510,9 +515,8 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         module = AnomalyTestModule(extractor, mlp, pad, args.dist_padding, scorer, collector, args.variant)
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
-        with _quiet_lightning():
-            _trainer(args, logger=False, precision=_precision(args),
-                     **distributed.devices_and_strategy(args, ddp)).test(module, loader, verbose=False)
+        _trainer(args, progress, logger=False, precision=_precision(args),
+                 **distributed.devices_and_strategy(args, ddp)).test(module, loader, verbose=False)
         rows = collector.rows
         if ddp:  # every rank's rows, once each (the distributed sampler repeats a few images)
             merged: dict[int, tuple] = {}
@@ -602,28 +606,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scratch = Path(scratch) if scratch is not None else None
         bank = None
         if args.train_coreset and not child:  # DDP: rank 0 alone, before the other ranks start
-            print(f"[{args.category}] stage 1/4: coresets", flush=True)
-            bank = build_coresets(args, extractor, train_ds, out_dir, scratch)
+            with Progress(f"[{args.category}] stage 1/4: coresets") as bar:
+                bank = build_coresets(args, extractor, train_ds, out_dir, scratch, bar)
         coresets = load_coresets(args, out_dir)
         if (args.train_nb_dist or args.train_coor_dist) and bank is None and not child:
-            print(f"[{args.category}] extracting training features", flush=True)
-            bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args))
+            with Progress(f"[{args.category}] extracting training features") as bar:
+                bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args), progress=bar)
         if args.train_nb_dist:
-            print(f"[{args.category}] stage 2/4: neighbourhood MLP", flush=True)
             if args.ddp:
                 bank = _ddp_bank(bank)
-            train_neighbourhood(args, bank, coresets, out_dir)
+            with Progress(f"[{args.category}] stage 2/4: neighbourhood MLP") as bar:
+                train_neighbourhood(args, bank, coresets, out_dir, bar)
         if args.train_coor_dist and not child:
-            print(f"[{args.category}] stage 3/4: position priors", flush=True)
-            train_position(args, bank, coresets, out_dir)
+            with Progress(f"[{args.category}] stage 3/4: position priors") as bar:
+                train_position(args, bank, coresets, out_dir, bar)
         del bank
     distributed.barrier()  # DDP ranks > 0 wait here for rank 0's position priors
     priors = load_position_priors(args, out_dir, coresets)
     mlp = load_neighbourhood_model(args, out_dir, coresets)
-    print(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images", flush=True)
-    result = run_test(args, extractor, test_ds, coresets, priors, mlp)
+    with Progress(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images") as bar:
+        result = run_test(args, extractor, test_ds, coresets, priors, mlp, bar)
     if child:
         return result
-    print(format_score_table([result]), flush=True)
+    print_table(f"[{args.category}] AUROC (%) of the four maps ({args.backbone}, seed {args.seed})",
+                format_score_table([result]))
     print(f"results: {result['version_dir']}", flush=True)
     return result
