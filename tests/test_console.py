@@ -13,11 +13,9 @@ from pni import console
 from pni.console import Progress
 from pni.data.synthetic import make_dataset
 
+from test_pipeline import TINY  # the tiny settings of the end-to-end tests
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "R18", "--random_init", "--resize", "64", "--imagesize", "64",
-        "--pretrain_embed_dimension", "48", "--target_embed_dimension", "32", "-p", "0.25",
-        "--dist_coreset_size", "16", "--dist_padding", "2", "--num_layers", "3", "--num_epochs", "2",
-        "--step_size", "1", "--dist_batchsize", "64", "--blursigma", "1", "--accelerator", "cpu"]
 STAGES = ("stage 1/4: coresets", "stage 2/4: neighbourhood MLP", "stage 3/4: position priors",
           "stage 4/4: scoring")
 CHATTER = ("Tip:", "litlogger", "LeafSpec", "deprecated", "GPU available", "TPU available", "does not have many workers",
