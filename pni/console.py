@@ -54,10 +54,9 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
-def _show_one_line(message: Any, category: type, filename: str, lineno: int, file: IO[str] | None = None,
-                   line: str | None = None) -> None:
-    """``warnings.showwarning`` of the quiet console: ``warning: <message>`` on one line."""
-    (file if file is not None else sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
+def _one_line(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """``warnings.formatwarning`` of the quiet console: ``warning: <message>`` on one line."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def setup(verbose: bool = False) -> None:
@@ -69,8 +68,7 @@ def setup(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=category)
     for pattern in _LIGHTNING_HINTS:
         warnings.filterwarnings("ignore", message=pattern)
-    if warnings.showwarning is getattr(warnings, "_showwarning_orig", warnings.showwarning):
-        warnings.showwarning = _show_one_line  # (not over a recorder, e.g. pytest's)
+    warnings.formatwarning = _one_line  # how shown warnings look; recorders (pytest.warns) are left alone
     # device banners ("GPU available: ..."), the "💡 Tip" lines: Lightning logs them at INFO
     for name in _THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -183,8 +181,8 @@ class Progress:
 
 
 def titled(title: str, table: str) -> str:
-    """``table`` after a blank line and ``title``, then a blank line: it stands out in a log."""
-    return f"\n{title}\n{table}\n\n"
+    """``table`` after a blank line and ``title``: it stands out in a log."""
+    return f"\n{title}\n{table}\n"
 
 
 def print_table(title: str, table: str, stream: IO[str] | None = None) -> None:
