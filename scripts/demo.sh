@@ -36,16 +36,19 @@ else
   echo "demo: no ImageNet ResNet-18 weights in the torch hub cache: using a randomly initialised backbone"
 fi
 
+# The demo's PNI settings, in one place (tests/test_position_defect.py reads them from here;
+# a later step that loads the trained artefacts must pass the same ones).
+PNI_FLAGS=(--backbone R18 --resize 128 --imagesize 128 --layer_index layer2 --patchsize 3
+  --pretrain_embed_dimension 256 --target_embed_dimension 256
+  --subsampling_percentage 0.1 --dist_coreset_size 128 --dist_padding 1
+  --num_layers 3 --num_epochs 4 --step_size 3 --dist_batchsize 256 --blursigma 2 --seed 22)
+
 banner "PNI on each category: coresets, neighbourhood MLP, position priors, scoring"
 for CATEGORY in "${CATEGORIES[@]}"; do
   "$PY" train_coreset_distribution.py --train_coreset --train_nb_dist --train_coor_dist \
     --dataset_path "$DATASET" --dataset_category MVTec --category "$CATEGORY" \
     --project_root_path "$RESULT" --embedding_root_path "$DEMO_ROOT" \
-    --backbone R18 "${WEIGHTS[@]}" --resize 128 --imagesize 128 --layer_index layer2 --patchsize 3 \
-    --pretrain_embed_dimension 256 --target_embed_dimension 256 \
-    --subsampling_percentage 0.1 --dist_coreset_size 128 --dist_padding 1 \
-    --num_layers 3 --num_epochs 4 --step_size 3 --dist_batchsize 256 --blursigma 2 \
-    --seed 22 "${VERBOSE_FLAG[@]}"
+    "${PNI_FLAGS[@]}" "${WEIGHTS[@]}" "${VERBOSE_FLAG[@]}"
 done
 
 banner "what each map catches: PNI's maps (nb, coor, nb_coor) against plain PatchCore"

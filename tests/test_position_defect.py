@@ -2,7 +2,7 @@
 demo's own settings (issue 12): plain PatchCore is close to chance on it, the position map
 (``coor``) and ``nb_coor`` separate it from the normal images with room to spare.
 
-The flags are read from scripts/demo.sh, so a change of the demo's settings, of the
+The settings are read from scripts/demo.sh, so a change of the demo's settings, of the
 generator or of the scoring that loses the property fails here. One seeded run of the
 whole pipeline on the board category (16 training images, 8 + 8 test images)."""
 import csv
@@ -19,35 +19,22 @@ from pni.data.synthetic import make_dataset
 from pni.pipeline import run
 
 DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
-PATH_FLAGS = {"--dataset_path", "--category", "--project_root_path", "--embedding_root_path"}
 
 
 def demo_flags() -> list[str]:
-    """The flags scripts/demo.sh gives train_coreset_distribution.py, without the ones naming
-    its folders, the category or shell arrays (weights, --verbose)."""
-    text = DEMO.read_text().replace("\\\n", " ")
-    lines = [line for line in text.splitlines() if "train_coreset_distribution.py" in line]
-    assert len(lines) == 1, "scripts/demo.sh should call train_coreset_distribution.py once"
-    tokens = shlex.split(lines[0].split("train_coreset_distribution.py", 1)[1])
-    flags: list[str] = []
-    for token in tokens:
-        if "$" in token:
-            if flags and flags[-1] in PATH_FLAGS:
-                flags.pop()
-            continue
-        flags.append(token)
-    return flags
+    """The demo's PNI settings: the ``PNI_FLAGS=( ... )`` array of scripts/demo.sh."""
+    found = re.search(r"^PNI_FLAGS=\((.*?)\)", DEMO.read_text(), re.S | re.M)
+    assert found, "scripts/demo.sh should define its settings as PNI_FLAGS=( ... )"
+    return shlex.split(found.group(1))
 
 
 @pytest.fixture(scope="module")
 def board_scores(tmp_path_factory):
     root = tmp_path_factory.mktemp("board")
     make_dataset(root / "ds", num_train=16, num_test_per_type=8, categories=["board"])
-    flags = demo_flags()
-    assert "--layer_index" in flags and "--train_coreset" in flags  # the parse found the real command
-    args = parse_args(flags + ["--dataset_path", str(root / "ds"), "--category", "board",
-                               "--project_root_path", str(root / "result"), "--embedding_root_path", str(root),
-                               "--random_init", "--accelerator", "cpu"])
+    args = parse_args(["--train_coreset", "--train_nb_dist", "--train_coor_dist"] + demo_flags() + [
+        "--dataset_path", str(root / "ds"), "--category", "board", "--project_root_path", str(root / "result"),
+        "--embedding_root_path", str(root), "--random_init", "--accelerator", "cpu"])
     result = run(args)
     with open(Path(result["version_dir"]) / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -69,8 +56,7 @@ def test_the_position_maps_catch_every_moved_component_with_a_margin(board_score
     assert scores[name][labels == 1].min() >= 1.5 * scores[name][labels == 0].max()
 
 
-def test_the_demo_flags_are_parsed_as_the_demo_passes_them():
+def test_the_demo_passes_its_settings_array_to_every_category():
     flags = demo_flags()
-    assert flags[:3] == ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
-    assert not any("$" in f for f in flags) and not PATH_FLAGS & set(flags)
-    assert re.fullmatch(r"\d+", flags[flags.index("--imagesize") + 1])
+    assert "--layer_index" in flags and not any("$" in f for f in flags)
+    assert '"${PNI_FLAGS[@]}"' in DEMO.read_text().split("train_coreset_distribution.py", 1)[1].split("done", 1)[0]
