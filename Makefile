@@ -6,17 +6,22 @@ DEMO_ROOT ?= demo_output
 
 .PHONY: venv demo test bench clean-demo
 
+# pip -qq: no progress, notices or warnings (e.g. about configured find-links folders that do
+# not exist); errors still print and stop make.
+PIP := $(PY) -m pip install -qq --disable-pip-version-check
+
 $(VENV)/.installed: requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
-	touch $@
+	@echo "setting up $(VENV): python packages from requirements.txt (quiet; a minute or more the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@$(PIP) -r requirements.txt
+	@$(PIP) --no-deps -e .
+	@touch $@
 
 venv: $(VENV)/.installed
 
 demo: venv
-	PY=$(PY) DEMO_ROOT=$(DEMO_ROOT) bash scripts/demo.sh
+	@PY=$(PY) DEMO_ROOT=$(DEMO_ROOT) VERBOSE=$(VERBOSE) bash scripts/demo.sh
 
 test: venv
 	$(PY) -m pytest -q tests

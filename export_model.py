@@ -5,11 +5,13 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pni import console
     from pni.cli import run_cli
     from pni.config import build_export_parser, parse_args
     from pni.export import export
 
     args = parse_args(argv, build_export_parser())
+    console.setup(args.verbose)
     return run_cli(lambda: export(args), debug=args.debug)
 
 

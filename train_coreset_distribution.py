@@ -4,11 +4,13 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pni import console
     from pni.cli import run_cli
     from pni.config import parse_args
     from pni.pipeline import run
 
     args = parse_args(argv)
+    console.setup(args.verbose)
     return run_cli(lambda: run(args), debug=args.debug)
 
 

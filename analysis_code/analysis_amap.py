@@ -23,6 +23,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pni import console
 from pni.cli import ArgumentParser, exit_with, run_cli
 
 
@@ -39,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--is_BTAD", action="store_true")
     p.add_argument("--is_MVTec_small", "--is_MVtec_small", dest="is_MVTec_small", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true", help="show everything, third-party warnings included")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
 
     def work() -> None:
         from pni.analysis import analyse

@@ -18,6 +18,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pni import console
 from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.results import MAP_NAMES
 
@@ -34,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 = newest run of each backbone, k = k-th newest")
     p.add_argument("--backbone_list", nargs="+", default=["WR101", "RNX101", "DN201"])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true", help="show everything, third-party warnings included")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
 
     def work() -> None:
         from pni.ensemble import run_ensemble

@@ -20,6 +20,7 @@ try:
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pni import console
 from pni.cli import ArgumentParser, exit_with, run_cli
 
 
@@ -31,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--is_MVTec_small", "--is_MVtec_small", dest="is_MVTec_small", action="store_true",
                    help="the original's small MVTec version (same category order)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true", help="show everything, third-party warnings included")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
     if args.is_BTAD and args.is_MVTec_small:
         print("error: --is_BTAD and --is_MVTec_small exclude each other", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import numpy as np
 
 from pni import metrics, viz
 from pni.cli import nan_on_error, warn
+from pni.console import print_table
 from pni.errors import PNIError
 from pni.io import write_csv
 from pni.results import render_table
@@ -268,8 +269,7 @@ def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = F
     if calc_misclassified:
         write_csv(root / MISCLASSIFIED_CSV, MISCLASSIFIED_COLUMNS, wrong)
     if not quiet:
-        print(f"analysis of {root}:")
-        print(format_table(table, columns))
+        print_table(f"analysis of {root} (%; thresholds on the min-max scale):", format_table(table, columns))
         if calc_misclassified:
             print(f"{len(wrong)} misclassified image(s) listed in {root / MISCLASSIFIED_CSV}")
     if compare_with_patchcore:
@@ -302,6 +302,6 @@ def _compare_with_patchcore(root: Path, ours: list[dict[str, object]], columns: 
         for c in metric_cols:
             cells[f"{c} ours"], cells[f"{c} patchcore"] = r[c], other[c]
         rows.append(cells)
-    print(f"comparison with PatchCore maps in {found} (scores written to {found / SCORE_CSV}):")
     lines = [head] + [[str(x["category"])] + [f"{100 * float(x[h]):.2f}" for h in head[1:]] for x in rows]
-    print(render_table(lines))
+    print_table(f"comparison with PatchCore maps in {found} (scores written to {found / SCORE_CSV}):",
+                render_table(lines))

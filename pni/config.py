@@ -2,7 +2,7 @@
 
 Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
 ``--backbone_weights``, ``--random_init``, ``--embedding_root_path``,
-``--max_train_images``, ``--variant``, ``--mask_workers`` and ``--debug`` are ours.
+``--max_train_images``, ``--variant``, ``--mask_workers``, ``--debug`` and ``--verbose`` are ours.
 Every check that needs only the flags is made here, before anything is read or written.
 """
 from __future__ import annotations
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the training feature bank (float16 halves its memory; coresets are "
                         "then rounded to float16 precision)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--verbose", action="store_true",
+                   help="show everything: third-party warnings and Lightning's own output and progress bars")
     return p
 
 
@@ -217,8 +219,10 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_maps", action="store_true", help="also write the four maps as .npy (input pixels)")
     p.add_argument("--batch_size", type=_positive_int, default=None, help="images per batch (default: from memory)")
     p.add_argument("--num_workers", type=_non_negative_int, default=0, help="image decoding worker processes")
-    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
     p.add_argument("--backbone_weights", default=None, metavar="PATH",
                    help="backbone weights file, when the bundle does not include them")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything: third-party warnings and Lightning's own output and progress bars")
     return p

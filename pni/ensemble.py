@@ -27,6 +27,7 @@ import numpy as np
 
 from pni import metrics, viz
 from pni.cli import warn
+from pni.console import print_table
 from pni.errors import PNIError
 from pni.io import append_csv_rows, check_name, load_npy, save_npy
 from pni.results import MAP_NAMES, SCORE_COLUMNS, defined_aurocs, format_score_table, run_dir, version_dirs
@@ -231,6 +232,6 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
             append_csv_rows(csv_path, RESULT_COLUMNS, [values])
         except ValueError as exc:
             raise PNIError(str(exc)) from exc
-    print(f"ensemble of {' '.join(backbones)} (version_num {version_num}):")
-    print(format_score_table(rows))
+    print_table(f"ensemble of {' '.join(backbones)} (version_num {version_num}): AUROC (%)",
+                format_score_table(rows))
     return rows

@@ -23,13 +23,13 @@ from pni.config import embedding_dir
 from pni.data.datasets import NORMAL, AnomalyDataset, Sample, build_datasets
 from pni.errors import PNIError
 from pni.features import RANDOM_INIT_SEED, build_feature_extractor, hub_checkpoint_dir, weights_file_name
+from pni.console import Progress
 from pni.lightning import IndexedDataset, ScoringModule, interruptible
 from pni.model import PNIModel, scoring_config
 from pni.pipeline import (
     _batch_size,
     _check_grid,
     _precision,
-    _quiet_lightning,
     _trainer,
     load_coresets,
     load_neighbourhood_model,
@@ -102,8 +102,8 @@ def score_calibration(args: argparse.Namespace, model: PNIModel, dataset, labels
 
     loader = DataLoader(IndexedDataset(dataset), batch_size=_batch_size(args, per_image), shuffle=False,
                         num_workers=args.num_workers)
-    with _quiet_lightning():
-        trainer = _trainer(args, devices=1, precision=_precision(args))
+    with Progress(f"export: scoring {len(dataset)} calibration images") as bar:
+        trainer = _trainer(args, bar, devices=1, precision=_precision(args))
         interruptible(trainer.predict, ScoringModule(model, sink), loader, return_predictions=False)
     return scores
 

@@ -1,12 +1,13 @@
 """LightningModules: thin glue that runs the compute modules on the Lightning device,
-with Lightning's progress bars, devices and (for the MLP and test scoring) strategies.
+with Lightning's devices and (for the MLP and test scoring) strategies; what they print is
+chosen by the caller (see :mod:`pni.console`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import signal
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -76,12 +77,13 @@ class CoresetModule(FeatureBankModule):
     'without_edge': LongTensor}`` of flat indices (see :meth:`flat_rows`)."""
 
     def __init__(self, extractor: PatchFeatureExtractor, bank: np.ndarray, pad: int,
-                 n_select: dict[str, int], seed: int, show_progress: bool = True) -> None:
+                 n_select: dict[str, int], seed: int,
+                 track: Callable[[Iterable[int]], Iterable[int]] | None = None) -> None:
         super().__init__(extractor, bank)
         self.pad = pad
         self.n_select = n_select
         self.seed = seed
-        self.show_progress = show_progress
+        self.track = track  # wraps the greedy steps of each selection (e.g. pni.console.Progress.track)
         self.selections: dict[str, torch.Tensor] = {}
 
     def flat_rows(self, variant: str) -> Callable[[], Any]:
@@ -99,20 +101,14 @@ class CoresetModule(FeatureBankModule):
         return chunks
 
     def on_predict_epoch_end(self) -> None:
-        from tqdm.auto import tqdm
-
         trim_heap()  # the extraction temporaries, before the projected bank is allocated
 
         n_img, n_rows, n_cols, dim = self.bank.shape
         sizes = {"with_edge": n_img * n_rows * n_cols,
                  "without_edge": n_img * (n_rows - 2 * self.pad) * (n_cols - 2 * self.pad)}
         for variant, n_select in self.n_select.items():
-            def progress(it, variant=variant):
-                return tqdm(it, desc=f"coreset ({variant.replace('_', ' ')})", disable=not self.show_progress,
-                            mininterval=1.0, leave=False)
-
             self.selections[variant] = greedy_coreset(
-                self.flat_rows(variant), sizes[variant], dim, n_select, self.seed, self.device, progress
+                self.flat_rows(variant), sizes[variant], dim, n_select, self.seed, self.device, self.track
             )
 
 

@@ -15,10 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from pni import coreset as cs
 from pni import distributed
 from pni.cli import parse_devices
+from pni.console import Progress, print_table, trainer_progress
 from pni.artefacts import (
     COOR_KEYS,
     CORESET_KEYS,
@@ -90,26 +90,18 @@ from pni.results import (
 log = logging.getLogger("pni")
 
 
-
-
-
-
-
 IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30))
 
 
-
-
-
-
-
-
-
-
-
-def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
+def _trainer(args: argparse.Namespace, progress: Progress | None = None, callbacks: Sequence[pl.Callback] = (),
+             **kwargs: Any) -> pl.Trainer:
+    """A Trainer for one stage, shown as ``progress`` (see :func:`pni.console.trainer_progress`),
+    with ``callbacks`` besides the progress bar's."""
+    shown = trainer_progress(progress)
     defaults = dict(accelerator=args.accelerator, devices=parse_devices(args.devices), logger=False,
-                    enable_checkpointing=False, enable_model_summary=False, deterministic=False)
+                    enable_checkpointing=False, enable_model_summary=False, deterministic=False,
+                    enable_progress_bar=shown["enable_progress_bar"],
+                    callbacks=list(shown.get("callbacks", [])) + list(callbacks))
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -119,10 +111,8 @@ def check_trainer_flags(args: argparse.Namespace) -> None:
     machine has, and Lightning accepts the trainers the stages will build from them."""
     distributed.check_devices(args.accelerator, args.devices)
     try:
-        with _quiet_lightning():
-            _trainer(args, devices=1, strategy="auto")
-            _trainer(args, precision=_precision(args),
-                     **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+        _trainer(args, devices=1, strategy="auto")
+        _trainer(args, precision=_precision(args), **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
     except Exception as exc:  # noqa: BLE001 - Lightning's configuration errors
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise PNIError(f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}: "
@@ -137,28 +127,17 @@ class _TestHookCallback(pl.Callback):
         test_hook("feature_batch")
 
 
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", ".*_pytree.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*predict returned None.*")
-        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        yield
-
-
 # ---------------------------------------------------------------- stage helpers
 
 
 def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, on_disk: bool = False,
-                 probed: tuple[torch.Tensor, int | None] | None = None, **module_kwargs):
+                 probed: tuple[torch.Tensor, int | None] | None = None, progress: Progress | None = None,
+                 **module_kwargs):
     """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``
     (``--feature_bank_dtype``): an array, or a memory map in ``scratch`` when it is larger
     than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it). ``probed``: the
-    result of :func:`_probe` on the first training image, if the caller already has it."""
+    result of :func:`_probe` on the first training image, if the caller already has it.
+    ``progress`` gains one unit per extraction batch."""
     probe, per_image = probed if probed is not None else _probe(extractor, train_ds[0]["image"])
     dtype = np.dtype(getattr(args, "feature_bank_dtype", "float32"))
     shape = (len(train_ds),) + tuple(probe.shape[1:])
@@ -173,9 +152,10 @@ def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBan
     budget = None if _on_gpu(args) else min(available_bytes() // 4, max(256 * 2**20, nbytes // 4))
     loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args, per_image, budget), shuffle=False,
                         num_workers=args.num_workers)
-    with _quiet_lightning():
-        trainer = _trainer(args, devices=1, strategy="auto", callbacks=[_TestHookCallback()])
-        interruptible(trainer.predict, module, loader, return_predictions=False)
+    if progress is not None:
+        progress.add_total(len(loader))
+    trainer = _trainer(args, progress, devices=1, strategy="auto", callbacks=[_TestHookCallback()])
+    interruptible(trainer.predict, module, loader, return_predictions=False)
     return bank, module
 
 
@@ -235,8 +215,10 @@ def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, bu
     return max(1, min(default, int(budget // per_image_bytes)))
 
 
-def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> np.ndarray:
-    """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank."""
+def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
+                   progress: Progress | None = None) -> np.ndarray:
+    """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank.
+    ``progress`` counts extraction batches and greedy steps."""
     pad = (args.patchsize - 1) // 2
     probed = _probe(extractor, train_ds[0]["image"])
     _, n_rows, n_cols, _ = probed[0].shape
@@ -258,8 +240,11 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path) -> n
                        "but the greedy start point is not selected; use a smaller fraction")
     check_anomaly_nn(args, k_emb_edge)
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
+    if progress is not None:
+        progress.add_total(sum(n_select.values()))
     bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
-                                probed=probed, pad=pad, n_select=n_select, seed=args.seed)
+                                probed=probed, progress=progress, pad=pad, n_select=n_select, seed=args.seed,
+                                track=progress.track if progress is not None else None)
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
     flat = bank.reshape(-1, bank.shape[-1])  # a view (no copy of the bank)
@@ -318,9 +303,11 @@ def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path) -> None:
+def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
+                        progress: Progress | None = None) -> None:
     """Stage 2: label interior training positions by their nearest distribution entry and
-    train the neighbourhood MLP; keeps the best-validation weights."""
+    train the neighbourhood MLP; keeps the best-validation weights. ``progress`` counts
+    training batches."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
     index = cs.use_gpu_index(cs.build_index(coresets["distribution"]))
@@ -330,9 +317,9 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     ckpt = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
     settings = {**settings_of(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
     child = distributed.is_child()  # DDP ranks > 0 train but write nothing
-    with _quiet_lightning():  # built first: a flag Lightning refuses must not cost the saved model
-        trainer = _trainer(args, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
-                           **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+    # built first: a flag Lightning refuses must not cost the saved model
+    trainer = _trainer(args, progress, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
+                       **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
     if not child:
         begin_stage(out_dir / "nb_settings.json")
     # The same seed gives the same model whichever other stages ran before in this process.
@@ -350,8 +337,7 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     collate = WindowCollate(bank, labels, pad, args.dist_padding, args.variant)
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
     val_loader = window_loader(val_ids, collate, args.dist_batchsize, False, args.seed, args.num_workers)
-    with _quiet_lightning():
-        interruptible(trainer.fit, module, train_loader, val_loader)
+    interruptible(trainer.fit, module, train_loader, val_loader)
     if child:
         return
     if not saved:
@@ -360,11 +346,15 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     save_json(out_dir / "nb_settings.json", settings)
 
 
-def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path) -> None:
+def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
+                   progress: Progress | None = None) -> None:
     """Stage 3: the two position priors (interior / without-edge coreset and all positions /
-    with-edge coreset), normalised per position, as ``.npy``."""
+    with-edge coreset), normalised per position, as ``.npy``. ``progress`` counts images
+    (twice: once per prior)."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
+    if progress is not None:
+        progress.add_total(2 * n_img)
     begin_stage(out_dir / "coor_settings.json")
     rr, cc = np.meshgrid(np.arange(pad, n_rows - pad), np.arange(pad, n_cols - pad), indexing="ij")
     interior_pos = torch.as_tensor((rr * n_cols + cc).reshape(-1))
@@ -382,6 +372,8 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
                 ids = cs.nearest_ids(index, grid[pad:n_rows - pad, pad:n_cols - pad].reshape(-1, dim))
                 position_prior_counts(torch.as_tensor(ids)[None], (n_rows, n_cols), len(entries),
                                       args.dist_padding, positions=interior_pos, counts=counts)
+            if progress is not None:
+                progress.update()
         prior = normalise_rows(counts).numpy()
         save_npy(out_dir / position_prior_file_name(args.subsampling_percentage, with_edge), prior)
         test_hook("coor_prior")
@@ -503,8 +495,9 @@ def _precision(args: argparse.Namespace) -> str:
     return getattr(args, "precision", "32-true")
 
 
-def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
-    """Stage 4: score every test image, write results and the score table row.
+def run_test(args, extractor, test_ds, coresets, priors, mlp, progress: Progress | None = None) -> dict[str, Any]:
+    """Stage 4: score every test image, write results and the score table row; ``progress``
+    counts test batches.
 
     Under DDP every rank scores its share of the test set and writes those images' files;
     rank 0 gathers the rows, reads the maps back for the AUROCs and writes the tables (the
@@ -526,10 +519,9 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp) -> dict[str, Any]:
         module = ScoringModule(model, collector)
         loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
                             num_workers=args.num_workers)
-        with _quiet_lightning():
-            trainer = _trainer(args, logger=False, precision=_precision(args),
-                               **distributed.devices_and_strategy(args, ddp))
-            interruptible(trainer.test, module, loader, verbose=False)
+        trainer = _trainer(args, progress, logger=False, precision=_precision(args),
+                           **distributed.devices_and_strategy(args, ddp))
+        interruptible(trainer.test, module, loader, verbose=False)
         rows = collector.rows
         if ddp:  # every rank's rows, once each (the distributed sampler repeats a few images)
             merged: dict[int, tuple] = {}
@@ -586,7 +578,6 @@ def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
     return per_image
 
 
-
 # ---------------------------------------------------------------- all stages
 
 
@@ -633,21 +624,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scratch = Path(scratch) if scratch is not None else None
         bank = None
         if args.train_coreset and not child:  # DDP: rank 0 alone, before the other ranks start
-            print(f"[{args.category}] stage 1/4: coresets", flush=True)
-            bank = build_coresets(args, extractor, train_ds, out_dir, scratch)
+            with Progress(f"[{args.category}] stage 1/4: coresets") as bar:
+                bank = build_coresets(args, extractor, train_ds, out_dir, scratch, bar)
         coresets = load_coresets(args, out_dir)
         check_anomaly_nn(args, len(coresets["with_edge"]))
         if (args.train_nb_dist or args.train_coor_dist) and bank is None and not child:
-            print(f"[{args.category}] extracting training features", flush=True)
-            bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args))
+            with Progress(f"[{args.category}] extracting training features") as bar:
+                bank, _ = extract_bank(args, extractor, train_ds, scratch, on_disk=_share_bank(args), progress=bar)
         if args.train_nb_dist:
-            print(f"[{args.category}] stage 2/4: neighbourhood MLP", flush=True)
             if args.ddp:
                 bank = _ddp_bank(bank)
-            train_neighbourhood(args, bank, coresets, out_dir)
+            with Progress(f"[{args.category}] stage 2/4: neighbourhood MLP") as bar:
+                train_neighbourhood(args, bank, coresets, out_dir, bar)
         if args.train_coor_dist and not child:
-            print(f"[{args.category}] stage 3/4: position priors", flush=True)
-            train_position(args, bank, coresets, out_dir)
+            with Progress(f"[{args.category}] stage 3/4: position priors") as bar:
+                train_position(args, bank, coresets, out_dir, bar)
         del bank
     distributed.barrier()  # DDP ranks > 0 wait here for rank 0's position priors
     priors = load_position_priors(args, out_dir, coresets)
@@ -657,10 +648,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "nothing to score, test stage skipped", flush=True)
         return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
                 "version_dir": None}
-    print(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images", flush=True)
-    result = run_test(args, extractor, test_ds, coresets, priors, mlp)
+    with Progress(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images") as bar:
+        result = run_test(args, extractor, test_ds, coresets, priors, mlp, bar)
     if child:
         return result
-    print(format_score_table([result]), flush=True)
+    print_table(f"[{args.category}] AUROC (%) of the four maps ({args.backbone}, seed {args.seed})",
+                format_score_table([result]))
     print(f"results: {result['version_dir']}", flush=True)
     return result

@@ -383,7 +383,8 @@ def predict_files(args) -> int:
     inputs that could not be read (reported on stderr and in ``errors.csv``)."""
     # Lightning only here: the Python API (load_model) runs without it.
     from pni.lightning import ScoringModule, interruptible
-    from pni.pipeline import _batch_size, _probe, _quiet_lightning, _trainer
+    from pni.console import Progress
+    from pni.pipeline import _batch_size, _probe, _trainer
 
     paths, missing = expand_inputs(args.input)
     if not paths and not missing:
@@ -403,9 +404,8 @@ def predict_files(args) -> int:
                 batch = _batch_size(_trainer_flags(model, args), per_image)
             loader = DataLoader(InputImages(paths, model), batch_size=batch, shuffle=False,
                                 num_workers=args.num_workers, collate_fn=collate_inputs)
-            print(f"predicting {len(paths)} images with {args.model} ({predictor.map_name} map)", flush=True)
-            with _quiet_lightning():
-                trainer = _trainer(_trainer_flags(model, args), devices=1, enable_progress_bar=True)
+            with Progress(f"predicting {len(paths)} images with {args.model} ({predictor.map_name} map)") as bar:
+                trainer = _trainer(_trainer_flags(model, args), bar, devices=1)
                 interruptible(trainer.predict, ScoringModule(model, writer), loader, return_predictions=False)
     finally:
         writer.close()

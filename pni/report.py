@@ -11,6 +11,7 @@ from typing import Sequence
 
 
 from pni.cli import ArgumentParser, exit_with, run_cli
+from pni.console import titled
 from pni.errors import PNIError
 from pni.io import load_json
 from pni.results import MAP_NAMES, auroc_scores, format_score_table, read_sample, version_dirs
@@ -65,9 +66,9 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
         cat_rows.append({"category": category, **variant, **auroc_entry(rows, samples)})
         defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}", **variant)
                         for d in per_defect_scores(rows, samples)]
-    return ("AUROC (%) per category\n" + format_score_table(cat_rows, "category", digits=1)
-            + "\n\nAUROC (%) per defect type (that type's images + all normal ones)\n"
-            + format_score_table(defect_rows, "defect_type", digits=1))
+    return (titled("AUROC (%) per category", format_score_table(cat_rows, "category", digits=1))
+            + titled("AUROC (%) per defect type (that type's images + all normal ones)",
+                     format_score_table(defect_rows, "defect_type", digits=1)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backbone", default="WR101")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    return run_cli(lambda: print(report(args.project_root_path, args.categories, args.backbone)), args.debug)
+    return run_cli(lambda: print(report(args.project_root_path, args.categories, args.backbone), end=""), args.debug)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,39 @@ def test_defects_are_what_they_claim(tmp_path: Path) -> None:
     assert not (root / "texture").exists()
 
 
+def _darkest_spot(path: Path) -> np.ndarray:
+    """(row, col) / image side of the darkest 15 x 15 box: the board's component."""
+    from scipy.ndimage import uniform_filter
+
+    gray = np.asarray(Image.open(path)).astype(float).mean(2)
+    local = uniform_filter(gray, size=15, mode="nearest")
+    return (np.array(np.unravel_index(np.argmin(local), local.shape)) + 0.5) / gray.shape[0]
+
+
+def test_board_component_sits_at_a_normal_place_unless_moved(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "syn", categories=["board"], num_train=8, num_test_per_type=6)
+    normal, moved = np.array([[0.375, 0.375], [0.625, 0.625]]), np.array([[0.375, 0.625], [0.625, 0.375]])
+
+    def nearest(spot: np.ndarray, places: np.ndarray) -> float:
+        return float(np.abs(places - spot).max(axis=1).min())
+
+    seen = set()
+    for path in sorted((root / "board" / "train" / "good").glob("*.png")) + sorted(
+            (root / "board" / "test" / "good").glob("*.png")):
+        spot = _darkest_spot(path)
+        assert nearest(spot, normal) <= 3 / 128, path  # jitter 1/64 of the side, plus the box
+        seen.add(int(np.abs(normal - spot).max(axis=1).argmin()))
+    assert len(seen) == 2  # both product variants occur
+    for i in range(6):
+        spot = _darkest_spot(root / "board" / "test" / "moved" / f"{i:03d}.png")
+        assert nearest(spot, moved) <= 3 / 128
+        m = np.asarray(Image.open(root / "board" / "ground_truth" / "moved" / f"{i:03d}_mask.png")) > 0
+        ys, xs = np.nonzero(m)
+        assert np.abs(np.array([ys.mean(), xs.mean()]) / 128 + 0.5 / 128 - spot).max() <= 3 / 128
+        assert min(ys.min(), xs.min(), 127 - ys.max(), 127 - xs.max()) >= 36  # far from the border
+        assert 250 <= m.sum() <= 380  # a disc of diameter 20 (314 pixels)
+
+
 def test_cli_and_settings_guard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     args = ["--output_path", str(out), "--num_train", "1", "--num_test_per_type", "1", "--image_size", "48"]

@@ -12,6 +12,11 @@ part of PNI:
 - ``stripes``: all-horizontal or all-vertical stripes (varying per image); defect
   ``inconsistent`` (a square of the other orientation): locally normal and anywhere,
   only the neighbourhood can flag it.
+- ``board``: a gravel plate with one dark round component, top-left or bottom-right of
+  the centre (two product variants); defect ``moved``: the component top-right or
+  bottom-left of the centre. Every local view of it occurs in training, at other
+  positions, and it stays far from the border (where zero padding makes features
+  position-aware): only a position prior can flag it.
 
 Usage: ``python -m pni.data.synthetic --output_path DIR`` or :func:`make_dataset`.
 The same settings and seed give byte-identical files.
@@ -38,6 +43,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "texture": ("hole", "scratch", "stain"),
     "layered": ("misplaced", "shifted"),
     "stripes": ("inconsistent",),
+    "board": ("moved",),
 }
 _SOURCE_CROP = 256  # source pixels per crop side: the texture scale is the same at any image size
 
@@ -45,6 +51,11 @@ _TEXTURE_TINT = np.array([0.86, 0.76, 0.60])
 _BRICK_TINT = np.array([0.80, 0.42, 0.30])
 _GRASS_TINT = np.array([0.42, 0.68, 0.30])
 _STRIPE_TINT = np.array([0.62, 0.68, 0.86])
+_BOARD_TINT = np.array([0.70, 0.72, 0.66])
+# board: component centres as fractions of the image side (row, col); diameter likewise
+_BOARD_NORMAL = ((0.375, 0.375), (0.625, 0.625))
+_BOARD_MOVED = ((0.375, 0.625), (0.625, 0.375))
+_BOARD_COMPONENT = 20 / 128
 _STAIN_COLOURS = np.array([[0.15, 0.30, 0.85], [0.20, 0.70, 0.25], [0.60, 0.15, 0.65]])
 
 Array = np.ndarray
@@ -228,8 +239,27 @@ def _stripes_image(
     return img, mask
 
 
+def _board_image(rng: np.random.Generator, src: dict[str, Array], size: int, defect: str) -> tuple[Array, Array]:
+    """Gravel plate with one dark, textured round component at a normal place (randomly one of
+    ``_BOARD_NORMAL``, jittered by 2/128 of the side); ``moved`` puts it at one of
+    ``_BOARD_MOVED`` instead. The places are 32/128 apart (4 feature cells of layer2 at stride
+    8) and the component is at least 38/128 from every border."""
+    img = _colourise(_texture_crop(rng, src["gravel"], size), _BOARD_TINT)
+    places = _BOARD_MOVED if defect == "moved" else _BOARD_NORMAL
+    centre = np.array(places[int(rng.integers(0, len(places)))]) * size + rng.uniform(-1, 1, size=2) * size / 64
+    radius = 0.5 * _BOARD_COMPONENT * size
+    yy, xx = _grid(size)
+    disc = (yy + 0.5 - centre[0]) ** 2 + (xx + 0.5 - centre[1]) ** 2 < radius**2
+    surface = _texture_crop(rng, src["gravel"], size)  # the component's own grain
+    darkness = rng.uniform(0.03, 0.15)
+    img[disc] = ((0.5 + 0.5 * surface[..., None]) * darkness * np.ones(3))[disc]
+    img = np.clip(img + rng.normal(0.0, 0.01, img.shape), 0.0, 1.0)
+    return img, disc if defect == "moved" else np.zeros((size, size), dtype=bool)
+
+
 def _generator(category: str) -> Callable[..., tuple[Array, Array]]:
-    return {"texture": _texture_image, "layered": _layered_image, "stripes": _stripes_image}[category]
+    return {"texture": _texture_image, "layered": _layered_image, "stripes": _stripes_image,
+            "board": _board_image}[category]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -302,6 +332,14 @@ stripes  Sinusoidal stripes (period about a tenth of the image, random phase,
          vertical; training images alternate between the two.
          inconsistent: a square region with the other orientation. Locally
          normal and position-independent; only the neighbourhood tells.
+
+board    A gravel plate (grey) with one dark, grainy round component (diameter
+         about 16% of the image) top-left or bottom-right of the centre: two
+         product variants, each about half of the images.
+         moved: the component top-right or bottom-left of the centre, where it
+         never is. Every local view of the image occurs in training, only at
+         other positions, and the component stays about 30% of the image away
+         from the border: only the position tells.
 """
 
 

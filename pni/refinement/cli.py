@@ -5,7 +5,9 @@ import argparse
 import warnings
 from typing import Sequence
 
+from pni import console
 from pni.cli import ArgumentParser, parse_devices, run_cli
+from pni.console import Progress
 from pni.errors import PNIError
 
 from .geometry import GEOMETRIES, INPUT_SIZE, check_geometry
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything: third-party warnings and Lightning's own output and progress bars")
     return p
 
 
@@ -71,7 +75,6 @@ def run(args: argparse.Namespace) -> None:
     devices = parse_devices(args.devices)
     select_device(args.accelerator, devices)  # an unknown or absent accelerator stops here, before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    progress = not args.no_progress
     if args.train:
         from .lightning import fit_refinement
 
@@ -89,8 +92,10 @@ def run(args: argparse.Namespace) -> None:
                               "labels, so scores of the output are optimistic")
             dataset = RavelRefinementDataset(path, args.image_size, args.category, args.geometry)
         model = build_fresh_model(args.backbone_weights)
-        model = fit_refinement(model, dataset, args.checkpoint_path, args.num_epochs, args.learning_rate,
-                               args.batch_size, args.accelerator, devices, args.num_workers, progress)
+        with Progress(f"refinement: training for {args.num_epochs} epoch(s) on {len(dataset)} samples") as bar:
+            model = fit_refinement(model, dataset, args.checkpoint_path, args.num_epochs, args.learning_rate,
+                                   args.batch_size, args.accelerator, devices, args.num_workers,
+                                   None if args.no_progress else bar)
         print(f"wrote {args.checkpoint_path}")
         if not args.output_data_path:
             return
@@ -98,13 +103,16 @@ def run(args: argparse.Namespace) -> None:
         model = load_refinement_checkpoint(args.checkpoint_path)
     if not args.input_data_path or not args.output_data_path:
         raise PNIError("refining needs --input_data_path and --output_data_path")
-    n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
-                            args.blend_weight, args.image_size, args.geometry,
-                            select_device(args.accelerator, devices), args.batch_size, args.num_workers, progress)
+    with Progress(f"refinement: refining the maps of {args.input_data_path}") as bar:
+        n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
+                                args.blend_weight, args.image_size, args.geometry,
+                                select_device(args.accelerator, devices), args.batch_size, args.num_workers,
+                                None if args.no_progress else bar)
     print(f"refined {n} maps -> {args.output_data_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn ``PNIError`` into one stderr line and exit status 2."""
     args = build_parser().parse_args(argv)
+    console.setup(args.verbose)
     return run_cli(lambda: run(args), debug=args.debug)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pni.cli import ArgumentParser, exit_with, run_cli
+from pni.console import print_table
 from pni.errors import PNIError
 from pni.results import render_table
 
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("after")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    return run_cli(lambda: print(compare_table(Path(args.before), Path(args.after))), args.debug)
+    return run_cli(lambda: print_table(f"{args.before} -> {args.after} (%)",
+                                       compare_table(Path(args.before), Path(args.after))), args.debug)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from pni.console import Progress
 from pni.errors import PNIError
 from pni.io import atomic_path
 
@@ -47,8 +47,9 @@ def blend_maps(refined: np.ndarray, amap: np.ndarray, blend_weight: float) -> np
 def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, output_path: str | os.PathLike,
                         categories: Sequence[str] | None = None, blend_weight: float = 0.1,
                         image_size: int = 320, geometry: str = "aligned", device: torch.device | str = "cpu",
-                        batch_size: int = 8, num_workers: int = 0, progress: bool = True) -> int:
-    """Write the refined ravel folder ``output_path``; returns the number of maps written."""
+                        batch_size: int = 8, num_workers: int = 0, progress: Progress | None = None) -> int:
+    """Write the refined ravel folder ``output_path``; returns the number of maps written.
+    ``progress`` (optional) counts batches."""
     src, dst = Path(input_path), Path(output_path)
     if not 0.0 <= blend_weight <= 1.0:
         raise PNIError(f"--blend_weight must be in [0, 1], got {blend_weight}")
@@ -60,7 +61,9 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
     device = torch.device(device)
     model = model.to(device).eval()
     written = 0
-    for batch in tqdm(loader, desc="refine", disable=not progress):
+    if progress:
+        progress.add_total(len(loader))
+    for batch in (progress.track(loader) if progress else loader):
         refined = model(batch["image"].to(device), batch["amap"].to(device)).float().cpu()  # (B,1,S,S)
         for k, index in enumerate(batch["index"].tolist()):
             entry = dataset.entries[written + k]

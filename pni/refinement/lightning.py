@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pni.console import Progress, trainer_progress
 from pni.lightning import interruptible
 
 from .model import RefinementNet
@@ -47,16 +48,18 @@ class SaveStateDict(pl.Callback):
 def fit_refinement(model: RefinementNet, dataset: Dataset, checkpoint_path: str | os.PathLike,
                    num_epochs: int = 1, learning_rate: float = 1e-4, batch_size: int = 8,
                    accelerator: str = "auto", devices: Devices = "auto", num_workers: int = 0,
-                   progress: bool = True) -> RefinementNet:
-    """Train ``model`` on ``dataset`` with Lightning; the checkpoint is rewritten every epoch."""
+                   progress: Progress | None = None) -> RefinementNet:
+    """Train ``model`` on ``dataset`` with Lightning; the checkpoint is rewritten every epoch.
+    ``progress`` counts training batches (None: no bar; see :mod:`pni.console`)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                         drop_last=len(dataset) > batch_size, persistent_workers=False)
     module = RefinementModule(model, learning_rate)
+    shown = trainer_progress(progress or None)
+    callbacks = [SaveStateDict(checkpoint_path)] + shown.pop("callbacks", [])
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, max_epochs=num_epochs, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        callbacks=[SaveStateDict(checkpoint_path)], num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(loader))),
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(loader))), callbacks=callbacks, **shown,
     )
     interruptible(trainer.fit, module, loader)
     return module.model
