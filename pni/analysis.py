@@ -269,7 +269,8 @@ def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = F
     if calc_misclassified:
         write_csv(root / MISCLASSIFIED_CSV, MISCLASSIFIED_COLUMNS, wrong)
     if not quiet:
-        print_table(f"analysis of {root} (%; thresholds on the min-max scale):", format_table(table, columns))
+        print_table(f"analysis of {root} (%; pixel threshold on the category's min-max scale, image threshold "
+                    "on the map scale):", format_table(table, columns))
         if calc_misclassified:
             print(f"{len(wrong)} misclassified image(s) listed in {root / MISCLASSIFIED_CSV}")
     if compare_with_patchcore:

@@ -69,15 +69,17 @@ echo "      e.g. $RESULT/ensemble_ravel/viz/board/*_heatmap_on_img_with_mask.png
 banner "refinement model (trained on synthetic defects of the training images only)"
 PY="$PY" DEMO_ROOT="$DEMO_ROOT" VERBOSE="${VERBOSE:-}" bash scripts/demo_refinement.sh
 
-# Use on new images (README, "Use on your own images"): export the board model as a bundle
-# (thresholds calibrated on its good test images) and predict a few images with it.
-banner "use on new images: export the board model, predict a few images"
+# Use on new images (README, "Use on your own images"): new board images (another seed of the
+# generator) stand for a production line's; the model is exported as a bundle with thresholds
+# calibrated on 16 of its good images (never seen in training), then predicts the others.
+banner "use on new images: export the board model, predict new images"
+"$PY" -m pni.data.synthetic --output_path "$DEMO_ROOT/new_images" --categories board --seed 1 --overwrite
 "$PY" export_model.py --dataset_path "$DATASET" --dataset_category MVTec --category board \
   --project_root_path "$RESULT" --embedding_root_path "$DEMO_ROOT" \
-  "${PNI_FLAGS[@]}" "${WEIGHTS[@]}" "${VERBOSE_FLAG[@]}" --output "$DEMO_ROOT/model_board"
+  "${PNI_FLAGS[@]}" "${WEIGHTS[@]}" "${VERBOSE_FLAG[@]}" --output "$DEMO_ROOT/model_board" \
+  --calibration_dir "$DEMO_ROOT/new_images/board/train/good"
 "$PY" predict.py --model "$DEMO_ROOT/model_board" --output "$DEMO_ROOT/predictions" "${VERBOSE_FLAG[@]}" \
-  --input "$DATASET/board/test/good/000.png" "$DATASET/board/test/good/001.png" \
-  "$DATASET/board/test/moved/000.png" "$DATASET/board/test/moved/001.png"
+  --input "$DEMO_ROOT/new_images/board/test"
 echo "demo: the model bundle is $DEMO_ROOT/model_board; heat maps on the images (fixed colour scale, defects"
 echo "      outlined) in $DEMO_ROOT/predictions/overlays/, defect masks in masks/, scores in predictions.csv"
 
