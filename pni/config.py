@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 from pni.cli import ArgumentParser, parse_devices
 from pni.errors import PNIError
 from pni.features import BACKBONES
+from pni.scoring import VARIANTS
 from pni.io import is_single_name
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
-VARIANTS = ("original", "paper")
 NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")

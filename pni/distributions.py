@@ -25,7 +25,7 @@ from pni.io import atomic_path, load_weights_only
 HIDDEN_WIDTH = 2048
 
 
-WINDOW_LAYOUTS = ("original", "paper")
+WINDOW_LAYOUTS = ("original", "paper")  # one per scoring variant (pni.scoring.VARIANTS)
 
 
 def dropped_slot(dist_padding: int, layout: str = "original") -> int:
@@ -152,6 +152,16 @@ def load_mlp_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         settings = vars(payload["args"]) if isinstance(payload["args"], argparse.Namespace) else dict(payload["args"])
     payload["settings"] = settings or {}
     return payload
+
+
+def checkpoint_layout(saved: dict[str, Any], original_format: bool) -> str:
+    """Window layout of a neighbourhood model from its recorded settings: its ``variant``;
+    without one, ``original`` for a checkpoint of the original code, and ``paper`` for one
+    of ours from before the layout was recorded (those dropped the centre)."""
+    recorded = saved.get("variant")
+    if recorded is not None:
+        return str(recorded)
+    return "original" if original_format else "paper"
 
 
 def mlp_from_state_dict(state: dict[str, torch.Tensor]) -> NeighbourhoodMLP:

@@ -52,6 +52,7 @@ from pni.config import embedding_dir
 from pni.data.datasets import build_datasets, training_set_digest
 from pni.data.transforms import denormalize
 from pni.distributions import (
+    checkpoint_layout,
     load_mlp_checkpoint,
     mlp_file_name,
     mlp_from_state_dict,
@@ -396,16 +397,6 @@ def load_position_priors(args, out_dir: Path, coresets: dict[str, np.ndarray]) -
                            "re-run with --train_coor_dist")
         out[key] = prior
     return out
-
-
-def checkpoint_layout(saved: dict[str, Any], original_format: bool) -> str:
-    """Window layout of a neighbourhood model from its recorded settings: its ``variant``;
-    without one, ``original`` for a checkpoint of the original code, and ``paper`` for one
-    of ours from before the layout was recorded (those dropped the centre)."""
-    recorded = saved.get("variant")
-    if recorded is not None:
-        return str(recorded)
-    return "original" if original_format else "paper"
 
 
 def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray]):

@@ -1,7 +1,5 @@
 """Ensemble -> ravel -> analysis on a tiny fake result tree, through the CLI entry points."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,22 +8,15 @@ from PIL import Image
 from skimage.measure import label, regionprops
 from sklearn.metrics import auc, roc_auc_score
 
+from helpers import load_cli
 from pni import ravel
 from pni.io import load_npy
 from pni.results import MAP_NAMES, write_image_scores, write_sample
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
 CATEGORIES = ("zz_custom", "bottle")  # bottle must come first (MVTec order), then the others
 BACKBONES = ("WR101", "RNX101")
 ITEMS = (("broken", "000"), ("broken", "001"), ("good", "000"), ("good", "001"))
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "analysis_code" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_item(rng, defect_type, stem, scale):

@@ -10,7 +10,6 @@ provides the artefacts and results that most cases reuse.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import shutil
 import signal
@@ -26,26 +25,15 @@ from PIL import Image
 from scipy import ndimage
 
 import train_coreset_distribution as tcd
+from helpers import REPO, TRAIN, load_cli, tiny_flags
 from pni.data.datasets import build_datasets
 from pni.data.synthetic import make_dataset
 from pni.errors import PNIError
 from pni.io import atomic_path, owner_tag, save_json
 
-REPO = Path(__file__).resolve().parents[1]
 CAT = "texture"
-TINY = ["--backbone", "R18", "--resize", "64", "--imagesize", "64", "--pretrain_embed_dimension", "48",
-        "--target_embed_dimension", "32", "-p", "0.25", "--dist_coreset_size", "16", "--dist_padding", "2",
-        "--num_layers", "3", "--num_epochs", "2", "--step_size", "1", "--dist_batchsize", "64",
-        "--blursigma", "1", "--accelerator", "cpu"]
-TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
+TINY = tiny_flags(random_init=False)  # each run names its --backbone_weights
 SCORES = [f"{m}_{k}" for m in ("nb", "coor", "patchcore", "nb_coor") for k in ("P-AUROC", "I-AUROC")]
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "analysis_code" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_weights(path: Path, seed: int) -> Path:

@@ -9,18 +9,14 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO, tiny_flags
 from pni.data.synthetic import make_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-TINY = ("--random_init --resize 64 --imagesize 64 --pretrain_embed_dimension 48 "
-        "--target_embed_dimension 32 -p 0.25 --dist_coreset_size 16 --dist_padding 2 "
-        "--num_layers 3 --num_epochs 1 --step_size 1 --dist_batchsize 64 --blursigma 1 "
-        "--accelerator cpu")
+TINY = " ".join(tiny_flags(backbone=None, num_epochs=1))  # the scripts give --backbone
 TRAIN_FLAGS = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 MVTEC = ("bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush "
          "transistor wood zipper").split()
