@@ -22,6 +22,13 @@ def tiny_flags(backbone: str | None = "R18", random_init: bool = True, num_epoch
 
 
 TINY = tiny_flags()
+
+
+def path_flags(dataset: Path, root: Path, category: str = "texture") -> list[str]:
+    """The data and output flags of a run on ``category`` of ``dataset``, writing results to
+    ``root/result`` and artefacts under ``root``."""
+    return ["--dataset_path", str(dataset), "--category", category, "--project_root_path", str(root / "result"),
+            "--embedding_root_path", str(root)]
 TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 MAPS = ("nb", "coor", "patchcore", "nb_coor")
 

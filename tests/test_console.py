@@ -12,9 +12,8 @@ from pni import console
 from pni.console import Progress
 from pni.data.synthetic import make_dataset
 
-from test_pipeline import TINY  # the tiny settings of the end-to-end tests
+from helpers import REPO, TINY, path_flags
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stage 1/4: coresets", "stage 2/4: neighbourhood MLP", "stage 3/4: position priors",
           "stage 4/4: scoring")
 CHATTER = ("Tip:", "litlogger", "LeafSpec", "deprecated", "GPU available", "TPU available", "does not have many workers",
@@ -119,8 +118,7 @@ def _cli(args, log: Path) -> int:
 def logged_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("console")
     make_dataset(root / "ds", num_train=4, num_test_per_type=1, image_size=64, categories=["texture"])
-    base = ["--dataset_path", str(root / "ds"), "--category", "texture", "--project_root_path",
-            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    base = path_flags(root / "ds", root) + TINY
     assert _cli(base + ["--train_coreset", "--train_nb_dist", "--train_coor_dist"], root / "quiet.log") == 0
     assert _cli(base + ["--verbose"], root / "verbose.log") == 0  # saved artefacts: scoring only
     return (root / "quiet.log").read_text(), (root / "verbose.log").read_text()

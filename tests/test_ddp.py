@@ -16,7 +16,7 @@ import torch
 import reference
 import train_coreset_distribution as tcd
 from helpers import REPO as ROOT
-from helpers import TINY, TRAIN, aurocs_from_saved
+from helpers import TINY, TRAIN, aurocs_from_saved, path_flags
 from pni.data.synthetic import make_dataset
 
 DDP = ["--devices", "2", "--strategy", "ddp"]
@@ -53,8 +53,7 @@ def dataset(tmp_path_factory):
 
 def test_ddp_scoring_matches_one_process(dataset):
     root = dataset / "score"
-    base = ["--dataset_path", str(dataset / "ds"), "--category", "texture", "--project_root_path",
-            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    base = path_flags(dataset / "ds", root) + TINY
     assert tcd.main(base + TRAIN) == 0  # trains, then scores on one process: version_0
     proc = run_script(base + DDP)  # the same artefacts, scored by 2 processes: version_1
     assert proc.stdout.count("stage 4/4") == 1  # progress and tables from rank 0 only
@@ -82,8 +81,7 @@ def test_ddp_scoring_matches_one_process(dataset):
 
 def test_ddp_training_runs_every_stage(dataset):
     root = dataset / "train"
-    base = ["--dataset_path", str(dataset / "ds"), "--category", "texture", "--project_root_path",
-            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    base = path_flags(dataset / "ds", root) + TINY
     run_script(base + TRAIN + DDP)
     emb = root / "embeddings_layer2+layer3" / "texture" / "R18"
     assert not any(p.name.startswith(".") for p in emb.iterdir())  # no scratch or temporary left

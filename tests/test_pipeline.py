@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import train_coreset_distribution as tcd
-from helpers import TINY, aurocs_from_saved
+from helpers import TINY, aurocs_from_saved, path_flags
 from pni.config import build_parser, parse_args
 from pni.data.synthetic import make_dataset
 
@@ -19,8 +19,7 @@ from pni.data.synthetic import make_dataset
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     make_dataset(root / "ds", num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
-    base = ["--dataset_path", str(root / "ds"), "--category", "texture", "--project_root_path",
-            str(root / "result"), "--embedding_root_path", str(root)] + TINY
+    base = path_flags(root / "ds", root) + TINY
     assert tcd.main(base + ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]) == 0
     return root, base
 
