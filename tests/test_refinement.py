@@ -411,6 +411,54 @@ def test_cli_errors_are_one_line(ravel, tmp_path, capsys):
     assert main(["--image_size", "100"]) == 2
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--samples_per_image", "-1"], "--samples_per_image"),
+    (["--num_workers", "-2"], "--num_workers"),
+    (["--learning_rate", "0"], "--learning_rate"),
+    (["--input_data_path", "IN", "--output_data_path", "OUT", "--blend_weight", "1.5"], "--blend_weight"),
+    (["--output_data_path", "OUT"], "--input_data_path and --output_data_path"),  # refining needs an input
+    (["--input_data_path", "IN", "--output_data_path", "IN"], "--output_data_path must differ"),
+    (["--input_data_path", "IN", "--output_data_path", "FILE/out"], "--output_data_path"),
+    (["--checkpoint_path", "FILE/ref.pt"], "--checkpoint_path"),
+])
+def test_refinement_flags_checked_before_any_work(ravel, tmp_path, capsys, monkeypatch, flags, named):
+    """Each bad flag: exit 2, one line naming it, before a model is built (so nothing trains for
+    an epoch first) and with nothing written."""
+    import pni.refinement.model as refinement_model
+
+    def no_model(*_):
+        raise AssertionError("a model was built before the flags were checked")
+
+    monkeypatch.setattr(refinement_model, "build_fresh_model", no_model)
+    (tmp_path / "FILE").write_text("a file in the way")
+    subs = {"IN": str(ravel), "OUT": str(tmp_path / "out"), "FILE/out": str(tmp_path / "FILE" / "out"),
+            "FILE/ref.pt": str(tmp_path / "FILE" / "ref.pt")}
+    argv = ["--train", "--train_data", "ravel", "--train_data_path", str(ravel), "--checkpoint_path",
+            str(tmp_path / "ref.pt"), "--image_size", str(SIZE), "--accelerator", "cpu", "--no_progress"]
+    rc = main(argv + [subs.get(f, f) for f in flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_masks_of_any_encoding_train_alike(ravel, tmp_path):
+    """A ravel mask stored as 0/1 (8- or 16-bit) is the same defect as one stored as 0/65535."""
+    import shutil
+
+    copy = tmp_path / "ravel01"
+    shutil.copytree(ravel, copy)
+    expected = RavelRefinementDataset(ravel, SIZE)
+    defects = [i for i in range(4) if read_png16(ravel / f"{i:05d}_gt.png").max() > 0]
+    assert defects
+    for bits in (np.uint8, np.uint16):
+        for i in defects:
+            gt = read_png16(ravel / f"{i:05d}_gt.png")
+            Image.fromarray((gt > 0).astype(bits)).save(copy / f"{i:05d}_gt.png")
+        got = RavelRefinementDataset(copy, SIZE)
+        for i in range(len(expected)):
+            assert torch.equal(got[i]["mask"], expected[i]["mask"])
+
+
 def test_imagenet_backbone_weights_with_old_torchvision_keys(tmp_path):
     import re
 

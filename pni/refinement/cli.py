@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from pni import console
 from pni.cli import ArgumentParser, parse_devices, run_cli
 from pni.console import Progress
 from pni.errors import PNIError
+from pni.io import check_output_dir
 
 from .geometry import GEOMETRIES, INPUT_SIZE, check_geometry
+from .infer import check_refine_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every check that needs no model or data, made before any work (PNIError naming the flag)."""
+    if args.image_size <= 0 or args.image_size % 32:
+        raise PNIError(f"--image_size must be a positive multiple of 32, got {args.image_size}")
+    if args.batch_size < 1 or args.num_epochs < 1:
+        raise PNIError("--batch_size and --num_epochs must be at least 1")
+    if args.samples_per_image < 1:
+        raise PNIError(f"--samples_per_image must be at least 1, got {args.samples_per_image}")
+    if args.num_workers < 0:
+        raise PNIError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if not args.learning_rate > 0:
+        raise PNIError(f"--learning_rate must be positive, got {args.learning_rate}")
+    check_geometry(args.geometry, args.image_size)
+    if args.train:
+        check_output_dir(Path(args.checkpoint_path).resolve().parent, "--checkpoint_path")
+    if args.output_data_path or not args.train:
+        if not args.input_data_path or not args.output_data_path:
+            raise PNIError("refining needs --input_data_path and --output_data_path")
+        check_refine_paths(args.input_data_path, args.output_data_path, args.blend_weight)
+        check_output_dir(args.output_data_path, "--output_data_path")
+
+
 def run(args: argparse.Namespace) -> None:
     """Execute the parsed command (raises PNIError on user errors)."""
     import pytorch_lightning as pl  # heavy imports after parsing, so --help stays fast
@@ -67,11 +92,7 @@ def run(args: argparse.Namespace) -> None:
     from .model import build_fresh_model, load_refinement_checkpoint
     from .train import select_device
 
-    if args.image_size <= 0 or args.image_size % 32:
-        raise PNIError(f"--image_size must be a positive multiple of 32, got {args.image_size}")
-    if args.batch_size < 1 or args.num_epochs < 1:
-        raise PNIError("--batch_size and --num_epochs must be at least 1")
-    check_geometry(args.geometry, args.image_size)
+    check_flags(args)
     devices = parse_devices(args.devices)
     select_device(args.accelerator, devices)  # an unknown or absent accelerator stops here, before any work
     pl.seed_everything(args.seed, workers=True, verbose=False)
@@ -101,8 +122,6 @@ def run(args: argparse.Namespace) -> None:
             return
     else:
         model = load_refinement_checkpoint(args.checkpoint_path)
-    if not args.input_data_path or not args.output_data_path:
-        raise PNIError("refining needs --input_data_path and --output_data_path")
     with Progress(f"refinement: refining the maps of {args.input_data_path}") as bar:
         n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
                                 args.blend_weight, args.image_size, args.geometry,

@@ -164,8 +164,8 @@ class RavelRefinementDataset(Dataset):
         e = self.entries[i]
         image = read_rgb(image_path(self.folder, e.index))
         amap = read_map(pred_path(self.folder, e.index))
-        gt_file = gt_path(self.folder, e.index)
-        mask = (read_map(gt_file) > 0.5).astype(np.float32) if gt_file.is_file() \
+        gt_file = gt_path(self.folder, e.index)  # any non-zero mask value is defect, as everywhere
+        mask = (read_map(gt_file) > 0).astype(np.float32) if gt_file.is_file() \
             else np.zeros(amap.shape, np.float32)
         return {
             "image": prepare_image(image, self.image_size, self.geometry),

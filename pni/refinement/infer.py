@@ -22,9 +22,7 @@ from torch.utils.data import DataLoader
 
 from pni.console import Progress
 from pni.errors import PNIError
-from pni.io import atomic_path
-
-from pni.io import write_csv
+from pni.io import make_dir, write_csv, write_with
 from pni.ravel import INDEX_COLUMNS, INDEX_CSV, gt_path, image_path, pred_path, read_index, write_png16
 
 from .data import RavelRefinementDataset, round_to_uint16, read_map
@@ -32,15 +30,24 @@ from .geometry import original_outputs
 from .model import RefinementNet
 
 
-def _copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically."""
+    write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def blend_maps(refined: np.ndarray, amap: np.ndarray, blend_weight: float) -> np.ndarray:
     """``blend*refined + (1-blend)*amap`` clipped to [0,1]; (H,W) float arrays -> float64."""
     out = blend_weight * refined.astype(np.float64) + (1.0 - blend_weight) * amap.astype(np.float64)
     return np.clip(out, 0.0, 1.0)
+
+
+def check_refine_paths(input_path: str | os.PathLike, output_path: str | os.PathLike, blend_weight: float) -> None:
+    """Refuse (PNIError naming the flag) a blend weight outside [0, 1] or an output folder that
+    is the input folder."""
+    if not 0.0 <= blend_weight <= 1.0:
+        raise PNIError(f"--blend_weight must be in [0, 1], got {blend_weight}")
+    if Path(input_path).resolve() == Path(output_path).resolve():
+        raise PNIError(f"--output_data_path must differ from --input_data_path ({input_path})")
 
 
 @torch.no_grad()
@@ -51,12 +58,9 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
     """Write the refined ravel folder ``output_path``; returns the number of maps written.
     ``progress`` (optional) counts batches."""
     src, dst = Path(input_path), Path(output_path)
-    if not 0.0 <= blend_weight <= 1.0:
-        raise PNIError(f"--blend_weight must be in [0, 1], got {blend_weight}")
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise PNIError(f"--output_data_path must differ from --input_data_path ({src})")
+    check_refine_paths(src, dst, blend_weight)
     dataset = RavelRefinementDataset(src, image_size, categories, geometry, require_gt=False)
-    dst.mkdir(parents=True, exist_ok=True)
+    make_dir(dst, "--output_data_path")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = torch.device(device)
     model = model.to(device).eval()
@@ -81,8 +85,8 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
                 out = blend_maps(full[0, 0].numpy(), amap, blend_weight)
                 write_png16(pred_path(dst, index), round_to_uint16(out))
                 if has_gt:
-                    _copy(gt_path(src, index), gt_path(dst, index))
-            _copy(image_path(src, index), image_path(dst, index))
+                    copy_file(gt_path(src, index), gt_path(dst, index))
+            copy_file(image_path(src, index), image_path(dst, index))
         written += len(batch["index"])
     if read_index(src) is not None:  # carry index.csv over, limited to the refined entries
         write_csv(dst / INDEX_CSV, INDEX_COLUMNS,
