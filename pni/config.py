@@ -41,6 +41,7 @@ def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool]
 
 
 _positive_int = _checked("_positive_int", int, lambda v: v > 0, "a positive integer")
+_at_least_two = _checked("_at_least_two", int, lambda v: v >= 2, "an integer >= 2")
 _non_negative_int = _checked("_non_negative_int", int, lambda v: v >= 0, ">= 0")
 _positive_float = _checked("_positive_float", float, lambda v: 0 < v < math.inf, "> 0 and finite")
 _non_negative_float = _checked("_non_negative_float", float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("neighbourhood and position priors")
     g.add_argument("--dist_padding", type=_positive_int, default=4, help="half-width dp of the neighbourhood window")
-    g.add_argument("--num_layers", type=_positive_int, default=10, help="linear layers of the neighbourhood MLP")
+    g.add_argument("--num_layers", type=_at_least_two, default=10,
+                   help="linear layers of the neighbourhood MLP (at least 2)")
     g.add_argument("--num_epochs", type=_positive_int, default=15, help="MLP training epochs")
     g.add_argument("--learning_rate", type=_positive_float, default=1e-3, help="Adam learning rate")
     g.add_argument("--step_size", type=_positive_int, default=5, help="StepLR period (epochs), gamma 0.1")

@@ -203,8 +203,12 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
-    """Load a ``.npy`` file without ever unpickling."""
-    return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+    """Load a ``.npy`` file without ever unpickling; an empty or truncated file raises
+    ValueError (numpy raises EOFError for those), like any other unreadable content."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+    except EOFError as exc:
+        raise ValueError(f"{path} is empty or truncated ({exc or 'no data'})") from None
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:

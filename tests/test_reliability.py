@@ -311,6 +311,15 @@ def test_corrupt_artefacts(trained, tmp_path, capsys):
           "cannot read coreset", "embedding_coreset_index_25.faiss")
 
 
+def test_empty_position_prior_is_one_line(trained, tmp_path, capsys):
+    emb = trained.copy_artefacts(tmp_path)
+    priors = sorted(emb.glob("*.npy"))
+    assert priors
+    priors[0].write_bytes(b"")  # numpy raises EOFError for an empty .npy
+    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
+          "cannot read position prior", priors[0].name, "empty")
+
+
 def test_unwritable_output_folders(trained, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -334,6 +343,7 @@ def test_score_table_with_foreign_header_is_refused_before_scoring(trained, tmp_
     (["--random_init", "--backbone_weights", "w.pth"], ["--random_init", "--backbone_weights"]),
     (["--patchsize", "4"], ["--patchsize"]),
     (["--backbone", "VGG"], ["--backbone"]),
+    (["--num_layers", "1"], ["--num_layers", ">= 2"]),  # the MLP has an input and an output layer
 ])
 def test_conflicting_or_bad_flags_are_one_line(argv, fragments, capsys):
     with pytest.raises(SystemExit) as exc:
