@@ -29,7 +29,7 @@ from pni import metrics, viz
 from pni.cli import warn
 from pni.console import print_table
 from pni.errors import PNIError
-from pni.io import append_csv_rows, check_name, load_npy, save_npy
+from pni.io import append_csv_rows, check_csv_header, check_name, load_npy, save_npy
 from pni.results import MAP_NAMES, SCORE_COLUMNS, defined_aurocs, format_score_table, run_dir, version_dirs
 
 TOP_FRACTION = 0.01
@@ -222,16 +222,14 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
     for cat in cats:  # every category's runs and files exist before the first file is written
         match_runs([BackboneRun(b, v, list_samples(v)) for b in backbones
                     for v in [select_version(project_root, cat, b, version_num)]])
+    csv_path = Path(project_root) / RESULT_CSV
+    check_csv_header(csv_path, RESULT_COLUMNS)  # before the first ensemble file is written
     rows = []
     for cat in cats:
         row = ensemble_category(project_root, cat, backbones, ensemble_root, save_type, version_num)
         rows.append(row)
-        csv_path = Path(project_root) / RESULT_CSV
         values = [row[c] if c not in SCORE_COLUMNS else f"{row[c]:.6f}" for c in RESULT_COLUMNS]
-        try:
-            append_csv_rows(csv_path, RESULT_COLUMNS, [values])
-        except ValueError as exc:
-            raise PNIError(str(exc)) from exc
+        append_csv_rows(csv_path, RESULT_COLUMNS, [values])
     print_table(f"ensemble of {' '.join(backbones)} (version_num {version_num}): AUROC (%)",
                 format_score_table(rows))
     return rows

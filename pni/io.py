@@ -228,6 +228,19 @@ def load_json(path: str | os.PathLike) -> dict:
         return json.load(fh)
 
 
+def check_csv_header(path: str | os.PathLike, header: Sequence[str]) -> None:
+    """Refuse (PNIError naming the file) an existing CSV file whose first row is not ``header``;
+    called before a run does the work whose rows it then could not append."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        first = next(csv.reader(fh), None)
+    if first is not None and first != list(header):
+        raise PNIError(f"{path}: existing header {first} differs from {list(header)}; "
+                       "move the old file away or use another --project_root_path")
+
+
 def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Append ``rows`` to a CSV file, writing ``header`` first if the file is new.
 
@@ -239,15 +252,11 @@ def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterab
     path = Path(path)
     rows = [list(r) for r in rows]
     with locked(path):
+        check_csv_header(path, header)
         existing: list[list[str]] = []
         if path.exists():
             with open(path, newline="") as fh:
                 existing = list(csv.reader(fh))
-            if existing and existing[0] != list(header):
-                raise PNIError(
-                    f"{path}: existing header {existing[0]} differs from {list(header)}; "
-                    "move the old file away or use another --project_root_path"
-                )
         if not existing:
             existing = [list(header)]
         with atomic_path(path) as tmp:

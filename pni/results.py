@@ -5,7 +5,6 @@ version_<k>/sample/{type}_{stem}[...].npy`` plus ``image_scores.csv`` beside ``s
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from pathlib import Path
@@ -15,8 +14,7 @@ import cv2
 import numpy as np
 
 from pni.cli import warn
-from pni.errors import PNIError
-from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
+from pni.io import append_csv_rows, atomic_path, check_csv_header, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
 
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
@@ -100,15 +98,7 @@ def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
 def check_score_result(path: str | os.PathLike) -> None:
     """Refuse (PNIError) an existing ``score_result.csv`` whose header is not ours, before a
     run spends time scoring images it then cannot record."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        header = next(csv.reader(fh), None)
-    expected = list(SETTING_COLUMNS) + list(SCORE_COLUMNS)
-    if header is not None and header != expected:
-        raise PNIError(f"{path} has another header than this version writes; move it away or use another "
-                       "--project_root_path")
+    check_csv_header(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS))
 
 
 def defined_aurocs(labels: np.ndarray, masks: np.ndarray | None, what: str = "the test set") -> tuple[bool, bool]:

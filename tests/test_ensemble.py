@@ -86,3 +86,18 @@ def test_ensemble_csv_values_and_maps(tmp_path):
             for j, (t, s) in enumerate(ITEMS):
                 np.testing.assert_allclose(np.load(ens / "bottle" / "anomaly_map" / t / f"{s}.npy"), pixel[j],
                                            rtol=0, atol=1e-6)
+
+
+def test_foreign_ensemble_table_is_refused_before_any_file(tmp_path, capsys):
+    root = tmp_path / "result"
+    for b, backbone in enumerate(BACKBONES):
+        write_run(root / "bottle" / backbone / "anomaly" / "lightning_logs" / "version_0",
+                  np.random.default_rng(b), scale=1.0)
+    table = root / "ensemble_score_result.csv"
+    table.write_text("something,else\n1,2\n")
+    ens = tmp_path / "ens"
+    rc = load_cli("calc_ensemble_score").main(["--project_root_path", str(root), "--ensemble_root_path", str(ens),
+                                               "--category", "bottle", "--backbone_list", *BACKBONES])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and str(table) in err and "header" in err
+    assert table.read_text() == "something,else\n1,2\n" and not ens.exists()
