@@ -19,22 +19,38 @@ COLUMNS = ("P-AUROC", "AUPRO_MVTec", "AUPRO_PNI", "I-AUROC")
 
 
 def _read(folder: Path) -> dict[str, dict[str, str]]:
+    """The rows of ``folder/score_result.csv`` by category; PNIError naming the file if it is
+    missing, has no ``category`` column or no rows."""
     path = folder / "score_result.csv"
     if not path.is_file():
         raise PNIError(f"missing {path}: run analysis_code/analysis_amap.py --calc_pro on {folder} first")
     with open(path, newline="") as fh:
-        return {row["category"]: row for row in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        if "category" not in (reader.fieldnames or ()):
+            raise PNIError(f"{path} has no category column: not a table of analysis_code/analysis_amap.py")
+        rows = {row["category"]: row for row in reader}
+    if not rows:
+        raise PNIError(f"{path} has no rows: run analysis_code/analysis_amap.py on {folder} again")
+    return rows
+
+
+def _percent(value: str | None) -> str:
+    """A table cell in %, or ``n/a`` where the metric was not computed (empty or non-numeric)."""
+    try:
+        return f"{100 * float(value):.2f}"
+    except (TypeError, ValueError):
+        return "n/a"
 
 
 def compare_table(before: Path, after: Path) -> str:
     """Per category (and average): each metric before -> after, in %."""
     a, b = _read(Path(before)), _read(Path(after))
     cols = [c for c in COLUMNS if c in next(iter(a.values())) and c in next(iter(b.values()))]
+    common = [cat for cat in a if cat in b]
+    if not common:
+        raise PNIError(f"{before} and {after} have no category in common")
     head = ["category"] + [f"{c} before -> after" for c in cols]
-    lines = [head]
-    for cat in a:
-        if cat in b:
-            lines.append([cat] + [f"{100 * float(a[cat][c]):.2f} -> {100 * float(b[cat][c]):.2f}" for c in cols])
+    lines = [head] + [[cat] + [f"{_percent(a[cat][c])} -> {_percent(b[cat][c])}" for c in cols] for cat in common]
     return render_table(lines)
 
 
