@@ -351,30 +351,11 @@ class PositionMask:
         return picked.amin(dim=1).masked_fill_(self.empty[start:stop], float("inf"))
 
 
-def masked_score(dist: Tensor, allowed: Tensor, gamma: float, keep: int | None = None) -> Tensor:
-    """``-log(max over allowed k of g*exp(-g*d))`` per row: ``(n, K), (n, K) bool -> (n,)``.
-
-    The farthest entry of each row always counts as allowed (the original's fallback), so
-    the result is ``g * d_min_allowed - log(g)``; ``keep``: see :func:`select_position`.
-    """
-    return gamma * select_position(dist, allowed, keep) - math.log(gamma)
-
-
-def nb_allowed_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamma: float,
-                            embedding_coreset_size: int) -> Tensor:
-    """Allowed distribution entries ``(n, D) -> bool (n, D)``.
-
-    ``softmax(logits / alpha) > nb_gamma / embedding_coreset_size`` (the original divides by
-    the embedding coreset size K1, not by D).
-    """
-    probs = torch.softmax(nb_logits / temperature_alpha, dim=-1)
-    return probs > nb_gamma / embedding_coreset_size
-
-
 def _blocked_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamma: float,
                           embedding_coreset_size: int, workspace: Workspace) -> Tensor:
-    """:func:`nb_allowed_distribution` as a blocked indicator: ``(n, D)``, 1.0 where the
-    softmax is at most the threshold."""
+    """The neighbourhood mask over the distribution entries as a blocked indicator: ``(n, D)``
+    logits -> ``(n, D)``, 1.0 where ``softmax(logits / alpha)`` is at most ``nb_gamma / K1``
+    (the original divides by the embedding coreset size K1, not by D), 0.0 where allowed."""
     probs = torch.softmax(nb_logits / temperature_alpha, dim=-1)
     out = workspace.get("blocked_distribution", tuple(probs.shape), probs)
     return torch.le(probs, nb_gamma / embedding_coreset_size, out=out)
@@ -383,19 +364,6 @@ def _blocked_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamma:
 def position_allowed(prior_rows: Tensor, coor_gamma: float, coreset_size: int) -> Tensor:
     """Allowed embedding entries by id from position-prior rows ``(n, K) -> bool (n, K)``."""
     return prior_rows > coor_gamma / coreset_size
-
-
-def position_scores(dist: Tensor, prior_rows: Tensor, coor_gamma: float, gamma: float,
-                    variant: str = "original", mask_workers: int = 8) -> Tensor:
-    """Position-masked scores ``(n,)`` from distances ``(n, K)`` and prior rows ``(n, K)``.
-
-    Entry ``k`` is allowed where the prior exceeds ``coor_gamma / K``. ``original``: its mask
-    loop runs over ranks, so only the ``parent_share(K, mask_workers)`` nearest entries can be
-    allowed; ``paper``: any entry.
-    """
-    k = dist.shape[1]
-    keep = parent_share(k, mask_workers) if variant == "original" else None
-    return masked_score(dist, position_allowed(prior_rows, coor_gamma, k), gamma, keep)
 
 
 @dataclass(frozen=True)
@@ -476,36 +444,6 @@ def kth_smallest(q: Tensor, k: Tensor, row_min: Tensor | None = None, workspace:
         pending &= k >= bound
         bound *= 8
     return out
-
-
-def nb_scores(dist_emb: Tensor, allowed_dist: Tensor, embedding_to_distribution: Tensor,
-              gamma: float, variant: str = "original", dist_distribution: Tensor | None = None,
-              mask_workers: int = 8) -> Tensor:
-    """Neighbourhood-masked scores ``(n,)``.
-
-    dist_emb: (n, K1) distances to the embedding coreset; allowed_dist: (n, D) bool from
-    :func:`nb_allowed_distribution`; embedding_to_distribution: (K1,) ``m(k)``.
-
-    ``paper``: entry ``k`` is allowed where ``m(k)`` is.
-    ``original`` (needs dist_distribution (n, D)): the original's indexing. With ``order_i``
-    the distribution ids sorted by distance from feature ``i``, the mask at column ``k`` is
-    ``allowed_dist[i, order_i[m(k)]]`` and it applies to the k-th NEAREST embedding entry of
-    ``i``; its loop over distribution ids ``j`` keeps only the writes of
-    ``j < parent_share(D, mask_workers)``, so column ``k`` stays False unless ``m(k)`` is
-    below that; the last sorted column (farthest entry) is always allowed (see
-    :class:`RankColumns`).
-    """
-    m = embedding_to_distribution
-    if variant == "paper":
-        return masked_score(dist_emb, allowed_dist[:, m], gamma)
-    if variant != "original":
-        raise PNIError(f"--variant must be one of {VARIANTS}, got {variant!r}")
-    if dist_distribution is None:
-        raise ValueError("variant 'original' needs dist_distribution")
-    columns = RankColumns.build(m, allowed_dist.shape[1], mask_workers)
-    first = columns.first_allowed(dist_distribution, blocked_indicator(allowed_dist, dist_distribution.dtype),
-                                  dist_emb.shape[1] - 1)
-    return gamma * kth_smallest(dist_emb, first) - math.log(gamma)
 
 
 # ---------------------------------------------------------------------------------------------

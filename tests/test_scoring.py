@@ -20,10 +20,8 @@ from pni.scoring import (
     gaussian_blur,
     interior_indices,
     kth_smallest,
-    nb_scores,
     nearest_ids,
     parent_share,
-    position_scores,
     pad_interior,
     pairwise_distances,
     resize_and_blur,
@@ -137,7 +135,12 @@ def test_lost_writes_change_the_maps():
                                replace(CFG, mask_workers=workers))
         for name in ("coor", "nb", "nb_coor"):
             assert np.abs(lost[name] - serial[name]).max() > 0.1, (name, workers)
-        np.testing.assert_array_equal(lost["patchcore"], serial["patchcore"])
+    # ours, at the same inputs: the worker count moves the three masked maps, not patchcore
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))
+    ours = {w: score_image(_t(feat), _t(logits), art, replace(CFG, mask_workers=w)).coarse for w in (1, 8)}
+    for name in ("coor", "nb", "nb_coor"):
+        assert (ours[8][name] - ours[1][name]).abs().max() > 0.1, name
+    assert torch.equal(ours[8]["patchcore"], ours[1]["patchcore"])
 
 
 def test_pymp_split_follows_pymp():
@@ -220,39 +223,53 @@ def test_rank_columns_without_sorting_when_increasing(workers):
     assert not RankColumns.build(m.flip(0), D, workers).increasing
 
 
+def one_position(emb1, dcs, m, logits, prior1, variant="original", workers=8):
+    """The coarse maps of a 1 x 1 grid whose feature is 0 in one dimension, so each distance is
+    an entry's value: embedding entries ``emb1`` (K1,), also used as the with-edge coreset with
+    the same prior; distribution entries ``dcs`` (D,), their ids ``m`` (K1,) given by hand;
+    ``logits`` (D,); ``prior1`` (K1,). Gammas 1 (maps are plain distances), alpha 2, thresholds
+    ``0.5 / K1`` (neighbourhood) and ``1 / K`` (position)."""
+    col = lambda v: torch.tensor(v, dtype=torch.float64)[:, None]  # noqa: E731
+    prior = torch.tensor([prior1], dtype=torch.float64)
+    art = ScoringArtefacts(col(emb1), col(emb1), col(dcs), torch.tensor(m), prior, prior)
+    cfg = ScoringConfig(anomaly_nn=1, patchsize=1, prob_gamma=1.0, softmax_coor_gamma=1.0, variant=variant,
+                        mask_workers=workers, imagesize=4, blursigma=0.5, chunk_size=None)
+    got = score_image(torch.zeros(1, 1, 1, dtype=torch.float64), torch.tensor([[logits]], dtype=torch.float64)[0],
+                      art, cfg)
+    return {name: got.coarse[name].item() for name in MAP_NAMES}
+
+
 def test_original_mask_uses_ranks_not_ids():
-    # One feature, distribution entries ranked [2, 0, 1]; only entry 2 (rank 0) is allowed.
-    dist_emb = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
-    dist_d = torch.tensor([[2.0, 3.0, 1.0]], dtype=torch.float64)
-    allowed_d = torch.tensor([[False, False, True]])
-    m = torch.tensor([0, 1, 2])
-    g = 1.0
+    # One feature; embedding entries at distances [3, 1, 2] with nearest distribution ids m = [0, 1, 2];
+    # distribution entries ranked [2, 0, 1] (distances [2, 3, 1]); only entry 2 (rank 0) is
+    # allowed: softmax([0, 0, 20] / 2) = [4.5e-5, 4.5e-5, 1.0] against 0.5 / 3.
+    case = dict(emb1=[3.0, 1.0, 2.0], dcs=[2.0, 3.0, 1.0], m=[0, 1, 2], logits=[0.0, 0.0, 20.0],
+                prior1=[1.0, 1.0, 1.0])
     # paper: entry k allowed where m(k) = k is -> entry 2 (d = 2.0).
-    assert nb_scores(dist_emb, allowed_d, m, g, "paper").item() == pytest.approx(2.0)
+    assert one_position(**case, variant="paper")["nb"] == pytest.approx(2.0)
     # original, serial: sorted column k allowed where rank m(k) = k is -> column 0 (d = 1.0).
-    assert nb_scores(dist_emb, allowed_d, m, g, "original", dist_d, mask_workers=1).item() == pytest.approx(1.0)
+    assert one_position(**case, workers=1)["nb"] == pytest.approx(1.0)
 
 
 def test_original_lost_writes_by_hand():
     # Neighbourhood: D = 3 distribution entries, 2 workers -> the parent writes ids 0 and 1.
-    # Entries' nearest distribution ids m = [2, 1, 0]; all ranks allowed. Sorted column 0 has
-    # m(0) = 2, never written -> False; column 1 (m = 1) written True -> 2nd nearest distance.
-    dist_emb = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
-    dist_d = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
-    allowed_d = torch.ones(1, 3, dtype=torch.bool)
-    m = torch.tensor([2, 1, 0])
-    assert nb_scores(dist_emb, allowed_d, m, 1.0, "original", dist_d, mask_workers=2).item() == pytest.approx(2.0)
-    assert nb_scores(dist_emb, allowed_d, m, 1.0, "original", dist_d, mask_workers=1).item() == pytest.approx(1.0)
-    # Position: K = 5 entries, 2 workers -> only the 3 nearest can be allowed. Allowed ids
-    # {3, 4}: id 4 is the 2nd nearest (d 0.5), id 3 the 4th. Then only id 3: not written ->
-    # the farthest entry (d 9.0) is the fallback.
-    dist = torch.tensor([[0.1, 7.0, 9.0, 7.5, 0.5]], dtype=torch.float64)
-    prior = torch.tensor([[0.0, 0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
-    assert position_scores(dist, prior, 1.0, 1.0, "original", 2).item() == pytest.approx(0.5)
-    prior = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
-    assert position_scores(dist, prior, 1.0, 1.0, "original", 2).item() == pytest.approx(9.0)
-    assert position_scores(dist, prior, 1.0, 1.0, "original", 1).item() == pytest.approx(7.5)
-    assert position_scores(dist, prior, 1.0, 1.0, "paper", 2).item() == pytest.approx(7.5)
+    # Entries' nearest distribution ids m = [2, 1, 0]; all allowed (softmax 1/3 > 0.5/3). Sorted
+    # column 0 has m(0) = 2, never written -> False; column 1 (m = 1) written -> 2nd nearest distance.
+    case = dict(emb1=[1.0, 2.0, 4.0], dcs=[1.0, 2.0, 3.0], m=[2, 1, 0], logits=[0.0, 0.0, 0.0],
+                prior1=[1.0, 1.0, 1.0])
+    assert one_position(**case, workers=2)["nb"] == pytest.approx(2.0)
+    assert one_position(**case, workers=1)["nb"] == pytest.approx(1.0)
+    # Position: K = 5 entries, 2 workers -> only the 3 nearest can be allowed (threshold 1/5).
+    # Allowed ids {3, 4}: id 4 is the 2nd nearest (d 0.5), id 3 the 4th. Then only id 3: not
+    # written -> the farthest entry (d 9.0) is the fallback. One distribution entry, allowed,
+    # nearest to every entry: nb is the nearest distance, 0.1; nb_coor the mean of nb and position.
+    emb1, nb_case = [0.1, 7.0, 9.0, 7.5, 0.5], dict(dcs=[0.1], m=[0] * 5, logits=[0.0])
+    for prior, variant, workers, want in (([0, 0, 0, .5, .5], "original", 2, 0.5), ([0, 0, 0, 1, 0], "original", 2, 9.0),
+                                          ([0, 0, 0, 1, 0], "original", 1, 7.5), ([0, 0, 0, 1, 0], "paper", 2, 7.5)):
+        got = one_position(emb1, prior1=prior, variant=variant, workers=workers, **nb_case)
+        assert got["coor"] == pytest.approx(want), (prior, variant, workers)
+        assert got["nb"] == pytest.approx(0.1) and got["nb_coor"] == pytest.approx(0.5 * (0.1 + want))
+        assert got["patchcore"] == pytest.approx(0.1)
 
 
 def test_chunk_size_and_batch_invariance():
