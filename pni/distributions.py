@@ -21,11 +21,12 @@ from torch import nn
 
 from pni.errors import PNIError
 from pni.io import atomic_path, load_weights_only
+from pni.scoring import VARIANTS
 
 HIDDEN_WIDTH = 2048
 
 
-WINDOW_LAYOUTS = ("original", "paper")  # one per scoring variant (pni.scoring.VARIANTS)
+WINDOW_LAYOUTS = VARIANTS  # the MLP window layout is named after its scoring variant
 
 
 def dropped_slot(dist_padding: int, layout: str = "original") -> int:

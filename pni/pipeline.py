@@ -77,6 +77,7 @@ from pni.lightning import (
 )
 from pni.memory import available_bytes
 from pni.model import PNIModel, scoring_config
+from pni.scoring import interior_indices
 from pni.results import (
     MAP_NAMES,
     append_score_result,
@@ -225,10 +226,8 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
     _, n_rows, n_cols, _ = probed[0].shape
     n_img = len(train_ds)
     n_with = n_img * n_rows * n_cols
+    check_grid_size(args, n_rows, n_cols)
     n_without = n_img * (n_rows - 2 * pad) * (n_cols - 2 * pad)
-    if n_rows <= 2 * pad or n_cols <= 2 * pad:
-        raise PNIError(f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize "
-                       f"{args.patchsize}")
     k_emb = int(args.subsampling_percentage * n_without)
     k_emb_edge = int(args.subsampling_percentage * n_with)
     if min(k_emb, k_emb_edge) < 1:
@@ -236,7 +235,7 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
     if args.dist_coreset_size >= n_without:
         raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} must be below the {n_without} interior "
                        "training patches (the greedy start point is not selected); lower it or add training images")
-    if max(k_emb, args.dist_coreset_size) >= n_without or k_emb_edge >= n_with:
+    if k_emb >= n_without or k_emb_edge >= n_with:
         raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
                        "but the greedy start point is not selected; use a smaller fraction")
     check_anomaly_nn(args, k_emb_edge)
@@ -357,8 +356,7 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
     if progress is not None:
         progress.add_total(2 * n_img)
     begin_stage(out_dir / "coor_settings.json")
-    rr, cc = np.meshgrid(np.arange(pad, n_rows - pad), np.arange(pad, n_cols - pad), indexing="ij")
-    interior_pos = torch.as_tensor((rr * n_cols + cc).reshape(-1))
+    interior_pos = interior_indices(n_rows, n_cols, pad)
     for with_edge in (False, True):
         entries = coresets["with_edge" if with_edge else "without_edge"]
         index = cs.use_gpu_index(cs.build_index(entries))
@@ -549,6 +547,14 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp, progress: Progress
             "version_dir": str(version_dir), **scores}
 
 
+def check_grid_size(args, n_rows: int, n_cols: int) -> None:
+    """The ``n_rows x n_cols`` feature grid must have interior positions for ``--patchsize``."""
+    pad = (args.patchsize - 1) // 2
+    if n_rows <= 2 * pad or n_cols <= 2 * pad:
+        raise PNIError(f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize "
+                       f"{args.patchsize}")
+
+
 def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
     """The feature grid of ``--imagesize`` must have interior positions and match the rows of
     the position priors (which carry no image size of their own). Returns the estimated
@@ -557,10 +563,7 @@ def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
     with torch.no_grad():
         probe, per_image = _probe(extractor, torch.zeros(3, args.imagesize, args.imagesize, device=device))
         n_rows, n_cols = probe.shape[1:3]
-    pad = (args.patchsize - 1) // 2
-    if n_rows <= 2 * pad or n_cols <= 2 * pad:
-        raise PNIError(f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize "
-                       f"{args.patchsize}")
+    check_grid_size(args, n_rows, n_cols)
     n_positions = len(priors["with_edge"])
     if n_rows * n_cols != n_positions or len(priors["without_edge"]) != n_positions:
         raise PNIError(f"the position priors in {embedding_dir(args)} cover {n_positions} grid positions, but "

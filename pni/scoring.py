@@ -574,6 +574,11 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
     """
     b, rows, cols, e = features.shape
     art.check(rows, cols, e)
+    coreset = art.embedding_with_edge
+    if {(t.dtype, t.device) for t in (features, nb_logits, coreset)} != {(coreset.dtype, coreset.device)}:
+        raise PNIError(f"features ({features.dtype}, {features.device}), neighbourhood logits ({nb_logits.dtype}, "
+                       f"{nb_logits.device}) and artefacts ({coreset.dtype}, {coreset.device}) must share dtype "
+                       "and device")
     if cfg.variant not in VARIANTS:
         raise PNIError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
     parent_share(1, cfg.mask_workers)  # refuses a worker count below 1

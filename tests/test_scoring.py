@@ -391,6 +391,9 @@ def test_mismatched_artefacts_raise():
         score_image(_t(feat), _t(logits), art, replace(CFG, mask_workers=0))
     with pytest.raises(PNIError, match="logits"):
         score_image(_t(feat), _t(logits[:-1]), art, CFG)
+    for variant in ("original", "paper"):  # float32 logits with float64 features and artefacts
+        with pytest.raises(PNIError, match="must share dtype and device"):
+            score_image(_t(feat), _t(logits).float(), art, replace(CFG, variant=variant))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
