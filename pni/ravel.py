@@ -22,7 +22,7 @@ import numpy as np
 
 from pni.cli import warn
 from pni.errors import PNIError
-from pni.io import atomic_path, check_name, load_npy, write_csv
+from pni.io import check_name, load_npy, write_csv
 from pni.viz import save_png
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -63,9 +63,7 @@ def write_png16(path: str | os.PathLike, array: np.ndarray) -> None:
     array = np.asarray(array)
     if array.dtype != np.uint16 or array.ndim != 2:
         raise ValueError(f"expected a 2-D uint16 array for {path}, got {array.dtype} {array.shape}")
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise OSError(f"cannot write {path}")
+    save_png(path, array)
 
 
 def read_png16(path: str | os.PathLike) -> np.ndarray:

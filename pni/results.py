@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from pni.cli import warn
-from pni.io import append_csv_rows, atomic_path, check_csv_header, load_npy, save_npy, write_csv
+from pni.io import append_csv_rows, check_csv_header, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
+from pni.viz import jet, save_jpeg
 
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 SETTING_COLUMNS: tuple[str, ...] = (
@@ -38,13 +38,8 @@ def version_dirs(project_root: str | os.PathLike, category: str, backbone: str) 
 
 
 def heatmap_jpeg(path: str | os.PathLike, amap: np.ndarray) -> None:
-    """Write a jet heat map (per-image min-max) as JPEG."""
-    lo, hi = float(amap.min()), float(amap.max())
-    norm = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
-    colour = cv2.applyColorMap(np.uint8(np.round(norm * 255)), cv2.COLORMAP_JET)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), colour):
-            raise OSError(f"cannot write {path}")
+    """Write a jet heat map (per-image min-max) as JPEG (quality 95, as before)."""
+    save_jpeg(path, jet(amap, per_image=True), quality=95)
 
 
 def write_sample(
