@@ -19,7 +19,6 @@ loaded :class:`~pni.model.PNIModel`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pni import __version__
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
-from pni.io import make_dir
+from pni.io import _umask, file_sha256, make_dir
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
 
@@ -47,15 +46,6 @@ ARRAYS = "arrays.safetensors"
 MLP = "mlp.safetensors"
 BACKBONE = "backbone.safetensors"
 _METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_settings(model: PNIModel) -> dict[str, Any]:
@@ -111,7 +101,7 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **model_settings(model), "backbone_weights": backbone, "training": provenance,
             "thresholds": thresholds, "calibration": calibration,
-            "files": {name: sha256_of(tmp / name) for name in files},
+            "files": {name: file_sha256(tmp / name) for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private
@@ -127,12 +117,6 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,7 +147,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         file = root / name
         if not file.is_file():
             raise PNIError(f"bundle file missing: {file}")
-        if sha256_of(file) != digest:
+        if file_sha256(file) != digest:
             raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
                            "model again")
     if manifest.get("backbone_weights", {}).get("included") and BACKBONE not in files:
@@ -201,7 +185,7 @@ def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | 
         candidates = [hub_checkpoint_dir() / n for n in dict.fromkeys([name, weights_file_name(backbone)]) if n]
     for path in candidates:
         if path.is_file():
-            if digest and sha256_of(path) != digest:
+            if digest and file_sha256(path) != digest:
                 raise PNIError(f"backbone weights {path} are not the ones bundle {root} was made with ({name}, "
                                f"sha256 {digest[:16]}...); pass the right file with --backbone_weights")
             return path

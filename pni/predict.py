@@ -32,8 +32,8 @@ from pni.data.transforms import CropGeometry, load_image, to_rgb
 from pni.errors import PNIError
 from pni.io import make_dir, save_npy, write_csv
 from pni.model import PNIModel
-from pni.results import MAP_NAMES, render_table
-from pni.scoring import ImageScores
+from pni.results import render_table
+from pni.scoring import MAP_NAMES, ImageScores
 from pni.viz import draw_contours, jet, save_jpeg, save_png
 
 THRESHOLD_KEYS = {"image": {"fpr": "image", "best_f1": "image_best_f1"},

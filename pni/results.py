@@ -18,8 +18,8 @@ from pni.cli import warn
 from pni.errors import PNIError
 from pni.io import append_csv_rows, atomic_path, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
+from pni.scoring import MAP_NAMES  # the one definition; re-exported for the analysis scripts
 
-MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 SETTING_COLUMNS: tuple[str, ...] = (
     "category", "backbone", "version", "seed", "imagesize", "subsampling_percentage", "anomaly_nn",
     "dist_coreset_size", "dist_padding", "num_layers", "variant", "mask_workers",
