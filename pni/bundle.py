@@ -19,6 +19,7 @@ loaded :class:`~pni.model.PNIModel`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -35,7 +36,8 @@ from pni import __version__
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
-from pni.io import _umask, file_sha256, make_dir
+from pni.artefacts import remove_stale
+from pni.io import _umask, check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
 
@@ -70,21 +72,62 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def _is_bundle(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest of ours (its ``format`` field, as :func:`read_manifest` checks)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _temp_pattern(out: Path, kind: str) -> str:
+    """Glob of the ``partial``/``old`` temporary folders of bundle ``out`` (beside it)."""
+    return glob.escape(f".{out.name}.{kind}-") + "*"
+
+
+def orphaned_bundle(out: Path) -> Path | None:
+    """Where an export killed between its two renames left the previous bundle of a missing
+    ``out`` (a hidden ``.<name>.old-*`` folder of a dead process), else None."""
+    if out.exists() or out.is_symlink() or not out.parent.is_dir():
+        return None
+    found = [old / out.name for old in sorted(out.parent.glob(_temp_pattern(out, "old")))
+             if left_by_killed_run(old.name) and _is_bundle(old / out.name)]
+    return found[-1] if found else None
+
+
+def check_output(output: str | os.PathLike) -> Path:
+    """Before any work: ``--output`` must be a new or empty folder, or a bundle to replace,
+    in a folder we can write to; else one-line PNIError naming it."""
+    out = Path(output)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or (any(out.iterdir()) and not _is_bundle(out)):
+            raise PNIError(f"--output {out} exists and is not a PNI model bundle (no {MANIFEST} of export_model.py); "
+                           "choose a new folder")
+    orphan = orphaned_bundle(out)
+    if orphan is not None:
+        raise PNIError(f"--output {out} is missing: an export killed while replacing it left the previous bundle in "
+                       f"{orphan}; move that back to {out} (or delete it) and run again")
+    check_output_dir(out.parent, "--output")
+    return out
+
+
 def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str, Any], provenance: dict[str, Any],
                  thresholds: dict[str, Any], calibration: dict[str, Any], include_backbone: bool) -> Path:
-    """Write ``model`` with its thresholds as a bundle folder ``output``.
+    """Write ``model`` with its thresholds as a bundle folder ``output`` (checked as by
+    :func:`check_output`).
 
     ``backbone``: ``{file, sha256, random_init, random_init_seed}`` (where the weights came
     from); ``provenance``: the training settings (category, seed, ...). The folder is built
     under a temporary name beside ``output`` and renamed; an existing bundle there is
-    replaced, any other existing non-empty folder is refused.
+    replaced. Temporary folders left by killed exports of ``output`` are removed.
     """
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise PNIError(f"--output {out} exists and is not a PNI model bundle; choose a new folder")
+    out = check_output(output)
     make_dir(out.parent, "--output")
+    for kind in ("partial", "old"):
+        remove_stale(out.parent, _temp_pattern(out, kind))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{owner_tag()}-", dir=out.parent))
     except OSError as exc:
         raise PNIError(f"cannot write to folder {out.parent}: {exc.strerror or exc}") from None
     try:
@@ -107,9 +150,14 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{owner_tag()}-", dir=out.parent))
             os.rename(out, old / out.name)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / out.name, out)  # put the previous bundle back
+                os.rmdir(old)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
@@ -125,7 +173,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     naming the file)."""
     root = Path(path)
     if not root.exists():
-        raise PNIError(f"model bundle not found: {root}")
+        orphan = orphaned_bundle(root)
+        hint = f" (an export killed while replacing it left the previous bundle in {orphan})" if orphan else ""
+        raise PNIError(f"model bundle not found: {root}{hint}")
     manifest_path = root / MANIFEST
     if not root.is_dir() or not manifest_path.is_file():
         raise PNIError(f"{root} is not a PNI model bundle (a folder with {MANIFEST}, written by export_model.py)")

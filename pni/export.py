@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from pni.artefacts import DIGEST_KEY, NB_KEYS, check_saved_stages, coreset_digest, settings_of
-from pni.bundle import FORMAT_VERSION, write_bundle
+from pni.bundle import FORMAT_VERSION, check_output, write_bundle
 from pni.calibration import CalibrationScores, calibrate, format_thresholds
 from pni.cli import warn
 from pni.config import embedding_dir
@@ -111,6 +111,7 @@ def score_calibration(args: argparse.Namespace, model: PNIModel, dataset, labels
 
 def export(args: argparse.Namespace) -> Path:
     """Write the bundle of the category the flags name; returns its folder."""
+    check_output(args.output)  # before any work: a foreign folder or an unwritable place
     given = [f"--{f}" for f in TRAIN_FLAGS if getattr(args, f)]
     if given:
         print(f"note: export_model.py trains nothing; {' '.join(given)} ignored", file=sys.stderr)

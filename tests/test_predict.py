@@ -521,3 +521,76 @@ def test_test_folder_without_ground_truth_gives_image_level_results(run, tmp_pat
     for m in MAPS:
         assert row[f"{m}_P-AUROC"] == ""
         assert row[f"{m}_I-AUROC"] == reference[f"{m}_I-AUROC"]
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def dead_owner() -> str:
+    """An owner tag (pni.io.owner_tag) of a process of this host that has ended."""
+    from pni.io import owner_tag
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{owner_tag().split('~')[0]}~{proc.pid}"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_keeps_a_folder_with_a_foreign_manifest(run, tmp_path, capsys):
+    """A folder that merely holds some manifest.json is not a bundle: refused, left byte for byte."""
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "someone else\'s project", "version": 3}\n')
+    (foreign / "notes.txt").write_bytes(b"keep me\n")
+    before = snapshot(foreign)
+    one_error(export_model.main(run.argv("--output", str(foreign))), capsys, str(foreign),
+              "not a PNI model bundle")
+    assert snapshot(foreign) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("where", ["foreign", "under_a_file", "a_file"])
+def test_export_checks_its_output_before_scoring(run, tmp_path, capsys, monkeypatch, where):
+    import pni.export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration images scored before --output was checked")
+
+    monkeypatch.setattr(pni.export, "score_calibration", refuse)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("{}")
+    output = {"foreign": tmp_path / "foreign", "under_a_file": tmp_path / "file" / "bundle",
+              "a_file": tmp_path / "file"}[where]
+    one_error(export_model.main(run.argv("--output", str(output))), capsys, "--output")
+
+
+def test_export_replaces_its_bundle_and_removes_temporary_folders_of_killed_exports(run, tmp_path):
+    from pni.io import owner_tag
+
+    bundle = tmp_path / "b"
+    shutil.copytree(run.bundle, bundle)
+    dead = dead_owner()
+    stale = [tmp_path / f".b.partial-{dead}-x1", tmp_path / f".b.old-{dead}-x2"]
+    live = tmp_path / f".b.partial-{owner_tag()}-x3"  # a running export's (this process)
+    for folder in stale + [live]:
+        folder.mkdir()
+        (folder / "arrays.safetensors").write_bytes(b"partial")
+    assert export_model.main(run.argv("--output", str(bundle), "--calibration_dir", str(run.calibration))) == 0
+    assert not any(p.exists() for p in stale) and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "b"]
+    assert json.loads((bundle / "manifest.json").read_text())["format"] == "pni-bundle"
+
+
+def test_bundle_left_hidden_by_a_killed_export_is_named(run, tmp_path, capsys):
+    """Killed between its two renames, an export leaves the previous bundle only in a hidden
+    folder: the next export refuses to go on without it, and predict names it."""
+    hidden = tmp_path / f".b.old-{dead_owner()}-x1" / "b"
+    shutil.copytree(run.bundle, hidden)
+    bundle = tmp_path / "b"
+    one_error(export_model.main(run.argv("--output", str(bundle))), capsys, str(hidden), "move")
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "not found", str(hidden))
+    assert snapshot(hidden) == snapshot(run.bundle) and not bundle.exists()
