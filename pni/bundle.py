@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -168,9 +169,10 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version
-    whose listed files are all there with their recorded sha256 (else one-line PNIError
-    naming the file)."""
+    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version,
+    with the settings prediction reads (backbone weights, thresholds, heat-map scale), whose
+    listed files are all there with their recorded sha256 (else one-line PNIError naming the
+    file and key)."""
     root = Path(path)
     if not root.exists():
         orphan = orphaned_bundle(root)
@@ -191,6 +193,28 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or ARRAYS not in files or MLP not in files:
         raise PNIError(f"{manifest_path} lists no {ARRAYS} and {MLP}; the bundle is incomplete")
+    weights = manifest.get("backbone_weights")
+    if not isinstance(weights, dict) or not all(isinstance(weights.get(k), (str, type(None)))
+                                                for k in ("file", "sha256")):
+        raise PNIError(f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
+                       "export the model again")
+    if weights.get("included") and BACKBONE not in files:
+        raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
+    thresholds = manifest.get("thresholds")
+    for m in MAP_NAMES:
+        entry = thresholds.get(m) if isinstance(thresholds, dict) else None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
+            raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
+        for key in ("image", "pixel", "image_best_f1", "pixel_best_f1"):
+            value = entry[key].get("value") if isinstance(entry.get(key), dict) else None
+            required = key in ("image", "pixel") or entry.get(key) is not None  # best-F1 ones may be null
+            if required and not (_finite(value) and value != 0):
+                raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "{key}" lacks a finite nonzero "value"; '
+                               "export the model again")
+        low, high = entry["heatmap"].get("low"), entry["heatmap"].get("high")
+        if not (_finite(low) and _finite(high) and high > low):
+            raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "heatmap" needs numbers "low" < "high"; '
+                           "export the model again")
     for name, digest in files.items():
         if Path(name).name != name or name in ("", ".", ".."):
             raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
@@ -200,14 +224,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         if file_sha256(file) != digest:
             raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
                            "model again")
-    if manifest.get("backbone_weights", {}).get("included") and BACKBONE not in files:
-        raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
-    thresholds = manifest.get("thresholds")
-    for m in MAP_NAMES:
-        entry = thresholds.get(m) if isinstance(thresholds, dict) else None
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
-            raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
     return manifest
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -224,7 +246,7 @@ def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torc
 def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | os.PathLike | None) -> Path:
     """The backbone weights file a bundle without ``backbone.safetensors`` names, found as in
     training (``weights_path``, else the torch hub cache) and checked against its sha256."""
-    info = manifest.get("backbone_weights") or {}
+    info = manifest["backbone_weights"]
     name, digest = info.get("file"), info.get("sha256")
     backbone = manifest["features"]["backbone"]
     if weights_path is not None:
@@ -259,7 +281,7 @@ def load_bundle(path: str | os.PathLike, backbone_weights: str | os.PathLike | N
                            f"{nb['dropped_slot']}) is not the one of variant {config.variant}")
         arrays = _tensors(root / ARRAYS, ARTEFACT_NAMES)
         mlp = mlp_from_state_dict(_tensors(root / MLP))
-        included = bool(manifest.get("backbone_weights", {}).get("included"))
+        included = bool(manifest["backbone_weights"].get("included"))
         weights = None if included else _backbone_weights(root, manifest, backbone_weights)
         extractor = build_feature_extractor(feats["backbone"], feats["layers"], feats["pretrain_embed_dimension"],
                                             feats["target_embed_dimension"], feats["patchsize"], weights,

@@ -594,3 +594,19 @@ def test_bundle_left_hidden_by_a_killed_export_is_named(run, tmp_path, capsys):
     one_error(export_model.main(run.argv("--output", str(bundle))), capsys, str(hidden), "move")
     one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "not found", str(hidden))
     assert snapshot(hidden) == snapshot(run.bundle) and not bundle.exists()
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m.update(backbone_weights=None), '"backbone_weights"'),
+    (lambda m: m["backbone_weights"].update(sha256=12), '"backbone_weights"'),
+    (lambda m: m["thresholds"]["nb_coor"]["image"].pop("value"), '"nb_coor" -> "image"'),
+    (lambda m: m["thresholds"]["coor"]["pixel"].update(value="high"), '"coor" -> "pixel"'),
+    (lambda m: m["thresholds"]["nb"]["image_best_f1"].update(value=0), '"nb" -> "image_best_f1"'),
+    (lambda m: m["thresholds"]["nb_coor"]["heatmap"].pop("low"), '"nb_coor" -> "heatmap"'),
+])
+def test_hand_edited_manifest_is_refused_naming_the_key(copy_bundle, run, tmp_path, capsys, edit, fragment):
+    bundle = copy_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "manifest.json"), fragment)
