@@ -596,6 +596,45 @@ def test_bundle_left_hidden_by_a_killed_export_is_named(run, tmp_path, capsys):
     assert snapshot(hidden) == snapshot(run.bundle) and not bundle.exists()
 
 
+def test_colliding_input_names_get_their_own_files_and_rows(run, tmp_path):
+    """a.png and a.jpg, x/a.png and y/a.png next to x__a.png, and a_nb.png (whose a_nb_coor.npy
+    is also a's nb_coor map): every input its own overlay, mask, maps and CSV row."""
+    inputs = tmp_path / "in"
+    (inputs / "x").mkdir(parents=True)
+    (inputs / "y").mkdir()
+    sources = sorted((run.ds / "texture" / "test").rglob("*.png"))
+    targets = [inputs / "a.png", inputs / "a.jpg", inputs / "x" / "a.png", inputs / "y" / "a.png",
+               inputs / "x__a.png", inputs / "a_nb.png"]
+    for source, target in zip(sources, targets):
+        Image.open(source).convert("RGB").save(target)
+    out = tmp_path / "out"
+    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(out),
+                             "--save_maps", "--accelerator", "cpu"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert sorted(r["path"] for r in rows) == sorted(str(t) for t in targets)
+    names = [r["name"] for r in rows]
+    assert len(set(n.casefold() for n in names)) == len(targets)
+    assert sorted(p.stem for p in (out / "overlays").iterdir()) == sorted(names)
+    assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(f"{n}_{m}.npy" for n in names for m in MAPS)
+    again = tmp_path / "again"
+    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(again),
+                             "--accelerator", "cpu"]) == 0
+    assert [r["name"] for r in read_csv(again / "predictions.csv")] == names  # deterministic
+
+
+@pytest.mark.parametrize("flag", ["--image_threshold", "--pixel_threshold"])
+@pytest.mark.parametrize("value", ["0", "-1.5", "nan", "inf"])
+def test_threshold_flags_must_be_positive_finite_scores(run, tmp_path, capsys, flag, value):
+    one_error(predict_cli.main(predict_argv(run.bundle, run, tmp_path, f"{flag}={value}")), capsys, flag, value)
+    assert not (tmp_path / "out").exists()
+    import pni
+    from pni.errors import PNIError
+
+    with pytest.raises(PNIError, match=flag):
+        pni.load_model(run.bundle, "cpu", **{flag[2:]: float(value)})
+
+
 @pytest.mark.parametrize("edit,fragment", [
     (lambda m: m.update(backbone_weights=None), '"backbone_weights"'),
     (lambda m: m["backbone_weights"].update(sha256=12), '"backbone_weights"'),
