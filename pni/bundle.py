@@ -19,8 +19,9 @@ loaded :class:`~pni.model.PNIModel`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +37,8 @@ from pni import __version__
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
-from pni.io import make_dir
+from pni.artefacts import remove_stale
+from pni.io import _umask, check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
 
@@ -47,15 +49,6 @@ ARRAYS = "arrays.safetensors"
 MLP = "mlp.safetensors"
 BACKBONE = "backbone.safetensors"
 _METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_settings(model: PNIModel) -> dict[str, Any]:
@@ -80,21 +73,62 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def _is_bundle(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest of ours (its ``format`` field, as :func:`read_manifest` checks)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _temp_pattern(out: Path, kind: str) -> str:
+    """Glob of the ``partial``/``old`` temporary folders of bundle ``out`` (beside it)."""
+    return glob.escape(f".{out.name}.{kind}-") + "*"
+
+
+def orphaned_bundle(out: Path) -> Path | None:
+    """Where an export killed between its two renames left the previous bundle of a missing
+    ``out`` (a hidden ``.<name>.old-*`` folder of a dead process), else None."""
+    if out.exists() or out.is_symlink() or not out.parent.is_dir():
+        return None
+    found = [old / out.name for old in sorted(out.parent.glob(_temp_pattern(out, "old")))
+             if left_by_killed_run(old.name) and _is_bundle(old / out.name)]
+    return found[-1] if found else None
+
+
+def check_output(output: str | os.PathLike) -> Path:
+    """Before any work: ``--output`` must be a new or empty folder, or a bundle to replace,
+    in a folder we can write to; else one-line PNIError naming it."""
+    out = Path(output)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or (any(out.iterdir()) and not _is_bundle(out)):
+            raise PNIError(f"--output {out} exists and is not a PNI model bundle (no {MANIFEST} of export_model.py); "
+                           "choose a new folder")
+    orphan = orphaned_bundle(out)
+    if orphan is not None:
+        raise PNIError(f"--output {out} is missing: an export killed while replacing it left the previous bundle in "
+                       f"{orphan}; move that back to {out} (or delete it) and run again")
+    check_output_dir(out.parent, "--output")
+    return out
+
+
 def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str, Any], provenance: dict[str, Any],
                  thresholds: dict[str, Any], calibration: dict[str, Any], include_backbone: bool) -> Path:
-    """Write ``model`` with its thresholds as a bundle folder ``output``.
+    """Write ``model`` with its thresholds as a bundle folder ``output`` (checked as by
+    :func:`check_output`).
 
     ``backbone``: ``{file, sha256, random_init, random_init_seed}`` (where the weights came
     from); ``provenance``: the training settings (category, seed, ...). The folder is built
     under a temporary name beside ``output`` and renamed; an existing bundle there is
-    replaced, any other existing non-empty folder is refused.
+    replaced. Temporary folders left by killed exports of ``output`` are removed.
     """
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise PNIError(f"--output {out} exists and is not a PNI model bundle; choose a new folder")
+    out = check_output(output)
     make_dir(out.parent, "--output")
+    for kind in ("partial", "old"):
+        remove_stale(out.parent, _temp_pattern(out, kind))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{owner_tag()}-", dir=out.parent))
     except OSError as exc:
         raise PNIError(f"cannot write to folder {out.parent}: {exc.strerror or exc}") from None
     try:
@@ -111,15 +145,20 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **model_settings(model), "backbone_weights": backbone, "training": provenance,
             "thresholds": thresholds, "calibration": calibration,
-            "files": {name: sha256_of(tmp / name) for name in files},
+            "files": {name: file_sha256(tmp / name) for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{owner_tag()}-", dir=out.parent))
             os.rename(out, old / out.name)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / out.name, out)  # put the previous bundle back
+                os.rmdir(old)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
@@ -129,19 +168,16 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version
-    whose listed files are all there with their recorded sha256 (else one-line PNIError
-    naming the file)."""
+    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version,
+    with the settings prediction reads (backbone weights, thresholds, heat-map scale), whose
+    listed files are all there with their recorded sha256 (else one-line PNIError naming the
+    file and key)."""
     root = Path(path)
     if not root.exists():
-        raise PNIError(f"model bundle not found: {root}")
+        orphan = orphaned_bundle(root)
+        hint = f" (an export killed while replacing it left the previous bundle in {orphan})" if orphan else ""
+        raise PNIError(f"model bundle not found: {root}{hint}")
     manifest_path = root / MANIFEST
     if not root.is_dir() or not manifest_path.is_file():
         raise PNIError(f"{root} is not a PNI model bundle (a folder with {MANIFEST}, written by export_model.py)")
@@ -157,23 +193,43 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or ARRAYS not in files or MLP not in files:
         raise PNIError(f"{manifest_path} lists no {ARRAYS} and {MLP}; the bundle is incomplete")
-    for name, digest in files.items():
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
-        file = root / name
-        if not file.is_file():
-            raise PNIError(f"bundle file missing: {file}")
-        if sha256_of(file) != digest:
-            raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
-                           "model again")
-    if manifest.get("backbone_weights", {}).get("included") and BACKBONE not in files:
+    weights = manifest.get("backbone_weights")
+    if not isinstance(weights, dict) or not all(isinstance(weights.get(k), (str, type(None)))
+                                                for k in ("file", "sha256")):
+        raise PNIError(f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
+                       "export the model again")
+    if weights.get("included") and BACKBONE not in files:
         raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
     thresholds = manifest.get("thresholds")
     for m in MAP_NAMES:
         entry = thresholds.get(m) if isinstance(thresholds, dict) else None
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
             raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
+        for key in ("image", "pixel", "image_best_f1", "pixel_best_f1"):
+            value = entry[key].get("value") if isinstance(entry.get(key), dict) else None
+            required = key in ("image", "pixel") or entry.get(key) is not None  # best-F1 ones may be null
+            if required and not (_finite(value) and value != 0):
+                raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "{key}" lacks a finite nonzero "value"; '
+                               "export the model again")
+        low, high = entry["heatmap"].get("low"), entry["heatmap"].get("high")
+        if not (_finite(low) and _finite(high) and high > low):
+            raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "heatmap" needs numbers "low" < "high"; '
+                           "export the model again")
+    for name, digest in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
+        file = root / name
+        if not file.is_file():
+            raise PNIError(f"bundle file missing: {file}")
+        if file_sha256(file) != digest:
+            raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
+                           "model again")
     return manifest
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -190,7 +246,7 @@ def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torc
 def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | os.PathLike | None) -> Path:
     """The backbone weights file a bundle without ``backbone.safetensors`` names, found as in
     training (``weights_path``, else the torch hub cache) and checked against its sha256."""
-    info = manifest.get("backbone_weights") or {}
+    info = manifest["backbone_weights"]
     name, digest = info.get("file"), info.get("sha256")
     backbone = manifest["features"]["backbone"]
     if weights_path is not None:
@@ -201,7 +257,7 @@ def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | 
         candidates = [hub_checkpoint_dir() / n for n in dict.fromkeys([name, weights_file_name(backbone)]) if n]
     for path in candidates:
         if path.is_file():
-            if digest and sha256_of(path) != digest:
+            if digest and file_sha256(path) != digest:
                 raise PNIError(f"backbone weights {path} are not the ones bundle {root} was made with ({name}, "
                                f"sha256 {digest[:16]}...); pass the right file with --backbone_weights")
             return path
@@ -225,7 +281,7 @@ def load_bundle(path: str | os.PathLike, backbone_weights: str | os.PathLike | N
                            f"{nb['dropped_slot']}) is not the one of variant {config.variant}")
         arrays = _tensors(root / ARRAYS, ARTEFACT_NAMES)
         mlp = mlp_from_state_dict(_tensors(root / MLP))
-        included = bool(manifest.get("backbone_weights", {}).get("included"))
+        included = bool(manifest["backbone_weights"].get("included"))
         weights = None if included else _backbone_weights(root, manifest, backbone_weights)
         extractor = build_feature_extractor(feats["backbone"], feats["layers"], feats["pretrain_embed_dimension"],
                                             feats["target_embed_dimension"], feats["patchsize"], weights,

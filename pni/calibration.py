@@ -14,7 +14,7 @@ An image (or pixel) is called defective when its score is strictly above the thr
   twice that distance above the median (a good part stays blue to cyan).
 
 Every threshold records how many images it comes from and the false-positive and miss rates
-it gives on them. No torch, no Lightning.
+it gives on them. Computes with numpy only; no Lightning.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import numpy as np
 
 from pni.errors import PNIError
 from pni.metrics import F1_EPS, best_f1_from_sweep, sweep
-from pni.results import MAP_NAMES, render_table
+from pni.results import render_table
+from pni.maps import MAP_NAMES
 
 
 # Scores of the same image differ in their last digits with the batch it is scored in (CPU

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from pni.cli import ArgumentParser, parse_devices
 from pni.errors import PNIError
 from pni.features import BACKBONES
-from pni.scoring import VARIANTS
+from pni.scoring import MAP_NAMES, VARIANTS
 from pni.io import is_single_name
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
@@ -210,7 +210,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="image files, folders (every image below) or glob patterns")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for predictions.csv and the pictures")
-    p.add_argument("--map", default="nb_coor", choices=("nb_coor", "nb", "coor", "patchcore"),
+    p.add_argument("--map", default="nb_coor", choices=MAP_NAMES,
                    help="the map whose score decides")
     p.add_argument("--image_threshold", default="fpr", metavar="fpr|best_f1|SCORE",
                    help="image threshold: calibrated on good images at the export's target false-positive rate, "

@@ -16,12 +16,13 @@ import pytorch_lightning as pl
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from pni.artefacts import DIGEST_KEY, NB_KEYS, check_saved_stages, coreset_digest, settings_of
-from pni.bundle import FORMAT_VERSION, sha256_of, write_bundle
+from pni.bundle import FORMAT_VERSION, check_output, write_bundle
 from pni.calibration import CalibrationScores, calibrate, format_thresholds
 from pni.cli import warn
 from pni.config import embedding_dir
 from pni.data.datasets import NORMAL, AnomalyDataset, Sample, build_datasets
 from pni.errors import PNIError
+from pni.io import file_sha256
 from pni.features import RANDOM_INIT_SEED, build_feature_extractor, hub_checkpoint_dir, weights_file_name
 from pni.console import Progress
 from pni.lightning import IndexedDataset, ScoringModule, interruptible
@@ -36,7 +37,7 @@ from pni.pipeline import (
     load_position_priors,
 )
 from pni.predict import expand_inputs
-from pni.results import MAP_NAMES
+from pni.maps import MAP_NAMES
 
 TRAIN_FLAGS = ("train_coreset", "train_nb_dist", "train_coor_dist")
 
@@ -48,7 +49,7 @@ def backbone_source(args: argparse.Namespace) -> dict[str, Any]:
         return {"file": None, "sha256": None, "random_init": True, "random_init_seed": RANDOM_INIT_SEED}
     path = Path(args.backbone_weights) if args.backbone_weights else hub_checkpoint_dir() / weights_file_name(
         args.backbone)
-    return {"file": path.name, "sha256": sha256_of(path), "random_init": False, "random_init_seed": None}
+    return {"file": path.name, "sha256": file_sha256(path), "random_init": False, "random_init_seed": None}
 
 
 def calibration_set(args: argparse.Namespace) -> tuple[Any, list[int], list[bool], dict[str, Any]]:
@@ -110,6 +111,7 @@ def score_calibration(args: argparse.Namespace, model: PNIModel, dataset, labels
 
 def export(args: argparse.Namespace) -> Path:
     """Write the bundle of the category the flags name; returns its folder."""
+    check_output(args.output)  # before any work: a foreign folder or an unwritable place
     given = [f"--{f}" for f in TRAIN_FLAGS if getattr(args, f)]
     if given:
         print(f"note: export_model.py trains nothing; {' '.join(given)} ignored", file=sys.stderr)

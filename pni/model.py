@@ -25,7 +25,7 @@ from pni.data.transforms import image_transform
 from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows
 from pni.features import PatchFeatureExtractor
 from pni.memory import rows_for, scoring_rows
-from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, nearest_ids, score_image
+from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, interior_indices, score_batch
 
 ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts) if f.init)
 
@@ -68,16 +68,10 @@ class PNIModel(nn.Module):
                     resize: int) -> "PNIModel":
         """From the stage artefacts: ``coresets`` ``{without_edge, with_edge, distribution}``
         ``(K, E)`` and ``priors`` ``{without_edge, with_edge}`` ``(P, K)``; computes ``m(k)``."""
-        emb = torch.as_tensor(coresets["without_edge"])
-        dist = torch.as_tensor(coresets["distribution"])
-        artefacts = ScoringArtefacts(
-            embedding_without_edge=emb,
-            embedding_with_edge=torch.as_tensor(coresets["with_edge"]),
-            distribution_coreset=dist,
-            embedding_to_distribution=nearest_ids(emb, dist),
-            position_prior=torch.as_tensor(priors["without_edge"]),
-            position_prior_with_edge=torch.as_tensor(priors["with_edge"]),
-        )
+        artefacts = ScoringArtefacts.build(
+            torch.as_tensor(coresets["without_edge"]), torch.as_tensor(coresets["with_edge"]),
+            torch.as_tensor(coresets["distribution"]), torch.as_tensor(priors["without_edge"]),
+            torch.as_tensor(priors["with_edge"]))
         return cls(extractor, mlp, artefacts, config, dist_padding, resize)
 
     # ------------------------------------------------------------ settings
@@ -127,10 +121,7 @@ class PNIModel(nn.Module):
     def nb_logits(self, grid: Tensor, window_chunk: int | None = None) -> Tensor:
         """Neighbourhood MLP logits at the interior positions of one grid ``(R, C, E)`` ->
         ``(P_int, D)``; windows built chunk by chunk."""
-        n_rows, n_cols, _ = grid.shape
-        p = self.pad
-        rr, cc = torch.meshgrid(torch.arange(p, n_rows - p), torch.arange(p, n_cols - p), indexing="ij")
-        positions = (rr * n_cols + cc).reshape(-1).to(grid.device)
+        positions = interior_indices(grid.shape[0], grid.shape[1], self.pad, grid.device)
         chunk = window_chunk
         if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
             n_win = (2 * self.dist_padding + 1) ** 2 - 1
@@ -145,15 +136,9 @@ class PNIModel(nn.Module):
         """Score a batch ``(B, 3, imagesize, imagesize)`` -> ``B`` results (maps on the
         images' device). Under autocast the backbone and the MLP run in reduced precision;
         distances, masks and maps always in float32."""
-        self.mlp.eval()
         if images.shape[0] == 0:
             return []
         feats = self.extractor(images)
-        art = self.artefacts()
-        cfg = self._config_on(feats.device)
-        out = []
-        for b in range(feats.shape[0]):
-            logits = self.nb_logits(feats[b])
-            with torch.autocast(device_type=feats.device.type, enabled=False):
-                out.append(score_image(feats[b].float(), logits.float(), art, cfg))
-        return out
+        logits = torch.stack([self.nb_logits(grid) for grid in feats])  # windows chunked per image
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            return score_batch(feats.float(), logits.float(), self.artefacts(), self._config_on(feats.device))

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import itertools
+import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,10 +33,10 @@ from pni.cli import one_line
 from pni.data.datasets import IMAGE_EXTENSIONS
 from pni.data.transforms import CropGeometry, load_image, to_rgb
 from pni.errors import PNIError
-from pni.io import make_dir, save_npy, write_csv
+from pni.io import check_output_dir, make_dir, save_npy, write_csv
 from pni.model import PNIModel
-from pni.results import MAP_NAMES, render_table
-from pni.scoring import ImageScores
+from pni.results import render_table
+from pni.scoring import MAP_NAMES, ImageScores
 from pni.viz import draw_contours, jet, save_jpeg, save_png
 
 THRESHOLD_KEYS = {"image": {"fpr": "image", "best_f1": "image_best_f1"},
@@ -131,14 +134,36 @@ def find_regions(mask: np.ndarray, amap: np.ndarray, pixel_threshold: float) -> 
             for b, a, p, w in zip(boxes, areas, peaks, where)]
 
 
+def threshold_choice(level: str, choice: str | float) -> str | float:
+    """``--{level}_threshold`` checked: ``fpr``, ``best_f1`` or a raw score > 0 and finite
+    (scores are divided by it); else one-line PNIError naming the flag."""
+    if isinstance(choice, str) and choice in THRESHOLD_KEYS[level]:
+        return choice
+    try:
+        value = float(choice)
+    except (TypeError, ValueError):
+        raise PNIError(f"--{level}_threshold must be fpr, best_f1 or a number, got {choice!r}") from None
+    if not 0 < value < math.inf:
+        raise PNIError(f"--{level}_threshold must be fpr, best_f1 or a score > 0 and finite, got {choice!r}")
+    return value
+
+
+def check_choices(map_name: str, image_threshold: str | float, pixel_threshold: str | float) -> None:
+    """Refuse (one-line PNIError naming the flag) a map or threshold choice :class:`Predictor`
+    cannot use, before the bundle is loaded."""
+    if map_name not in MAP_NAMES:
+        raise PNIError(f"--map must be one of {', '.join(MAP_NAMES)}, got {map_name!r}")
+    threshold_choice("image", image_threshold)
+    threshold_choice("pixel", pixel_threshold)
+
+
 class Predictor:
     """A loaded bundle ready to predict: see :func:`load_model`."""
 
     def __init__(self, model: PNIModel, manifest: dict[str, Any], map_name: str = "nb_coor",
                  image_threshold: str | float = "fpr", pixel_threshold: str | float = "fpr",
                  device: str | torch.device = "cpu", path: str | os.PathLike | None = None) -> None:
-        if map_name not in MAP_NAMES:
-            raise PNIError(f"--map must be one of {', '.join(MAP_NAMES)}, got {map_name!r}")
+        check_choices(map_name, image_threshold, pixel_threshold)
         self.model = model
         self.manifest = manifest
         self.path = path
@@ -153,11 +178,7 @@ class Predictor:
         """The ``level`` ("image"/"pixel") threshold of ``map_name``: ``fpr``, ``best_f1`` or a
         raw score (which applies to the chosen map; the others keep their ``fpr`` one)."""
         flag = f"--{level}_threshold"
-        if isinstance(choice, str) and choice not in THRESHOLD_KEYS[level]:
-            try:
-                choice = float(choice)
-            except ValueError:
-                raise PNIError(f"{flag} must be fpr, best_f1 or a number, got {choice!r}") from None
+        choice = threshold_choice(level, choice)
         if not isinstance(choice, str):
             if map_name == self.map_name:
                 return float(choice)
@@ -235,6 +256,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", map
     """
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_choices(map_name, image_threshold, pixel_threshold)
     model, manifest = load_bundle(path, backbone_weights)
     return Predictor(model.to(device), manifest, map_name, image_threshold, pixel_threshold, device, path)
 
@@ -268,16 +290,35 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
-    """A distinct file-name-safe name per input: its stem, or for stems that occur more than
-    once its path below the common folder of those inputs, ``/`` written ``__``."""
+    """A distinct file-name-safe name per input, the same for the same inputs: its stem, or for
+    stems that occur more than once its path below the common folder of those inputs, ``/``
+    written ``__``. A name whose output files (``<name>.jpg``, ``<name>.png``,
+    ``<name>_<map>.npy``; letter case ignored) another input's already have gets ``_<ext>``
+    (the input's extension), then ``_2``, ``_3``..."""
     stems = [p.stem for p in paths]
-    counts = {s: stems.count(s) for s in stems}
+    counts = Counter(stems)
     repeated = [p.resolve() for p, s in zip(paths, stems) if counts[s] > 1]
-    if not repeated:
-        return stems
-    common = Path(os.path.commonpath([str(p.parent) for p in repeated]))
-    return [s if counts[s] == 1 else "__".join(p.resolve().with_suffix("").relative_to(common).parts)
-            for s, p in zip(stems, paths)]
+    if repeated:
+        common = Path(os.path.commonpath([str(p.parent) for p in repeated]))
+        stems = [s if counts[s] == 1 else "__".join(p.resolve().with_suffix("").relative_to(common).parts)
+                 for s, p in zip(stems, paths)]
+    taken: set[str] = set()
+    names = []
+    for path, stem in zip(paths, stems):
+        extension = path.suffix.lstrip(".")
+        candidates = itertools.chain([stem], [f"{stem}_{extension}"] if extension else [],
+                                     (f"{stem}_{k}" for k in itertools.count(2)))
+        name = next(c for c in candidates if not _output_files(c) & taken)
+        taken |= _output_files(name)
+        names.append(name)
+    return names
+
+
+def _output_files(name: str) -> set[str]:
+    """The files :class:`PredictionWriter` writes for ``name`` (case-folded, for file systems
+    that ignore case)."""
+    return {n.casefold() for n in (f"overlays/{name}.jpg", f"masks/{name}.png",
+                                   *(f"maps/{name}_{m}.npy" for m in MAP_NAMES))}
 
 
 class InputImages(Dataset):
@@ -386,6 +427,8 @@ def predict_files(args) -> int:
     from pni.console import Progress
     from pni.pipeline import _batch_size, _probe, _trainer
 
+    check_choices(args.map, args.image_threshold, args.pixel_threshold)
+    check_output_dir(args.output, "--output")
     paths, missing = expand_inputs(args.input)
     if not paths and not missing:
         raise PNIError("--input: no image given")

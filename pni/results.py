@@ -15,9 +15,9 @@ import numpy as np
 from pni.cli import warn
 from pni.io import append_csv_rows, check_csv_header, load_npy, save_npy, write_csv
 from pni.metrics import image_auroc, pixel_auroc
+from pni.maps import MAP_NAMES
 from pni.viz import jet, save_jpeg
 
-MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 SETTING_COLUMNS: tuple[str, ...] = (
     "category", "backbone", "version", "seed", "imagesize", "subsampling_percentage", "anomaly_nn",
     "dist_coreset_size", "dist_padding", "num_layers", "variant", "mask_workers",

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pni.errors import PNIError
+from pni.maps import MAP_NAMES
 
-MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")
 VARIANTS: tuple[str, ...] = ("original", "paper")
 
 

@@ -521,3 +521,131 @@ def test_test_folder_without_ground_truth_gives_image_level_results(run, tmp_pat
     for m in MAPS:
         assert row[f"{m}_P-AUROC"] == ""
         assert row[f"{m}_I-AUROC"] == reference[f"{m}_I-AUROC"]
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def dead_owner() -> str:
+    """An owner tag (pni.io.owner_tag) of a process of this host that has ended."""
+    from pni.io import owner_tag
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{owner_tag().split('~')[0]}~{proc.pid}"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_keeps_a_folder_with_a_foreign_manifest(run, tmp_path, capsys):
+    """A folder that merely holds some manifest.json is not a bundle: refused, left byte for byte."""
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "someone else\'s project", "version": 3}\n')
+    (foreign / "notes.txt").write_bytes(b"keep me\n")
+    before = snapshot(foreign)
+    one_error(export_model.main(run.argv("--output", str(foreign))), capsys, str(foreign),
+              "not a PNI model bundle")
+    assert snapshot(foreign) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("where", ["foreign", "under_a_file", "a_file"])
+def test_export_checks_its_output_before_scoring(run, tmp_path, capsys, monkeypatch, where):
+    import pni.export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration images scored before --output was checked")
+
+    monkeypatch.setattr(pni.export, "score_calibration", refuse)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("{}")
+    output = {"foreign": tmp_path / "foreign", "under_a_file": tmp_path / "file" / "bundle",
+              "a_file": tmp_path / "file"}[where]
+    one_error(export_model.main(run.argv("--output", str(output))), capsys, "--output")
+
+
+def test_export_replaces_its_bundle_and_removes_temporary_folders_of_killed_exports(run, tmp_path):
+    from pni.io import owner_tag
+
+    bundle = tmp_path / "b"
+    shutil.copytree(run.bundle, bundle)
+    dead = dead_owner()
+    stale = [tmp_path / f".b.partial-{dead}-x1", tmp_path / f".b.old-{dead}-x2"]
+    live = tmp_path / f".b.partial-{owner_tag()}-x3"  # a running export's (this process)
+    for folder in stale + [live]:
+        folder.mkdir()
+        (folder / "arrays.safetensors").write_bytes(b"partial")
+    assert export_model.main(run.argv("--output", str(bundle), "--calibration_dir", str(run.calibration))) == 0
+    assert not any(p.exists() for p in stale) and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "b"]
+    assert json.loads((bundle / "manifest.json").read_text())["format"] == "pni-bundle"
+
+
+def test_bundle_left_hidden_by_a_killed_export_is_named(run, tmp_path, capsys):
+    """Killed between its two renames, an export leaves the previous bundle only in a hidden
+    folder: the next export refuses to go on without it, and predict names it."""
+    hidden = tmp_path / f".b.old-{dead_owner()}-x1" / "b"
+    shutil.copytree(run.bundle, hidden)
+    bundle = tmp_path / "b"
+    one_error(export_model.main(run.argv("--output", str(bundle))), capsys, str(hidden), "move")
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "not found", str(hidden))
+    assert snapshot(hidden) == snapshot(run.bundle) and not bundle.exists()
+
+
+def test_colliding_input_names_get_their_own_files_and_rows(run, tmp_path):
+    """a.png and a.jpg, x/a.png and y/a.png next to x__a.png, and a_nb.png (whose a_nb_coor.npy
+    is also a's nb_coor map): every input its own overlay, mask, maps and CSV row."""
+    inputs = tmp_path / "in"
+    (inputs / "x").mkdir(parents=True)
+    (inputs / "y").mkdir()
+    sources = sorted((run.ds / "texture" / "test").rglob("*.png"))
+    targets = [inputs / "a.png", inputs / "a.jpg", inputs / "x" / "a.png", inputs / "y" / "a.png",
+               inputs / "x__a.png", inputs / "a_nb.png"]
+    for source, target in zip(sources, targets):
+        Image.open(source).convert("RGB").save(target)
+    out = tmp_path / "out"
+    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(out),
+                             "--save_maps", "--accelerator", "cpu"]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert sorted(r["path"] for r in rows) == sorted(str(t) for t in targets)
+    names = [r["name"] for r in rows]
+    assert len(set(n.casefold() for n in names)) == len(targets)
+    assert sorted(p.stem for p in (out / "overlays").iterdir()) == sorted(names)
+    assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(f"{n}_{m}.npy" for n in names for m in MAPS)
+    again = tmp_path / "again"
+    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(again),
+                             "--accelerator", "cpu"]) == 0
+    assert [r["name"] for r in read_csv(again / "predictions.csv")] == names  # deterministic
+
+
+@pytest.mark.parametrize("flag", ["--image_threshold", "--pixel_threshold"])
+@pytest.mark.parametrize("value", ["0", "-1.5", "nan", "inf"])
+def test_threshold_flags_must_be_positive_finite_scores(run, tmp_path, capsys, flag, value):
+    one_error(predict_cli.main(predict_argv(run.bundle, run, tmp_path, f"{flag}={value}")), capsys, flag, value)
+    assert not (tmp_path / "out").exists()
+    import pni
+    from pni.errors import PNIError
+
+    with pytest.raises(PNIError, match=flag):
+        pni.load_model(run.bundle, "cpu", **{flag[2:]: float(value)})
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m.update(backbone_weights=None), '"backbone_weights"'),
+    (lambda m: m["backbone_weights"].update(sha256=12), '"backbone_weights"'),
+    (lambda m: m["thresholds"]["nb_coor"]["image"].pop("value"), '"nb_coor" -> "image"'),
+    (lambda m: m["thresholds"]["coor"]["pixel"].update(value="high"), '"coor" -> "pixel"'),
+    (lambda m: m["thresholds"]["nb"]["image_best_f1"].update(value=0), '"nb" -> "image_best_f1"'),
+    (lambda m: m["thresholds"]["nb_coor"]["heatmap"].pop("low"), '"nb_coor" -> "heatmap"'),
+])
+def test_hand_edited_manifest_is_refused_naming_the_key(copy_bundle, run, tmp_path, capsys, edit, fragment):
+    bundle = copy_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "manifest.json"), fragment)
