@@ -25,7 +25,7 @@ from pni.data.transforms import image_transform
 from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows
 from pni.features import PatchFeatureExtractor
 from pni.memory import rows_for, scoring_rows
-from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, interior_indices, score_batch
+from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, interior_indices, score_image
 
 ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts) if f.init)
 
@@ -139,6 +139,11 @@ class PNIModel(nn.Module):
         if images.shape[0] == 0:
             return []
         feats = self.extractor(images)
-        logits = torch.stack([self.nb_logits(grid) for grid in feats])  # windows chunked per image
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            return score_batch(feats.float(), logits.float(), self.artefacts(), self._config_on(feats.device))
+        art = self.artefacts()
+        cfg = self._config_on(feats.device)
+        out = []
+        for b in range(feats.shape[0]):
+            logits = self.nb_logits(feats[b])
+            with torch.autocast(device_type=feats.device.type, enabled=False):
+                out.append(score_image(feats[b].float(), logits.float(), art, cfg))
+        return out
