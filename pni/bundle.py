@@ -38,7 +38,7 @@ from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
 from pni.artefacts import remove_stale
-from pni.io import _umask, check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag
+from pni.io import check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag, set_default_mode
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
 
@@ -149,7 +149,7 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp (and safetensors) make them private
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
+            set_default_mode(p)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{owner_tag()}-", dir=out.parent))
             os.rename(out, old / out.name)
