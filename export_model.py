@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Export a trained PNI model as a self-contained bundle with calibrated thresholds (README,
 "Use on your own images"). Takes the flags of train_coreset_distribution.py plus --output."""
+
 from __future__ import annotations
 
 

@@ -1,7 +1,8 @@
 """Pixel-wise refinement of PNI anomaly maps (ravel folders); see ``pni.refinement``."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:

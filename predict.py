@@ -2,6 +2,7 @@
 """Predict new images with a model bundle made by export_model.py (README, "Use on your own
 images"). Exit status 0, 1 if some input could not be read (see errors.csv), 2 on bad flags
 or a bad bundle."""
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Train PNI for one category and score its test set (see README and docs/METHOD.md)."""
+
 from __future__ import annotations
 
 

@@ -8,12 +8,13 @@ Writes {i:05d}_pred.png (16-bit map), {i:05d}_gt.png (16-bit 0/65535), image{i:0
 index.csv (index,category,defect_type,stem). --is_MVTec_small (alias --is_MVtec_small) keeps
 MVTec's category order and is accepted for the original's command lines.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 try:
     import pni  # noqa: F401
@@ -29,19 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before_result_root_dir", default="./result/ensemble_result")
     p.add_argument("--after_result_root_dir", default="./result/ensemble_ravel")
     p.add_argument("--is_BTAD", action="store_true", help="BTAD categories 01 02 03")
-    p.add_argument("--is_MVTec_small", "--is_MVtec_small", dest="is_MVTec_small", action="store_true",
-                   help="the original's small MVTec version (same category order)")
+    p.add_argument(
+        "--is_MVTec_small",
+        "--is_MVtec_small",
+        dest="is_MVTec_small",
+        action="store_true",
+        help="the original's small MVTec version (same category order)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--verbose", action="store_true", help="show everything, third-party warnings included")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(args.verbose)
     if args.is_BTAD and args.is_MVTec_small:
         print("error: --is_BTAD and --is_MVTec_small exclude each other", file=sys.stderr)
         return 2
+
     def work() -> None:
         from pni.ravel import convert
 

@@ -11,17 +11,17 @@ Default: N = 1,000,000 projected points of 128 dims (float32, 0.5 GB). The full-
 stage (400 training images of 480 px: 1.44 M points, d = 350 from Johnson-Lindenstrauss at
 eps 0.9) is ``--n 1440000 --dim 350``. Last line: the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import common  # noqa: F401
-import torch
-
 import goals
-
+import torch
 from common import add_device_flag, best, gib, machine, pick_device, sync, timeit
+
 from pni.coreset import greedy_order, project_chunks
 
 
@@ -39,8 +39,12 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     # The layout project_chunks() gives the greedy search (column-major), filled in chunks.
     chunk = 1 << 18
-    points = project_chunks((torch.randn(min(chunk, args.n - s), args.dim, generator=g)
-                             for s in range(0, args.n, chunk)), args.n, None, device)
+    points = project_chunks(
+        (torch.randn(min(chunk, args.n - s), args.dim, generator=g) for s in range(0, args.n, chunk)),
+        args.n,
+        None,
+        device,
+    )
     nbytes = points.numel() * points.element_size()
     print(f"projected bank: {args.n} x {args.dim} float32 = {gib(nbytes)} on {device}")
 
@@ -48,8 +52,10 @@ def main(argv=None):
     t_sum = best(timeit(lambda: points.sum(), device, repeats=args.repeats))
     t_mv = best(timeit(lambda: points @ v, device, repeats=args.repeats))
     t_stream = min(t_sum, t_mv)
-    print(f"one pass over the bank: sum {t_sum * 1e3:.1f} ms, matvec {t_mv * 1e3:.1f} ms "
-          f"({nbytes / t_stream / 1e9:.1f} GB/s)")
+    print(
+        f"one pass over the bank: sum {t_sum * 1e3:.1f} ms, matvec {t_mv * 1e3:.1f} ms "
+        f"({nbytes / t_stream / 1e9:.1f} GB/s)"
+    )
 
     def greedy(n_select):
         sync(device)
@@ -67,8 +73,10 @@ def main(argv=None):
     t_stream = min(t_stream, best(timeit(lambda: points.sum(), device, repeats=args.repeats)))
     print(f"greedy: {t_iter * 1e3:.1f} ms per iteration (best of {len(runs)} runs of {args.iterations})")
     code = goals.check({"coreset_pass": t_iter / t_stream}, enforce=not args.no_goals)
-    print(f"coreset greedy iteration: {t_iter / t_stream:.2f}x the time of one pass over the projected bank "
-          f"(goal {goals.GOALS['coreset_pass']}x)")
+    print(
+        f"coreset greedy iteration: {t_iter / t_stream:.2f}x the time of one pass over the projected bank "
+        f"(goal {goals.GOALS['coreset_pass']}x)"
+    )
     return code
 
 

@@ -14,17 +14,18 @@ paper's size is ``--imagesize 480`` (60x60). Full-size model otherwise: E = 1024
 10 MLP layers, D = 2048 and coresets sized for 200 training images at 1%. Last line: the
 ratio.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 import common  # noqa: F401
+import goals
 import torch
+from common import add_device_flag, best, gemm_rate, machine, pick_device, sync
 from torch.utils.flop_counter import FlopCounterMode
 
-import goals
-from common import add_device_flag, best, gemm_rate, machine, pick_device, sync
 from pni.distributions import NeighbourhoodMLP
 from pni.features import build_feature_extractor
 from pni.lightning import ScoringModule
@@ -40,7 +41,7 @@ def artefacts_from_features(feats, k1, k2, dcs, pp=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows, cols, dim = feats.shape
     flat = feats.reshape(-1, dim).float().cpu()
-    inner = feats[pp:rows - pp, pp:cols - pp].reshape(-1, dim).float().cpu()
+    inner = feats[pp : rows - pp, pp : cols - pp].reshape(-1, dim).float().cpu()
     scale = 0.05 * flat.std()
 
     def draw(src, n):
@@ -50,8 +51,9 @@ def artefacts_from_features(feats, k1, k2, dcs, pp=2, seed=0):
 
     def prior(k):
         counts = torch.zeros(rows * cols, k)
-        counts.scatter_add_(1, torch.randint(0, k, (rows * cols, 24), generator=g),
-                            torch.rand(rows * cols, 24, generator=g))
+        counts.scatter_add_(
+            1, torch.randint(0, k, (rows * cols, 24), generator=g), torch.rand(rows * cols, 24, generator=g)
+        )
         return counts / counts.sum(1, keepdim=True)
 
     return ScoringArtefacts.build(emb1, emb2, emb1[:dcs].clone(), prior(k1), prior(k2), chunk_size=2048)
@@ -67,8 +69,12 @@ def main(argv=None):
     p.add_argument("--dcs", type=int, default=2048, help="distribution coreset size D")
     p.add_argument("--train_images", type=int, default=200, help="sizes the coresets (1%% of the patches)")
     p.add_argument("--images", type=int, default=2, help="timed images (after one warm-up image)")
-    p.add_argument("--precision", default="32", choices=("32", "bf16-mixed", "16-mixed"),
-                   help="autocast for the backbone and MLP (scoring stays float32); reports the map change")
+    p.add_argument(
+        "--precision",
+        default="32",
+        choices=("32", "bf16-mixed", "16-mixed"),
+        help="autocast for the backbone and MLP (scoring stays float32); reports the map change",
+    )
     p.add_argument("--no_goals", action="store_true", help="report missed goals without failing")
     add_device_flag(p)
     args = p.parse_args(argv)
@@ -87,9 +93,11 @@ def main(argv=None):
     mlp = NeighbourhoodMLP(n_win * args.dim, args.dcs, args.num_layers).eval().to(device)
     extractor.to(device)
     cfg = ScoringConfig(imagesize=args.imagesize)
-    print(f"size: {args.backbone} at {args.imagesize} px ({rows}x{cols} grid, {p_int} interior windows of "
-          f"{n_win}x{args.dim}), MLP {args.num_layers} layers -> {args.dcs}, K1={k1}, K2={k2}, device={device}, "
-          f"precision {args.precision}")
+    print(
+        f"size: {args.backbone} at {args.imagesize} px ({rows}x{cols} grid, {p_int} interior windows of "
+        f"{n_win}x{args.dim}), MLP {args.num_layers} layers -> {args.dcs}, K1={k1}, K2={k2}, device={device}, "
+        f"precision {args.precision}"
+    )
 
     outputs = []
 
@@ -147,8 +155,10 @@ def main(argv=None):
     print(f"matrix-multiply rate: {rate / 1e9:.1f} GFLOP/s (4096^3 float32 torch.mm)")
     for name, (f, t) in parts.items():
         print(f"  {name}: {f / 1e9:.1f} GFLOP, {t:.2f} s in the warm-up image (bound {f / rate:.2f} s)")
-    print(f"per image: {t_img:.2f} s (runs: {', '.join(f'{t:.2f}' for t in times)}); "
-          f"{flops / 1e9:.1f} GFLOP -> bound {bound:.2f} s")
+    print(
+        f"per image: {t_img:.2f} s (runs: {', '.join(f'{t:.2f}' for t in times)}); "
+        f"{flops / 1e9:.1f} GFLOP -> bound {bound:.2f} s"
+    )
     if args.precision != "32":
         ref = []
         for x in images[1:]:
@@ -162,8 +172,10 @@ def main(argv=None):
             outputs_mixed.append(outputs[-1])
         diff = max(float((a[m] - b[m]).abs().max()) for a, b in zip(ref, outputs_mixed) for m in MAP_NAMES)
         top = max(float(a[m].abs().max()) for a in ref for m in MAP_NAMES)
-        print(f"{args.precision}: max |map difference| against float32: {diff:.2e} ({diff / top:.1e} of the "
-              f"largest map value; keep <= 1e-3)")
+        print(
+            f"{args.precision}: max |map difference| against float32: {diff:.2e} ({diff / top:.1e} of the "
+            f"largest map value; keep <= 1e-3)"
+        )
     code = goals.check({"inference_flop_bound": t_img / bound}, enforce=not args.no_goals)
     print(f"inference per image: {t_img / bound:.2f}x the FLOP bound (goal {goals.GOALS['inference_flop_bound']}x)")
     return code

@@ -16,6 +16,7 @@ full-size stage (WR101, 400 images of 480 px: a 5.9 GB bank, memory-mapped) is
 ``-p`` and ``--dist_coreset_size`` are lowered from the paper's 0.01 / 2048 only to cut
 the greedy iterations; they do not change the memory. Last line: the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,8 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401
-import torch
-
 import goals
+import torch
 from common import gib, machine, mib, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
@@ -56,14 +56,40 @@ def child(args) -> None:
     from pni.features import build_feature_extractor
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    flags = parse_args(["--backbone", args.backbone, "--random_init", "--resize", str(args.imagesize),
-                        "--imagesize", str(args.imagesize), "-p", str(args.p),
-                        "--dist_coreset_size", str(args.dist_coreset_size), "--accelerator", args.device,
-                        "--devices", "1", "--feature_bank_dtype", args.dtype, "--category", "bench"])
+    flags = parse_args(
+        [
+            "--backbone",
+            args.backbone,
+            "--random_init",
+            "--resize",
+            str(args.imagesize),
+            "--imagesize",
+            str(args.imagesize),
+            "-p",
+            str(args.p),
+            "--dist_coreset_size",
+            str(args.dist_coreset_size),
+            "--accelerator",
+            args.device,
+            "--devices",
+            "1",
+            "--feature_bank_dtype",
+            args.dtype,
+            "--category",
+            "bench",
+        ]
+    )
     flags.ddp = False
     pipeline.IN_MEMORY_BANK_BYTES = 0 if args.bank == "memmap" else 1 << 62
-    extractor = build_feature_extractor(flags.backbone, flags.layer_index, flags.pretrain_embed_dimension,
-                                        flags.target_embed_dimension, flags.patchsize, None, True)
+    extractor = build_feature_extractor(
+        flags.backbone,
+        flags.layer_index,
+        flags.pretrain_embed_dimension,
+        flags.target_embed_dimension,
+        flags.patchsize,
+        None,
+        True,
+    )
     data = RandomImages(args.images, args.imagesize)
     with torch.no_grad():
         grid = extractor(data[0]["image"][None]).shape[1:]
@@ -80,8 +106,20 @@ def child(args) -> None:
         seconds = time.perf_counter() - t
         peak = peak_rss_bytes()
         del bank
-    print("RESULT " + json.dumps({"bank_bytes": bank_bytes, "base_rss": base, "peak_rss": peak,
-                                  "peak_reset": resettable, "seconds": seconds, "grid": list(grid)}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "bank_bytes": bank_bytes,
+                "base_rss": base,
+                "peak_rss": peak,
+                "peak_reset": resettable,
+                "seconds": seconds,
+                "grid": list(grid),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -90,8 +128,12 @@ def main(argv=None):
     p.add_argument("--imagesize", type=int, default=224)
     p.add_argument("--images", type=int, default=240, help="training images")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="--feature_bank_dtype")
-    p.add_argument("--bank", default="memory", choices=("memory", "memmap"),
-                   help="bank in RAM or memory-mapped (the pipeline memory-maps banks over 4 GiB)")
+    p.add_argument(
+        "--bank",
+        default="memory",
+        choices=("memory", "memmap"),
+        help="bank in RAM or memory-mapped (the pipeline memory-maps banks over 4 GiB)",
+    )
     p.add_argument("-p", type=float, default=0.002, help="--subsampling_percentage")
     p.add_argument("--dist_coreset_size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="--accelerator of the child")
@@ -110,20 +152,23 @@ def main(argv=None):
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"child failed with exit code {proc.returncode}")
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = json.loads(lines[-1][len("RESULT ") :])
     scale = 1 if sys.platform == "darwin" else 1024
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
     peak = r["peak_rss"] if r["peak_reset"] else maxrss
     bank, base = r["bank_bytes"], r["base_rss"]
     rows, cols, dim = r["grid"]
-    print(f"stage: {args.backbone} at {args.imagesize} px ({rows}x{cols}x{dim}), {args.images} images, "
-          f"{args.dtype} bank in {args.bank}: {gib(bank)}; {r['seconds']:.0f} s")
-    print(f"resident memory: {mib(base)} before the stage, peak {mib(peak)} during it "
-          f"(child ru_maxrss {mib(maxrss)})")
+    print(
+        f"stage: {args.backbone} at {args.imagesize} px ({rows}x{cols}x{dim}), {args.images} images, "
+        f"{args.dtype} bank in {args.bank}: {gib(bank)}; {r['seconds']:.0f} s"
+    )
+    print(f"resident memory: {mib(base)} before the stage, peak {mib(peak)} during it (child ru_maxrss {mib(maxrss)})")
     print(f"peak / bank: {peak / bank:.2f}x including the process baseline")
     code = goals.check({"memory_bank": (peak - base) / bank}, enforce=not args.no_goals)
-    print(f"coreset stage peak resident memory: {(peak - base) / bank:.2f}x the feature bank "
-          f"(above the process baseline; goal {goals.GOALS['memory_bank']}x)")
+    print(
+        f"coreset stage peak resident memory: {(peak - base) / bank:.2f}x the feature bank "
+        f"(above the process baseline; goal {goals.GOALS['memory_bank']}x)"
+    )
     return code
 
 

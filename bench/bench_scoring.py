@@ -24,6 +24,7 @@ patchsize 5), E = 1,024; 1% of MVTec AD bottle's 209 training images gives K1 = 
 interior entries (209 x 56 x 56 / 100) and K2 = 7,524 with edge (209 x 60 x 60 / 100);
 D = 2,048. Last line: the ratios, ending with ``<N>x vs the original``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ from dataclasses import replace
 
 import common  # noqa: F401  (sys.path, environment)
 import faiss
+import goals
 import numpy as np
 import torch
-
-import goals
 from common import ROOT, add_device_flag, best, machine, pick_device, sync, timeit
+
 from pni.coreset import build_index, use_gpu_index
 from pni.memory import scoring_rows
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig, interior_indices, score_image
@@ -46,7 +47,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "oracles"))
 import pymp_original_masks as original  # noqa: E402  (the original's mask loops)
 import reference  # noqa: E402  (resize and blur written from the method)
-
 
 # ---------------------------------------------------------------------------------------------
 # Artefacts that look like trained ones
@@ -69,9 +69,9 @@ def make_artefacts(rows, cols, dim, k1, k2, dcs, patchsize, seed=0):
     emb1 = around(k1, 0.3)
     emb2 = around(k2, 0.3)
     dist = emb1[:dcs].clone()  # the distribution coreset is a prefix of the greedy order
-    feat = (emb1[torch.randint(0, k1, (p,), generator=g)] + 0.1 * torch.randn(p, dim, generator=g))
+    feat = emb1[torch.randint(0, k1, (p,), generator=g)] + 0.1 * torch.randn(p, dim, generator=g)
     feat = feat.clamp_min_(0.0).reshape(rows, cols, dim)
-    inner = feat[pp:rows - pp, pp:cols - pp].reshape(p_int, dim)
+    inner = feat[pp : rows - pp, pp : cols - pp].reshape(p_int, dim)
     logits = -3.0 * torch.cdist(inner, dist) / math.sqrt(dim) * 8 + torch.randn(p_int, dcs, generator=g)
 
     def prior(k):
@@ -93,8 +93,9 @@ def make_artefacts(rows, cols, dim, k1, k2, dcs, patchsize, seed=0):
 class OriginalMethod:
     """One image scored the way the published code does it (see the module docstring)."""
 
-    def __init__(self, feat: torch.Tensor, logits: torch.Tensor, art: ScoringArtefacts, cfg: ScoringConfig,
-                 device: torch.device) -> None:
+    def __init__(
+        self, feat: torch.Tensor, logits: torch.Tensor, art: ScoringArtefacts, cfg: ScoringConfig, device: torch.device
+    ) -> None:
         self.cfg = cfg
         rows, cols, dim = feat.shape
         self.shape = (rows, cols)
@@ -103,15 +104,20 @@ class OriginalMethod:
         self.feat = np.ascontiguousarray(feat.reshape(-1, dim).numpy(), dtype=np.float32)
         self.logits = logits.double().numpy()
         self.indexes = {}
-        for name, entries in (("with_edge", art.embedding_with_edge), ("without_edge", art.embedding_without_edge),
-                              ("distribution", art.distribution_coreset)):
+        for name, entries in (
+            ("with_edge", art.embedding_with_edge),
+            ("without_edge", art.embedding_without_edge),
+            ("distribution", art.distribution_coreset),
+        ):
             index = build_index(entries)
             self.indexes[name] = (use_gpu_index(index) if device.type == "cuda" else index, index.ntotal)
         self.m = art.embedding_to_distribution.numpy()
         self.prior1_interior = art.position_prior.double().numpy()[self.inner]
         self.prior2 = art.position_prior_with_edge.double().numpy()
-        self.config = {k: getattr(cfg, k) for k in ("prob_gamma", "softmax_temperature_alpha", "softmax_nb_gamma",
-                                                    "softmax_coor_gamma")}
+        self.config = {
+            k: getattr(cfg, k)
+            for k in ("prob_gamma", "softmax_temperature_alpha", "softmax_nb_gamma", "softmax_coor_gamma")
+        }
 
     def search(self, name: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Euclidean distances and ids of every entry, ascending (faiss gives squared ones)."""
@@ -123,18 +129,23 @@ class OriginalMethod:
         """The four full-size maps (and ``image_patchcore``)."""
         cfg = self.cfg
         x = np.ascontiguousarray(self.feat[self.inner])
-        searches = {"with_edge": self.search("with_edge", self.feat),
-                    "without_edge": self.search("without_edge", x),
-                    "distribution": self.search("distribution", x)[1]}
-        coor, nb, pos = original.original_scores(searches, self.logits, self.m, self.prior1_interior, self.prior2,
-                                                 self.config, 1, original.Serial)
+        searches = {
+            "with_edge": self.search("with_edge", self.feat),
+            "without_edge": self.search("without_edge", x),
+            "distribution": self.search("distribution", x)[1],
+        }
+        coor, nb, pos = original.original_scores(
+            searches, self.logits, self.m, self.prior1_interior, self.prior2, self.config, 1, original.Serial
+        )
         d2 = searches["with_edge"][0]
         rows, cols = self.shape
         r_int, c_int = rows - 2 * self.pp, cols - 2 * self.pp
-        coarse = {"nb": np.pad(nb.reshape(r_int, c_int), self.pp, mode="edge"),
-                  "coor": coor.reshape(rows, cols),
-                  "patchcore": d2[:, 0].reshape(rows, cols),
-                  "nb_coor": np.pad((0.5 * (nb + pos)).reshape(r_int, c_int), self.pp, mode="edge")}
+        coarse = {
+            "nb": np.pad(nb.reshape(r_int, c_int), self.pp, mode="edge"),
+            "coor": coor.reshape(rows, cols),
+            "patchcore": d2[:, 0].reshape(rows, cols),
+            "nb_coor": np.pad((0.5 * (nb + pos)).reshape(r_int, c_int), self.pp, mode="edge"),
+        }
         return reference.full_size_maps(coarse, cfg.imagesize, cfg.blursigma)
 
 
@@ -160,8 +171,10 @@ def main(argv=None):
     pp = (args.patchsize - 1) // 2
     rows, cols = args.rows, args.cols
     n_pos, n_int = rows * cols, (rows - 2 * pp) * (cols - 2 * pp)
-    print(f"size: {rows}x{cols} grid ({n_int} interior), E={args.dim}, K1={args.k1}, K2={args.k2}, D={args.dcs}, "
-          f"device={device}, {torch.get_num_threads()} threads")
+    print(
+        f"size: {rows}x{cols} grid ({n_int} interior), E={args.dim}, K1={args.k1}, K2={args.k2}, D={args.dcs}, "
+        f"device={device}, {torch.get_num_threads()} threads"
+    )
 
     feat, logits, art = make_artefacts(rows, cols, args.dim, args.k1, args.k2, args.dcs, args.patchsize)
     # the rows at a time that the pipeline would take on this device (pni.pipeline.run_test)
@@ -183,8 +196,11 @@ def main(argv=None):
     x_all = feat_d.reshape(n_pos, args.dim)
     x_int = x_all[interior_indices(rows, cols, pp, device)]
 
-    pairs = [(x_all, art_d.embedding_with_edge), (x_int, art_d.embedding_without_edge),
-             (x_int, art_d.distribution_coreset)]
+    pairs = [
+        (x_all, art_d.embedding_with_edge),
+        (x_int, art_d.embedding_without_edge),
+        (x_int, art_d.distribution_coreset),
+    ]
     outputs = [x.new_empty(len(x), len(y)) for x, y in pairs]  # allocated once: arithmetic only
 
     def products():  # the distance products alone
@@ -204,20 +220,32 @@ def main(argv=None):
     serial = score_image(feat_d, logits_d, art_d, replace(cfg, mask_workers=1))
     diff = {m: float(np.abs(serial.maps[m].double().cpu().numpy() - ported["maps"][m]).max()) for m in MAP_NAMES}
     worst = max(diff.values())
-    print(f"ours ({cfg.variant}, mask_workers {cfg.mask_workers}, {chunk} rows at a time): {t_ours:.3f} s per image "
-          f"(best of {args.repeats})")
-    print(f"the original's method (faiss k = all, mask loops, serial): {t_port:.2f} s per image "
-          f"(best of {args.repeats})")
-    print(f"FLOP bound: {flops / 1e9:.1f} GFLOP of distance products, {bound:.3f} s as plain matrix products "
-          f"({flops / bound / 1e9:.0f} GFLOP/s; best of {args.repeats})")
-    print("map differences, ours (mask_workers 1) vs the original's method: "
-          + ", ".join(f"{m} {v:.1e}" for m, v in diff.items()))
-    values = {"scoring_flop_bound": t_ours / bound, "scoring_map_difference": worst,
-              "scoring_vs_original": t_port / t_ours}
+    print(
+        f"ours ({cfg.variant}, mask_workers {cfg.mask_workers}, {chunk} rows at a time): {t_ours:.3f} s per image "
+        f"(best of {args.repeats})"
+    )
+    print(
+        f"the original's method (faiss k = all, mask loops, serial): {t_port:.2f} s per image (best of {args.repeats})"
+    )
+    print(
+        f"FLOP bound: {flops / 1e9:.1f} GFLOP of distance products, {bound:.3f} s as plain matrix products "
+        f"({flops / bound / 1e9:.0f} GFLOP/s; best of {args.repeats})"
+    )
+    print(
+        "map differences, ours (mask_workers 1) vs the original's method: "
+        + ", ".join(f"{m} {v:.1e}" for m, v in diff.items())
+    )
+    values = {
+        "scoring_flop_bound": t_ours / bound,
+        "scoring_map_difference": worst,
+        "scoring_vs_original": t_port / t_ours,
+    }
     code = goals.check(values, enforce=not args.no_goals)
-    print(f"scoring per image: {t_ours / bound:.2f}x the FLOP bound (goal "
-          f"{goals.GOALS['scoring_flop_bound']}x), maps within {worst:.1e} of the original's method; "
-          f"{t_port / t_ours:.0f}x vs the original (goal {goals.GOALS['scoring_vs_original']}x)")
+    print(
+        f"scoring per image: {t_ours / bound:.2f}x the FLOP bound (goal "
+        f"{goals.GOALS['scoring_flop_bound']}x), maps within {worst:.1e} of the original's method; "
+        f"{t_port / t_ours:.0f}x vs the original (goal {goals.GOALS['scoring_vs_original']}x)"
+    )
     return code
 
 

@@ -3,6 +3,7 @@
 Every benchmark measures the two sides of its ratio in the same run (absolute times vary
 a lot between runs on shared machines) and prints the ratio as its last line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def total_memory_gib() -> float:
 
 def machine(device: torch.device | None = None) -> str:
     """One line naming the machine the numbers come from."""
-    text = (f"{cpu_model()}, {os.cpu_count()} cores, {total_memory_gib():.0f} GiB RAM, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    text = (
+        f"{cpu_model()}, {os.cpu_count()} cores, {total_memory_gib():.0f} GiB RAM, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
     if device is not None and device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name(device)}"
     return text
@@ -99,7 +102,7 @@ def gemm_rate(device: torch.device, n: int = 4096, repeats: int = 3, dtype: torc
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     t = best(timeit(lambda: a @ b, device, repeats=repeats, warmup=1))
-    return 2.0 * n ** 3 / t
+    return 2.0 * n**3 / t
 
 
 def _status_kib(field: str) -> int | None:

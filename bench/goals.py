@@ -5,11 +5,12 @@ goal it misses and returns the exit code: ``make bench`` (``bench/run_all.py``) 
 any benchmark misses a goal, so a regression is seen. ``--no_goals`` (used by ``--quick``
 and the smoke tests, whose tiny sizes say nothing) reports without failing.
 """
+
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,13 @@ class Goal:
 
 GOALS: dict[str, Goal] = {
     # bench_scoring.py: one 60x60 image at the paper's coreset sizes, on 2 CPU cores
-    "scoring_vs_original": Goal(">=", 15.0, "speed-up over the original's method (faiss k = all, mask loops)",
-                                "x vs the original"),
-    "scoring_flop_bound": Goal("<=", 1.5, "scoring time over the FLOP bound of its distance products",
-                               "x the FLOP bound"),
-    "scoring_map_difference": Goal("<=", 1e-4, "largest map difference from the original's method",
-                                   " map difference"),
+    "scoring_vs_original": Goal(
+        ">=", 15.0, "speed-up over the original's method (faiss k = all, mask loops)", "x vs the original"
+    ),
+    "scoring_flop_bound": Goal(
+        "<=", 1.5, "scoring time over the FLOP bound of its distance products", "x the FLOP bound"
+    ),
+    "scoring_map_difference": Goal("<=", 1e-4, "largest map difference from the original's method", " map difference"),
     # bench_coreset.py
     "coreset_pass": Goal("<=", 3.0, "greedy iteration over one pass over the projected bank", "x one pass"),
     # bench_inference.py
@@ -59,6 +61,5 @@ def check(values: Mapping[str, float], enforce: bool = True) -> int:
     missed = [name for name, value in values.items() if not GOALS[name].met(value)]
     for name in missed:
         goal = GOALS[name]
-        print(f"goal missed: {goal.what} is {values[name]:.3g}, goal {goal}"
-              + ("" if enforce else " (not enforced)"))
+        print(f"goal missed: {goal.what} is {values[name]:.3g}, goal {goal}" + ("" if enforce else " (not enforced)"))
     return 1 if missed and enforce else 0

@@ -11,6 +11,7 @@ enforcing the goals (a smoke test: the figures mean nothing). Default sizes take
 A new benchmark: a ``bench_<name>.py`` that ends with its figure and ``goals.check``, a line
 in ``BENCHES`` below, its goals in ``goals.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,20 +36,62 @@ class Bench(NamedTuple):
 
 
 BENCHES: dict[str, Bench] = {
-    "scoring": Bench("bench_scoring.py", ["--rows", "12", "--cols", "12", "--dim", "32", "--k1", "200", "--k2", "200",
-                                          "--dcs", "64", "--repeats", "1"], "scoring"),
-    "coreset": Bench("bench_coreset.py", ["--n", "20000", "--dim", "16", "--iterations", "5", "--repeats", "2"],
-                     "coreset"),
-    "inference": Bench("bench_inference.py", ["--backbone", "R18", "--imagesize", "64", "--dim", "64", "--num_layers",
-                                              "3", "--dcs", "64", "--dist_padding", "2", "--images", "1"], "inference"),
-    "memory": Bench("bench_memory.py", ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p",
-                                        "0.05"], "memory", takes_device=False),
-    "predict": Bench("bench_predict.py", ["--image_size", "64", "--train", "4", "--small", "1", "--large", "2",
-                                          "--memory", "2", "6", "--train_flags",
-                                          "--backbone R18 --random_init --resize 64 --imagesize 64 "
-                                          "--pretrain_embed_dimension 48 --target_embed_dimension 32 -p 0.25 "
-                                          "--dist_coreset_size 16 --dist_padding 2 --num_layers 3 --num_epochs 1 "
-                                          "--step_size 1 --dist_batchsize 64 --blursigma 1"], "predict"),
+    "scoring": Bench(
+        "bench_scoring.py",
+        ["--rows", "12", "--cols", "12", "--dim", "32", "--k1", "200", "--k2", "200", "--dcs", "64", "--repeats", "1"],
+        "scoring",
+    ),
+    "coreset": Bench(
+        "bench_coreset.py", ["--n", "20000", "--dim", "16", "--iterations", "5", "--repeats", "2"], "coreset"
+    ),
+    "inference": Bench(
+        "bench_inference.py",
+        [
+            "--backbone",
+            "R18",
+            "--imagesize",
+            "64",
+            "--dim",
+            "64",
+            "--num_layers",
+            "3",
+            "--dcs",
+            "64",
+            "--dist_padding",
+            "2",
+            "--images",
+            "1",
+        ],
+        "inference",
+    ),
+    "memory": Bench(
+        "bench_memory.py",
+        ["--images", "6", "--imagesize", "64", "--dist_coreset_size", "16", "-p", "0.05"],
+        "memory",
+        takes_device=False,
+    ),
+    "predict": Bench(
+        "bench_predict.py",
+        [
+            "--image_size",
+            "64",
+            "--train",
+            "4",
+            "--small",
+            "1",
+            "--large",
+            "2",
+            "--memory",
+            "2",
+            "6",
+            "--train_flags",
+            "--backbone R18 --random_init --resize 64 --imagesize 64 "
+            "--pretrain_embed_dimension 48 --target_embed_dimension 32 -p 0.25 "
+            "--dist_coreset_size 16 --dist_padding 2 --num_layers 3 --num_epochs 1 "
+            "--step_size 1 --dist_batchsize 64 --blursigma 1",
+        ],
+        "predict",
+    ),
 }
 
 
@@ -68,8 +111,14 @@ def run_one(name: str, extra: list[str], quick: bool) -> dict:
     figure = lines[-1] if lines else ""
     if proc.returncode != 0:
         figure = f"GOAL MISSED: {figure}" if missed and figure else f"FAILED ({proc.returncode})"
-    return {"bench": name, "figure": figure, "goal": goals.describe(bench.goals), "seconds": seconds,
-            "machine": machine, "ok": proc.returncode == 0}
+    return {
+        "bench": name,
+        "figure": figure,
+        "goal": goals.describe(bench.goals),
+        "seconds": seconds,
+        "machine": machine,
+        "ok": proc.returncode == 0,
+    }
 
 
 def main(argv=None) -> int:

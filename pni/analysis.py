@@ -13,12 +13,13 @@ Pictures outline the pixels at or above the same threshold ``t``, in map units.
 Category borders come from ``index.csv``; only folders without it fall back to the
 original's hard-coded MVTec / BTAD test-set sizes (with a warning).
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -27,36 +28,61 @@ from pni.cli import nan_on_error, warn
 from pni.console import print_table
 from pni.errors import PNIError
 from pni.io import write_csv
+from pni.ravel import (
+    BTAD_CATEGORIES,
+    MVTEC_CATEGORIES,
+    Entry,
+    gt_path,
+    image_path,
+    pred_path,
+    read_index,
+    read_png16,
+    read_rgb,
+)
 from pni.results import render_table
-from pni.ravel import (BTAD_CATEGORIES, MVTEC_CATEGORIES, Entry, gt_path, image_path,
-                       pred_path, read_index, read_png16, read_rgb)
 
 MVTEC_TEST_COUNTS: dict[str, int] = {
-    "bottle": 83, "cable": 150, "capsule": 132, "carpet": 117, "grid": 78, "hazelnut": 110,
-    "leather": 124, "metal_nut": 115, "pill": 167, "screw": 160, "tile": 117, "toothbrush": 42,
-    "transistor": 100, "wood": 79, "zipper": 151,
+    "bottle": 83,
+    "cable": 150,
+    "capsule": 132,
+    "carpet": 117,
+    "grid": 78,
+    "hazelnut": 110,
+    "leather": 124,
+    "metal_nut": 115,
+    "pill": 167,
+    "screw": 160,
+    "tile": 117,
+    "toothbrush": 42,
+    "transistor": 100,
+    "wood": 79,
+    "zipper": 151,
 }
 BTAD_TEST_COUNTS: dict[str, int] = {"01": 70, "02": 230, "03": 441}
 CODE_SCALE = 65535.0
 SCORE_CSV = "score_result.csv"
 MISCLASSIFIED_CSV = "misclassified_sample_list.csv"
-MISCLASSIFIED_COLUMNS: tuple[str, ...] = ("category", "index", "defect_type", "stem", "kind",
-                                          "score", "threshold")
+MISCLASSIFIED_COLUMNS: tuple[str, ...] = ("category", "index", "defect_type", "stem", "kind", "score", "threshold")
 PRO_COLUMNS: tuple[str, ...] = ("AUPRO_MVTec", "AUPRO_PNI")
 THRESHOLD_COLUMNS: tuple[str, ...] = ("pixel_threshold", "image_threshold")
 
 
 def score_columns(calc_pro: bool) -> tuple[str, ...]:
     """Columns of ``score_result.csv``."""
-    return (("category", "num_images", "I-AUROC", "P-AUROC") + (PRO_COLUMNS if calc_pro else ())
-            + ("pixel_threshold", "pixel_F1", "image_threshold", "image_F1"))
+    return (
+        ("category", "num_images", "I-AUROC", "P-AUROC")
+        + (PRO_COLUMNS if calc_pro else ())
+        + ("pixel_threshold", "pixel_F1", "image_threshold", "image_F1")
+    )
 
 
 def fallback_entries(root: Path, is_btad: bool, is_mvtec_small: bool) -> list[Entry]:
     """Category borders from the original's hard-coded test-set sizes (no ``index.csv``)."""
     if is_mvtec_small:
-        raise PNIError(f"{root / 'index.csv'} is missing and the MVTec-small category sizes are "
-                       "not known; re-run convert_result_format.py to write it")
+        raise PNIError(
+            f"{root / 'index.csv'} is missing and the MVTec-small category sizes are "
+            "not known; re-run convert_result_format.py to write it"
+        )
     n = sum(1 for p in root.glob("*_pred.png") if re.fullmatch(r"\d{5}_pred\.png", p.name))
     if n == 0:
         raise PNIError(f"no {{i:05d}}_pred.png files in {root}")
@@ -68,10 +94,14 @@ def fallback_entries(root: Path, is_btad: bool, is_mvtec_small: bool) -> list[En
             break
         entries += [Entry(len(entries) + j, cat, "", f"{len(entries) + j:05d}") for j in range(counts[cat])]
     if len(entries) != n:
-        raise PNIError(f"{root} holds {n} predictions and no index.csv; that count does not end at a "
-                       f"{'BTAD' if is_btad else 'MVTec'} category border, so categories cannot be told apart")
-    warn(f"{root / 'index.csv'} missing: using the original's hard-coded "
-         f"{'BTAD' if is_btad else 'MVTec'} test-set sizes for category borders")
+        raise PNIError(
+            f"{root} holds {n} predictions and no index.csv; that count does not end at a "
+            f"{'BTAD' if is_btad else 'MVTec'} category border, so categories cannot be told apart"
+        )
+    warn(
+        f"{root / 'index.csv'} missing: using the original's hard-coded "
+        f"{'BTAD' if is_btad else 'MVTec'} test-set sizes for category borders"
+    )
     return entries
 
 
@@ -92,8 +122,11 @@ def check_files(root: Path, entries: Sequence[Entry], visualize: bool = False) -
         paths = (pred_path(root, e.index), gt_path(root, e.index)) + ((image_path(root, e.index),) if visualize else ())
         for p in paths:
             if not p.is_file():
-                raise PNIError(f"missing ravel file {p} ({e.category} {e.defect_type}/{e.stem} in "
-                               f"{root / 'index.csv'})" if e.stem and e.defect_type else f"missing ravel file {p}")
+                raise PNIError(
+                    f"missing ravel file {p} ({e.category} {e.defect_type}/{e.stem} in {root / 'index.csv'})"
+                    if e.stem and e.defect_type
+                    else f"missing ravel file {p}"
+                )
 
 
 def group_by_category(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
@@ -117,11 +150,15 @@ def load_category(root: Path, entries: Sequence[Entry]) -> tuple[np.ndarray, np.
         codes.append(read_png16(pred_path(root, e.index)))
         masks.append(read_png16(gt_path(root, e.index)) > 0)
         if codes[-1].shape != masks[-1].shape:
-            raise PNIError(f"{gt_path(root, e.index)} is {_size(masks[-1])} but its map {pred_path(root, e.index)} "
-                           f"is {_size(codes[-1])}")
+            raise PNIError(
+                f"{gt_path(root, e.index)} is {_size(masks[-1])} but its map {pred_path(root, e.index)} "
+                f"is {_size(codes[-1])}"
+            )
         if codes[-1].shape != codes[0].shape:
-            raise PNIError(f"{pred_path(root, e.index)} is {_size(codes[-1])} but the category's first map "
-                           f"{pred_path(root, entries[0].index)} is {_size(codes[0])}")
+            raise PNIError(
+                f"{pred_path(root, e.index)} is {_size(codes[-1])} but the category's first map "
+                f"{pred_path(root, entries[0].index)} is {_size(codes[0])}"
+            )
     return np.stack(codes), np.stack(masks)
 
 
@@ -134,9 +171,14 @@ def normalised_threshold(threshold: float, codes: np.ndarray) -> float:
     return (float(threshold) - lo) / (hi - lo)
 
 
-def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_pro: bool = False,
-                     max_steps: int = 2000, visualize: bool = False
-                     ) -> tuple[dict[str, object], list[list[object]]]:
+def analyse_category(
+    root: Path,
+    category: str,
+    entries: Sequence[Entry],
+    calc_pro: bool = False,
+    max_steps: int = 2000,
+    visualize: bool = False,
+) -> tuple[dict[str, object], list[list[object]]]:
     """Metrics of one category (and its pictures); returns the row and misclassified images."""
     codes, masks = load_category(root, entries)
     labels = masks.reshape(len(masks), -1).any(axis=1)
@@ -152,10 +194,18 @@ def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_p
     row["P-AUROC"] = nan_on_error(metrics.auroc_from_sweep, pix_sw, what=f"{category} P-AUROC")
     pix_thr, pix_f1 = metrics.best_f1_from_sweep(pix_sw) if pix_sw.n_pos else (float("nan"), float("nan"))
     if calc_pro:
-        row["AUPRO_MVTec"] = nan_on_error(metrics.aupro_from_sweep, pix_sw, what=f"{category} AUPRO_MVTec") \
-            if need_regions else float("nan")
-        row["AUPRO_PNI"] = nan_on_error(metrics.aupro_pni, masks, codes / CODE_SCALE, max_steps, 0.3, regions,
-                                 what=f"{category} AUPRO_PNI") if need_regions else float("nan")
+        row["AUPRO_MVTec"] = (
+            nan_on_error(metrics.aupro_from_sweep, pix_sw, what=f"{category} AUPRO_MVTec")
+            if need_regions
+            else float("nan")
+        )
+        row["AUPRO_PNI"] = (
+            nan_on_error(
+                metrics.aupro_pni, masks, codes / CODE_SCALE, max_steps, 0.3, regions, what=f"{category} AUPRO_PNI"
+            )
+            if need_regions
+            else float("nan")
+        )
     row["pixel_threshold"] = normalised_threshold(pix_thr, codes)
     row["pixel_F1"] = pix_f1
     row["image_threshold"] = img_thr / CODE_SCALE
@@ -166,16 +216,33 @@ def analyse_category(root: Path, category: str, entries: Sequence[Entry], calc_p
         predicted = img_codes >= img_thr
         for j in np.flatnonzero(predicted != labels):
             e = entries[j]
-            misclassified.append([category, e.index, e.defect_type, e.stem, "FP" if predicted[j] else "FN",
-                                  f"{img_codes[j] / CODE_SCALE:.6f}", f"{img_thr / CODE_SCALE:.6f}"])
+            misclassified.append(
+                [
+                    category,
+                    e.index,
+                    e.defect_type,
+                    e.stem,
+                    "FP" if predicted[j] else "FN",
+                    f"{img_codes[j] / CODE_SCALE:.6f}",
+                    f"{img_thr / CODE_SCALE:.6f}",
+                ]
+            )
     if visualize:
         _visualize_category(root, category, entries, codes, masks, pix_thr, pix_sw, img_sw, row)
     return row, misclassified
 
 
-def _visualize_category(root: Path, category: str, entries: Sequence[Entry], codes: np.ndarray,
-                        masks: np.ndarray, pix_thr: float, pix_sw: metrics.Sweep,
-                        img_sw: metrics.Sweep, row: dict[str, object]) -> None:
+def _visualize_category(
+    root: Path,
+    category: str,
+    entries: Sequence[Entry],
+    codes: np.ndarray,
+    masks: np.ndarray,
+    pix_thr: float,
+    pix_sw: metrics.Sweep,
+    img_sw: metrics.Sweep,
+    row: dict[str, object],
+) -> None:
     out = root / "viz" / category
     for e, code, mask in zip(entries, codes, masks):
         i = f"{e.index:05d}"
@@ -184,8 +251,10 @@ def _visualize_category(root: Path, category: str, entries: Sequence[Entry], cod
             raise PNIError(f"missing ravel file {ipath}")
         image = read_rgb(ipath)
         if image.shape[:2] != code.shape:
-            raise PNIError(f"{ipath}: image size {image.shape[:2]} differs from its map "
-                           f"{pred_path(root, e.index)} {code.shape}; cannot draw one on the other")
+            raise PNIError(
+                f"{ipath}: image size {image.shape[:2]} differs from its map "
+                f"{pred_path(root, e.index)} {code.shape}; cannot draw one on the other"
+            )
         amap = code / CODE_SCALE
         heat = viz.jet(amap)
         pred = code >= pix_thr  # False everywhere when the threshold is nan
@@ -194,10 +263,12 @@ def _visualize_category(root: Path, category: str, entries: Sequence[Entry], cod
         viz.save_png(out / f"{i}_amap.png", heat)
         on_img = viz.overlay(image, heat, 0.5)
         viz.save_png(out / f"{i}_amap_on_img.png", on_img)
-        viz.save_png(out / f"{i}_img_with_gt.png",
-                     viz.draw_contours(viz.tint(image, mask, viz.GREEN), mask, viz.GREEN, 1))
-        viz.save_png(out / f"{i}_img_with_mask.png",
-                     viz.draw_contours(viz.tint(image, pred, viz.RED), pred, viz.RED, 1))
+        viz.save_png(
+            out / f"{i}_img_with_gt.png", viz.draw_contours(viz.tint(image, mask, viz.GREEN), mask, viz.GREEN, 1)
+        )
+        viz.save_png(
+            out / f"{i}_img_with_mask.png", viz.draw_contours(viz.tint(image, pred, viz.RED), pred, viz.RED, 1)
+        )
         viz.save_png(out / f"{i}_heatmap_on_img_with_mask.png", viz.draw_contours(on_img, pred, viz.ORANGE, 2))
     curves = {}
     for name, sw, key in (("image", img_sw, "I-AUROC"), ("pixel", pix_sw, "P-AUROC")):
@@ -206,15 +277,21 @@ def _visualize_category(root: Path, category: str, entries: Sequence[Entry], cod
     viz.plot_roc(out / "roc_curve.png", curves, title=f"{category} ROC")
     if pix_sw.pro is not None and pix_sw.n_neg:
         fpr, pro, _ = metrics.pro_curve_from_sweep(pix_sw)
-        viz.plot_pro(out / "pro_curve.png", fpr, pro, 0.3,
-                     metrics.aupro_from_sweep(pix_sw), title=f"{category} PRO (MVTec)")
+        viz.plot_pro(
+            out / "pro_curve.png", fpr, pro, 0.3, metrics.aupro_from_sweep(pix_sw), title=f"{category} PRO (MVTec)"
+        )
     scores = codes.astype(np.float32) / CODE_SCALE
     finite = np.isfinite(pix_thr)
-    viz.plot_score_histogram(out / "score_histogram.png", scores[~masks], scores[masks],
-                             pix_thr / CODE_SCALE if finite else None,
-                             title=f"{category} pixel scores",
-                             threshold_label=(f"threshold {pix_thr / CODE_SCALE:.4f} (normalised "
-                                              f"{float(row['pixel_threshold']):.4f})") if finite else None)
+    viz.plot_score_histogram(
+        out / "score_histogram.png",
+        scores[~masks],
+        scores[masks],
+        pix_thr / CODE_SCALE if finite else None,
+        title=f"{category} pixel scores",
+        threshold_label=(f"threshold {pix_thr / CODE_SCALE:.4f} (normalised {float(row['pixel_threshold']):.4f})")
+        if finite
+        else None,
+    )
 
 
 def _fmt(value: object) -> str:
@@ -248,10 +325,17 @@ def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> s
     return render_table(lines)
 
 
-def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = False,
-            max_steps: int = 2000, calc_misclassified: bool = False, is_btad: bool = False,
-            is_mvtec_small: bool = False, compare_with_patchcore: bool = False,
-            quiet: bool = False) -> list[dict[str, object]]:
+def analyse(
+    root: str | os.PathLike,
+    calc_pro: bool = False,
+    visualize: bool = False,
+    max_steps: int = 2000,
+    calc_misclassified: bool = False,
+    is_btad: bool = False,
+    is_mvtec_small: bool = False,
+    compare_with_patchcore: bool = False,
+    quiet: bool = False,
+) -> list[dict[str, object]]:
     """Analyse every category of a ravel folder; write ``score_result.csv`` (rows + average)."""
     root = Path(root)
     if max_steps < 1:
@@ -269,8 +353,11 @@ def analyse(root: str | os.PathLike, calc_pro: bool = False, visualize: bool = F
     if calc_misclassified:
         write_csv(root / MISCLASSIFIED_CSV, MISCLASSIFIED_COLUMNS, wrong)
     if not quiet:
-        print_table(f"analysis of {root} (%; pixel threshold on the category's min-max scale, image threshold "
-                    "on the map scale):", format_table(table, columns))
+        print_table(
+            f"analysis of {root} (%; pixel threshold on the category's min-max scale, image threshold "
+            "on the map scale):",
+            format_table(table, columns),
+        )
         if calc_misclassified:
             print(f"{len(wrong)} misclassified image(s) listed in {root / MISCLASSIFIED_CSV}")
     if compare_with_patchcore:
@@ -283,15 +370,26 @@ def patchcore_candidates(root: Path) -> list[Path]:
     return [root.parent / "patchcore_ravel", root.with_name(root.name + "_patchcore")]
 
 
-def _compare_with_patchcore(root: Path, ours: list[dict[str, object]], columns: Sequence[str],
-                            calc_pro: bool, max_steps: int, is_btad: bool, is_mvtec_small: bool) -> None:
-    found: Optional[Path] = next((p for p in patchcore_candidates(root) if p.is_dir()), None)
+def _compare_with_patchcore(
+    root: Path,
+    ours: list[dict[str, object]],
+    columns: Sequence[str],
+    calc_pro: bool,
+    max_steps: int,
+    is_btad: bool,
+    is_mvtec_small: bool,
+) -> None:
+    found: Path | None = next((p for p in patchcore_candidates(root) if p.is_dir()), None)
     if found is None:
-        warn("--compare_with_patchcore: no PatchCore ravel folder at "
-             + " or ".join(str(p) for p in patchcore_candidates(root)) + "; nothing compared")
+        warn(
+            "--compare_with_patchcore: no PatchCore ravel folder at "
+            + " or ".join(str(p) for p in patchcore_candidates(root))
+            + "; nothing compared"
+        )
         return
-    theirs = {r["category"]: r for r in analyse(found, calc_pro, False, max_steps, False, is_btad,
-                                                  is_mvtec_small, quiet=True)}
+    theirs = {
+        r["category"]: r for r in analyse(found, calc_pro, False, max_steps, False, is_btad, is_mvtec_small, quiet=True)
+    }
     metric_cols = [c for c in columns[2:] if c not in THRESHOLD_COLUMNS and not c.endswith("_F1")]
     head = ["category"] + [f"{c} {who}" for c in metric_cols for who in ("ours", "patchcore")]
     rows = []
@@ -304,5 +402,6 @@ def _compare_with_patchcore(root: Path, ours: list[dict[str, object]], columns: 
             cells[f"{c} ours"], cells[f"{c} patchcore"] = r[c], other[c]
         rows.append(cells)
     lines = [head] + [[str(x["category"])] + [f"{100 * float(x[h]):.2f}" for h in head[1:]] for x in rows]
-    print_table(f"comparison with PatchCore maps in {found} (scores written to {found / SCORE_CSV}):",
-                render_table(lines))
+    print_table(
+        f"comparison with PatchCore maps in {found} (scores written to {found / SCORE_CSV}):", render_table(lines)
+    )

@@ -17,6 +17,7 @@ MLP checkpoint), ``coor_prior`` (after the first position prior) or ``test_sampl
 the first scored test image); the tests use it to check that an interrupted run can be
 re-run, and that Ctrl-C gives exit code 130 at every stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,29 @@ from pni.results import run_dir, version_dirs
 log = logging.getLogger("pni")
 
 # Settings that make artefacts of one stage incompatible with another run's flags.
-FEATURE_KEYS = ("dataset_category", "category", "backbone", "layer_index", "pretrain_embed_dimension",
-                "target_embed_dimension", "patchsize", "resize", "imagesize", "random_init", "max_train_images",
-                "feature_bank_dtype", "backbone_weights_digest", "training_set_digest")
+FEATURE_KEYS = (
+    "dataset_category",
+    "category",
+    "backbone",
+    "layer_index",
+    "pretrain_embed_dimension",
+    "target_embed_dimension",
+    "patchsize",
+    "resize",
+    "imagesize",
+    "random_init",
+    "max_train_images",
+    "feature_bank_dtype",
+    "backbone_weights_digest",
+    "training_set_digest",
+)
 
 # Settings derived from the inputs rather than given as flags (set by the pipeline before
 # any stage runs): the flag to name when they differ, and what they are a digest of.
-DERIVED_SETTINGS = {"backbone_weights_digest": ("--backbone_weights", "weights"),
-                    "training_set_digest": ("--dataset_path", "training images")}
+DERIVED_SETTINGS = {
+    "backbone_weights_digest": ("--backbone_weights", "weights"),
+    "training_set_digest": ("--dataset_path", "training images"),
+}
 
 
 CORESET_KEYS = FEATURE_KEYS + ("subsampling_percentage", "dist_coreset_size", "seed")
@@ -61,12 +77,23 @@ COOR_KEYS = CORESET_KEYS + ("dist_padding",)
 
 # Settings of the original's checkpoints (an argparse Namespace) that must match the flags:
 # only those that change what the model means (its seed or epochs do not).
-ORIGINAL_NB_KEYS = ("backbone", "layer_index", "pretrain_embed_dimension", "target_embed_dimension", "patchsize",
-                    "dist_padding", "dist_coreset_size", "num_layers")
+ORIGINAL_NB_KEYS = (
+    "backbone",
+    "layer_index",
+    "pretrain_embed_dimension",
+    "target_embed_dimension",
+    "patchsize",
+    "dist_padding",
+    "dist_coreset_size",
+    "num_layers",
+)
 
 
-STAGE_FLAGS = {"coreset_settings.json": "--train_coreset", "nb_settings.json": "--train_nb_dist",
-               "coor_settings.json": "--train_coor_dist"}
+STAGE_FLAGS = {
+    "coreset_settings.json": "--train_coreset",
+    "nb_settings.json": "--train_nb_dist",
+    "coor_settings.json": "--train_coor_dist",
+}
 
 
 DIGEST_KEY = "coreset_digest"
@@ -107,7 +134,7 @@ def coreset_digest(coresets: dict[str, np.ndarray]) -> str:
 def remove_stale(folder: Path, pattern: str) -> None:
     """Remove the folders ``folder/<pattern>`` whose name holds ``-<host>~<pid>-`` of a process
     of this host that no longer exists (scratch space or partial results of a killed run)."""
-    for p in (folder.glob(pattern) if folder.is_dir() else ()):
+    for p in folder.glob(pattern) if folder.is_dir() else ():
         if p.is_dir() and left_by_killed_run(p.name):
             log.info("removing %s, left by a killed run", p)
             shutil.rmtree(p, ignore_errors=True)
@@ -138,8 +165,9 @@ def compare_settings(saved: dict, args: argparse.Namespace, keys: tuple[str, ...
     return ", ".join(describe(k, old, new) for k, (old, new) in diff.items())
 
 
-def check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str,
-                    digest: str | None = None) -> None:
+def check_settings(
+    path: Path, args: argparse.Namespace, keys: tuple[str, ...], what: str, digest: str | None = None
+) -> None:
     """Refuse the artefacts beside ``path`` if its settings differ from the flags, if an
     earlier run stopped while writing them, or (``digest``) if they were made from other
     coresets than the current ones."""
@@ -150,22 +178,29 @@ def check_settings(path: Path, args: argparse.Namespace, keys: tuple[str, ...], 
     except (OSError, ValueError) as exc:
         raise PNIError(f"cannot read {path}: {exc}; re-run with {stage_flag(path)}") from None
     if not isinstance(saved, dict) or saved.get("incomplete"):
-        raise PNIError(f"{what} in {path.parent} are incomplete (an earlier run stopped while writing them); "
-                       f"re-run with {stage_flag(path)}")
+        raise PNIError(
+            f"{what} in {path.parent} are incomplete (an earlier run stopped while writing them); "
+            f"re-run with {stage_flag(path)}"
+        )
     detail = compare_settings(saved, args, keys)
     if detail:
-        raise PNIError(f"{what} in {path.parent} were made with other settings: {detail}; "
-                       f"re-run with {stage_flag(path)} or change the flags back")
+        raise PNIError(
+            f"{what} in {path.parent} were made with other settings: {detail}; "
+            f"re-run with {stage_flag(path)} or change the flags back"
+        )
     if digest is not None and saved.get(DIGEST_KEY) not in (None, digest):
-        raise PNIError(f"{what} in {path.parent} were made from other coresets than the ones there now "
-                       f"(see {path.name}); re-run with {stage_flag(path)}")
+        raise PNIError(
+            f"{what} in {path.parent} were made from other coresets than the ones there now "
+            f"(see {path.name}); re-run with {stage_flag(path)}"
+        )
 
 
 def new_version_dir(args) -> Path:
     """A hidden ``lightning_logs/.version_<k>.partial-*`` folder for a new test run (see
     :func:`publish_version_dir`); ``version_dirs`` and the analysis scripts ignore it."""
-    logs = make_dir(run_dir(args.project_root_path, args.category, args.backbone) / "lightning_logs",
-                    "--project_root_path")
+    logs = make_dir(
+        run_dir(args.project_root_path, args.category, args.backbone) / "lightning_logs", "--project_root_path"
+    )
     existing = [int(p.name.split("_")[1]) for p in version_dirs(args.project_root_path, args.category, args.backbone)]
     k = max(existing, default=-1) + 1
     remove_stale(logs, ".version_*.partial-*")
@@ -182,8 +217,10 @@ def new_version_dir(args) -> Path:
 def publish_version_dir(partial: Path) -> Path:
     """Rename a complete partial folder to the next free ``version_<k>``."""
     logs = partial.parent
-    k = max((int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()),
-            default=-1) + 1
+    k = (
+        max((int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()), default=-1)
+        + 1
+    )
     for attempt in range(100):
         target = logs / f"version_{k + attempt}"
         if target.exists():
@@ -203,14 +240,30 @@ def check_saved_stages(args, out_dir: Path) -> None:
     files, and settings that fit the flags (coreset digests are compared once the coresets
     are final). Saves finding out after hours of training."""
     stages = [
-        (args.train_coreset, "coreset_settings.json", CORESET_KEYS, "coresets",
-         [out_dir / n for n in coreset_file_names(args).values()], "coreset"),
-        (args.train_nb_dist, "nb_settings.json", NB_KEYS, "neighbourhood model",
-         [out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)],
-         "neighbourhood model"),
-        (args.train_coor_dist, "coor_settings.json", COOR_KEYS, "position priors",
-         [out_dir / position_prior_file_name(args.subsampling_percentage, e) for e in (False, True)],
-         "position prior"),
+        (
+            args.train_coreset,
+            "coreset_settings.json",
+            CORESET_KEYS,
+            "coresets",
+            [out_dir / n for n in coreset_file_names(args).values()],
+            "coreset",
+        ),
+        (
+            args.train_nb_dist,
+            "nb_settings.json",
+            NB_KEYS,
+            "neighbourhood model",
+            [out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)],
+            "neighbourhood model",
+        ),
+        (
+            args.train_coor_dist,
+            "coor_settings.json",
+            COOR_KEYS,
+            "position priors",
+            [out_dir / position_prior_file_name(args.subsampling_percentage, e) for e in (False, True)],
+            "position prior",
+        ),
     ]
     for trained, settings_name, keys, what, files, noun in stages:
         if trained:

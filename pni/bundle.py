@@ -16,6 +16,7 @@ as in training (``--backbone_weights`` or the torch hub cache). The arrays are p
 tensors and the MLP a plain module, so other exports (ONNX, TorchScript) can start from a
 loaded :class:`~pni.model.PNIModel`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pni import __version__
+from pni.artefacts import remove_stale
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
-from pni.artefacts import remove_stale
 from pni.io import check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag, set_default_mode
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
@@ -57,14 +58,22 @@ def model_settings(model: PNIModel) -> dict[str, Any]:
     scoring = dataclasses.asdict(model.config)
     scoring.pop("chunk_size")  # chosen per device when scoring
     return {
-        "features": {"backbone": ext.backbone_name, "layers": list(ext.layers),
-                     "pretrain_embed_dimension": ext.pretrain_embed_dimension,
-                     "target_embed_dimension": ext.target_embed_dimension, "patchsize": ext.patchsize,
-                     "resize": model.resize, "imagesize": model.imagesize},
-        "neighbourhood": {"dist_padding": model.dist_padding, "window_layout": model.layout,
-                          "dropped_slot": dropped_slot(model.dist_padding, model.layout),
-                          "num_layers": len(model.mlp.hidden_layers) + 2,
-                          "classes": model.mlp.last_layer[0].out_features},
+        "features": {
+            "backbone": ext.backbone_name,
+            "layers": list(ext.layers),
+            "pretrain_embed_dimension": ext.pretrain_embed_dimension,
+            "target_embed_dimension": ext.target_embed_dimension,
+            "patchsize": ext.patchsize,
+            "resize": model.resize,
+            "imagesize": model.imagesize,
+        },
+        "neighbourhood": {
+            "dist_padding": model.dist_padding,
+            "window_layout": model.layout,
+            "dropped_slot": dropped_slot(model.dist_padding, model.layout),
+            "num_layers": len(model.mlp.hidden_layers) + 2,
+            "classes": model.mlp.last_layer[0].out_features,
+        },
         "scoring": scoring,
     }
 
@@ -92,8 +101,11 @@ def orphaned_bundle(out: Path) -> Path | None:
     ``out`` (a hidden ``.<name>.old-*`` folder of a dead process), else None."""
     if out.exists() or out.is_symlink() or not out.parent.is_dir():
         return None
-    found = [old / out.name for old in sorted(out.parent.glob(_temp_pattern(out, "old")))
-             if left_by_killed_run(old.name) and _is_bundle(old / out.name)]
+    found = [
+        old / out.name
+        for old in sorted(out.parent.glob(_temp_pattern(out, "old")))
+        if left_by_killed_run(old.name) and _is_bundle(old / out.name)
+    ]
     return found[-1] if found else None
 
 
@@ -103,18 +115,29 @@ def check_output(output: str | os.PathLike) -> Path:
     out = Path(output)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or (any(out.iterdir()) and not _is_bundle(out)):
-            raise PNIError(f"--output {out} exists and is not a PNI model bundle (no {MANIFEST} of export_model.py); "
-                           "choose a new folder")
+            raise PNIError(
+                f"--output {out} exists and is not a PNI model bundle (no {MANIFEST} of export_model.py); "
+                "choose a new folder"
+            )
     orphan = orphaned_bundle(out)
     if orphan is not None:
-        raise PNIError(f"--output {out} is missing: an export killed while replacing it left the previous bundle in "
-                       f"{orphan}; move that back to {out} (or delete it) and run again")
+        raise PNIError(
+            f"--output {out} is missing: an export killed while replacing it left the previous bundle in "
+            f"{orphan}; move that back to {out} (or delete it) and run again"
+        )
     check_output_dir(out.parent, "--output")
     return out
 
 
-def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str, Any], provenance: dict[str, Any],
-                 thresholds: dict[str, Any], calibration: dict[str, Any], include_backbone: bool) -> Path:
+def write_bundle(
+    output: str | os.PathLike,
+    model: PNIModel,
+    backbone: dict[str, Any],
+    provenance: dict[str, Any],
+    thresholds: dict[str, Any],
+    calibration: dict[str, Any],
+    include_backbone: bool,
+) -> Path:
     """Write ``model`` with its thresholds as a bundle folder ``output`` (checked as by
     :func:`check_output`).
 
@@ -132,8 +155,9 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
     except OSError as exc:
         raise PNIError(f"cannot write to folder {out.parent}: {exc.strerror or exc}") from None
     try:
-        save_file(_contiguous({name: getattr(model, name) for name in ARTEFACT_NAMES}), str(tmp / ARRAYS),
-                  metadata=_METADATA)
+        save_file(
+            _contiguous({name: getattr(model, name) for name in ARTEFACT_NAMES}), str(tmp / ARRAYS), metadata=_METADATA
+        )
         save_file(_contiguous(model.mlp.state_dict()), str(tmp / MLP), metadata=_METADATA)
         backbone = dict(backbone)
         backbone["included"] = bool(include_backbone or backbone.get("random_init"))
@@ -141,10 +165,15 @@ def write_bundle(output: str | os.PathLike, model: PNIModel, backbone: dict[str,
             save_file(_contiguous(model.extractor.body.state_dict()), str(tmp / BACKBONE), metadata=_METADATA)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **model_settings(model), "backbone_weights": backbone, "training": provenance,
-            "thresholds": thresholds, "calibration": calibration,
+            **model_settings(model),
+            "backbone_weights": backbone,
+            "training": provenance,
+            "thresholds": thresholds,
+            "calibration": calibration,
             "files": {name: file_sha256(tmp / name) for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
@@ -188,33 +217,44 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PNIError(f"{manifest_path} is not a PNI model bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise PNIError(f"{manifest_path}: bundle format version {manifest.get('format_version')!r}, but PNI "
-                       f"{__version__} reads version {FORMAT_VERSION}; export the model again with this version")
+        raise PNIError(
+            f"{manifest_path}: bundle format version {manifest.get('format_version')!r}, but PNI "
+            f"{__version__} reads version {FORMAT_VERSION}; export the model again with this version"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or ARRAYS not in files or MLP not in files:
         raise PNIError(f"{manifest_path} lists no {ARRAYS} and {MLP}; the bundle is incomplete")
     weights = manifest.get("backbone_weights")
-    if not isinstance(weights, dict) or not all(isinstance(weights.get(k), (str, type(None)))
-                                                for k in ("file", "sha256")):
-        raise PNIError(f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
-                       "export the model again")
+    if not isinstance(weights, dict) or not all(
+        isinstance(weights.get(k), (str, type(None))) for k in ("file", "sha256")
+    ):
+        raise PNIError(
+            f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
+            "export the model again"
+        )
     if weights.get("included") and BACKBONE not in files:
         raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
     thresholds = manifest.get("thresholds")
     for m in MAP_NAMES:
         entry = thresholds.get(m) if isinstance(thresholds, dict) else None
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")):
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")
+        ):
             raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
         for key in ("image", "pixel", "image_best_f1", "pixel_best_f1"):
             value = entry[key].get("value") if isinstance(entry.get(key), dict) else None
             required = key in ("image", "pixel") or entry.get(key) is not None  # best-F1 ones may be null
             if required and not (_finite(value) and value != 0):
-                raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "{key}" lacks a finite nonzero "value"; '
-                               "export the model again")
+                raise PNIError(
+                    f'{manifest_path}: "thresholds" -> "{m}" -> "{key}" lacks a finite nonzero "value"; '
+                    "export the model again"
+                )
         low, high = entry["heatmap"].get("low"), entry["heatmap"].get("high")
         if not (_finite(low) and _finite(high) and high > low):
-            raise PNIError(f'{manifest_path}: "thresholds" -> "{m}" -> "heatmap" needs numbers "low" < "high"; '
-                           "export the model again")
+            raise PNIError(
+                f'{manifest_path}: "thresholds" -> "{m}" -> "heatmap" needs numbers "low" < "high"; '
+                "export the model again"
+            )
     for name, digest in files.items():
         if Path(name).name != name or name in ("", ".", ".."):
             raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
@@ -222,8 +262,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         if not file.is_file():
             raise PNIError(f"bundle file missing: {file}")
         if file_sha256(file) != digest:
-            raise PNIError(f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the "
-                           "model again")
+            raise PNIError(
+                f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the model again"
+            )
     return manifest
 
 
@@ -258,15 +299,20 @@ def _backbone_weights(root: Path, manifest: dict[str, Any], weights_path: str | 
     for path in candidates:
         if path.is_file():
             if digest and file_sha256(path) != digest:
-                raise PNIError(f"backbone weights {path} are not the ones bundle {root} was made with ({name}, "
-                               f"sha256 {digest[:16]}...); pass the right file with --backbone_weights")
+                raise PNIError(
+                    f"backbone weights {path} are not the ones bundle {root} was made with ({name}, "
+                    f"sha256 {digest[:16]}...); pass the right file with --backbone_weights"
+                )
             return path
-    raise PNIError(f"bundle {root} needs the backbone weights {name} (sha256 {str(digest)[:16]}...): put the file "
-                   f"in {hub_checkpoint_dir()} or pass --backbone_weights PATH (or export with --include_backbone)")
+    raise PNIError(
+        f"bundle {root} needs the backbone weights {name} (sha256 {str(digest)[:16]}...): put the file "
+        f"in {hub_checkpoint_dir()} or pass --backbone_weights PATH (or export with --include_backbone)"
+    )
 
 
-def load_bundle(path: str | os.PathLike, backbone_weights: str | os.PathLike | None = None
-                ) -> tuple[PNIModel, dict[str, Any]]:
+def load_bundle(
+    path: str | os.PathLike, backbone_weights: str | os.PathLike | None = None
+) -> tuple[PNIModel, dict[str, Any]]:
     """The :class:`PNIModel` of a bundle folder (on the CPU) and its manifest. Refuses, with
     one line naming the file, a folder that is not a bundle, of another format version, with
     a missing or altered file, or whose arrays do not fit its settings."""
@@ -275,25 +321,41 @@ def load_bundle(path: str | os.PathLike, backbone_weights: str | os.PathLike | N
     try:
         feats, nb, scoring = manifest["features"], manifest["neighbourhood"], manifest["scoring"]
         config = ScoringConfig(**scoring, chunk_size=None)
-        if nb["window_layout"] != config.variant or nb["dropped_slot"] != dropped_slot(nb["dist_padding"],
-                                                                                        config.variant):
-            raise PNIError(f"{root / MANIFEST}: the MLP window layout ({nb['window_layout']}, slot "
-                           f"{nb['dropped_slot']}) is not the one of variant {config.variant}")
+        if nb["window_layout"] != config.variant or nb["dropped_slot"] != dropped_slot(
+            nb["dist_padding"], config.variant
+        ):
+            raise PNIError(
+                f"{root / MANIFEST}: the MLP window layout ({nb['window_layout']}, slot "
+                f"{nb['dropped_slot']}) is not the one of variant {config.variant}"
+            )
         arrays = _tensors(root / ARRAYS, ARTEFACT_NAMES)
         mlp = mlp_from_state_dict(_tensors(root / MLP))
         included = bool(manifest["backbone_weights"].get("included"))
         weights = None if included else _backbone_weights(root, manifest, backbone_weights)
-        extractor = build_feature_extractor(feats["backbone"], feats["layers"], feats["pretrain_embed_dimension"],
-                                            feats["target_embed_dimension"], feats["patchsize"], weights,
-                                            random_init=included)
+        extractor = build_feature_extractor(
+            feats["backbone"],
+            feats["layers"],
+            feats["pretrain_embed_dimension"],
+            feats["target_embed_dimension"],
+            feats["patchsize"],
+            weights,
+            random_init=included,
+        )
         if included:
             try:
                 extractor.body.load_state_dict(_tensors(root / BACKBONE))
             except RuntimeError as exc:
-                raise PNIError(f"{root / BACKBONE} does not fit {feats['backbone']}: "
-                               f"{str(exc).strip().splitlines()[0]}") from None
-        model = PNIModel(extractor, mlp, ScoringArtefacts(**{n: arrays[n] for n in ARTEFACT_NAMES}), config,
-                         nb["dist_padding"], feats["resize"])
+                raise PNIError(
+                    f"{root / BACKBONE} does not fit {feats['backbone']}: {str(exc).strip().splitlines()[0]}"
+                ) from None
+        model = PNIModel(
+            extractor,
+            mlp,
+            ScoringArtefacts(**{n: arrays[n] for n in ARTEFACT_NAMES}),
+            config,
+            nb["dist_padding"],
+            feats["resize"],
+        )
     except (KeyError, TypeError) as exc:
         raise PNIError(f"{root / MANIFEST} lacks or mistypes a setting ({exc}); export the model again") from None
     except RuntimeError as exc:  # state dicts of the wrong shape
@@ -313,5 +375,7 @@ def _check_fit(model: PNIModel, root: Path) -> None:
     n_in = ((2 * model.dist_padding + 1) ** 2 - 1) * dim
     mlp = model.mlp
     if mlp.first_layer[0].in_features != n_in or mlp.last_layer[0].out_features != len(model.distribution_coreset):
-        raise PNIError(f"bundle {root}: the MLP (input {mlp.first_layer[0].in_features}, "
-                       f"{mlp.last_layer[0].out_features} classes) does not fit its settings")
+        raise PNIError(
+            f"bundle {root}: the MLP (input {mlp.first_layer[0].in_features}, "
+            f"{mlp.last_layer[0].out_features} classes) does not fit its settings"
+        )

@@ -16,18 +16,19 @@ An image (or pixel) is called defective when its score is strictly above the thr
 Every threshold records how many images it comes from and the false-positive and miss rates
 it gives on them. Computes with numpy only; no Lightning.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pni.errors import PNIError
+from pni.maps import MAP_NAMES
 from pni.metrics import F1_EPS, best_f1_from_sweep, sweep
 from pni.results import render_table
-from pni.maps import MAP_NAMES
-
 
 # Scores of the same image differ in their last digits with the batch it is scored in (CPU
 # convolutions), so a threshold taken from a score sits this much (relative) above it.
@@ -65,9 +66,15 @@ def _rate(count: int, total: int) -> float | None:
 def _image_stats(threshold: float, good: np.ndarray, defective: np.ndarray) -> dict[str, Any]:
     fp = int((good > threshold).sum())
     misses = int((defective <= threshold).sum())
-    stats = {"value": threshold, "good_images": int(good.size), "defective_images": int(defective.size),
-             "false_positives": fp, "false_positive_rate": _rate(fp, good.size),
-             "misses": misses if defective.size else None, "miss_rate": _rate(misses, defective.size)}
+    stats = {
+        "value": threshold,
+        "good_images": int(good.size),
+        "defective_images": int(defective.size),
+        "false_positives": fp,
+        "false_positive_rate": _rate(fp, good.size),
+        "misses": misses if defective.size else None,
+        "miss_rate": _rate(misses, defective.size),
+    }
     if defective.size:
         tp = defective.size - misses
         precision = tp / (tp + fp) if tp + fp else 0.0
@@ -86,8 +93,9 @@ class CalibrationScores:
         self.maps: dict[str, list[np.ndarray]] = {m: [] for m in MAP_NAMES}
         self.masks: list[np.ndarray | None] = []
 
-    def add(self, label: int, image_scores: Mapping[str, float], maps: Mapping[str, np.ndarray],
-            mask: np.ndarray | None) -> None:
+    def add(
+        self, label: int, image_scores: Mapping[str, float], maps: Mapping[str, np.ndarray], mask: np.ndarray | None
+    ) -> None:
         self.labels.append(int(label))
         for m in MAP_NAMES:
             self.image[m].append(float(image_scores[m]))
@@ -114,31 +122,49 @@ def calibrate(scores: CalibrationScores, target_fpr: float) -> dict[str, dict[st
         maps = scores.maps[m]
         entry: dict[str, Any] = {}
         thr = threshold_at_fpr(image[good], target_fpr)
-        entry["image"] = {"method": f"good images, target false-positive rate {target_fpr:g}",
-                          **_image_stats(thr, image[good], image[defective])}
+        entry["image"] = {
+            "method": f"good images, target false-positive rate {target_fpr:g}",
+            **_image_stats(thr, image[good], image[defective]),
+        }
         if thr <= 0:
-            raise PNIError(f"the {m} image threshold is {thr:g} (not positive): scores cannot be normalised; "
-                           "check --prob_gamma (scores are positive for prob_gamma < 1)")
+            raise PNIError(
+                f"the {m} image threshold is {thr:g} (not positive): scores cannot be normalised; "
+                "check --prob_gamma (scores are positive for prob_gamma < 1)"
+            )
         entry["image_best_f1"] = None
         if defective.any():
             cut = best_f1_cut(labels.astype(bool), image)
-            entry["image_best_f1"] = {"method": "best F1, good and defective images",
-                                      **_image_stats(cut, image[good], image[defective])}
+            entry["image_best_f1"] = {
+                "method": "best F1, good and defective images",
+                **_image_stats(cut, image[good], image[defective]),
+            }
 
         peaks = np.array([float(maps[i].max()) for i in range(len(maps))])
         pix = threshold_at_fpr(peaks[good], target_fpr)
         flagged = int((peaks[good] > pix).sum())
-        entry["pixel"] = {"method": f"good images: largest pixel score, target false-positive rate {target_fpr:g}",
-                          "value": pix, "good_images": int(good.sum()), "good_images_flagged": flagged,
-                          "good_images_flagged_rate": flagged / int(good.sum()),
-                          **_pixel_stats(pix, scores, m, with_masks)}
+        entry["pixel"] = {
+            "method": f"good images: largest pixel score, target false-positive rate {target_fpr:g}",
+            "value": pix,
+            "good_images": int(good.sum()),
+            "good_images_flagged": flagged,
+            "good_images_flagged_rate": flagged / int(good.sum()),
+            **_pixel_stats(pix, scores, m, with_masks),
+        }
         entry["pixel_best_f1"] = None
         if with_masks:
-            gt = np.stack([np.zeros(maps[i].shape, bool) if scores.masks[i] is None else scores.masks[i]
-                           for i in range(len(maps))])
+            gt = np.stack(
+                [
+                    np.zeros(maps[i].shape, bool) if scores.masks[i] is None else scores.masks[i]
+                    for i in range(len(maps))
+                ]
+            )
             cut = best_f1_cut(gt, np.stack(maps))
-            entry["pixel_best_f1"] = {"method": "best F1, pixels of good and defective images", "value": cut,
-                                      "good_images": int(good.sum()), **_pixel_stats(cut, scores, m, True)}
+            entry["pixel_best_f1"] = {
+                "method": "best F1, pixels of good and defective images",
+                "value": cut,
+                "good_images": int(good.sum()),
+                **_pixel_stats(cut, scores, m, True),
+            }
         low = float(np.median(np.concatenate([maps[i].ravel() for i in np.flatnonzero(good)])))
         high = low + 2.0 * (pix - low)
         entry["heatmap"] = {"low": low, "high": high if high > low else low + max(abs(low), 1.0) * 1e-3}
@@ -161,14 +187,23 @@ def _pixel_stats(threshold: float, scores: CalibrationScores, m: str, with_masks
             normal += int((~mask).sum())
             flagged_positive += int((above & mask).sum())
             flagged_normal += int((above & ~mask).sum())
-    out: dict[str, Any] = {"defective_images": sum(scores.labels) if with_masks else 0,
-                           "pixel_false_positive_rate": _rate(flagged_normal, normal), "pixel_miss_rate": None,
-                           "precision": None, "recall": None, "f1": None}
+    out: dict[str, Any] = {
+        "defective_images": sum(scores.labels) if with_masks else 0,
+        "pixel_false_positive_rate": _rate(flagged_normal, normal),
+        "pixel_miss_rate": None,
+        "precision": None,
+        "recall": None,
+        "f1": None,
+    }
     if with_masks and positive:
         precision = flagged_positive / (flagged_positive + flagged_normal) if flagged_positive + flagged_normal else 0.0
         recall = flagged_positive / positive
-        out.update(pixel_miss_rate=(positive - flagged_positive) / positive, precision=precision, recall=recall,
-                   f1=2 * precision * recall / (precision + recall + F1_EPS))
+        out.update(
+            pixel_miss_rate=(positive - flagged_positive) / positive,
+            precision=precision,
+            recall=recall,
+            f1=2 * precision * recall / (precision + recall + F1_EPS),
+        )
     return out
 
 
@@ -181,10 +216,13 @@ def format_thresholds(thresholds: Mapping[str, Mapping[str, Any]], target_fpr: f
     false-positive and miss rates they give on them (image thresholds: over images; pixel
     thresholds: over pixels, and for the good-image one the share of good images with a
     flagged pixel in brackets)."""
-    names = {"image": f"image, FPR {target_fpr:g}", "image_best_f1": "image, best F1",
-             "pixel": f"pixel, FPR {target_fpr:g}", "pixel_best_f1": "pixel, best F1"}
-    lines = [["map", "threshold", "value", "good images", "defective images", "false positives", "misses",
-              "F1"]]
+    names = {
+        "image": f"image, FPR {target_fpr:g}",
+        "image_best_f1": "image, best F1",
+        "pixel": f"pixel, FPR {target_fpr:g}",
+        "pixel_best_f1": "pixel, best F1",
+    }
+    lines = [["map", "threshold", "value", "good images", "defective images", "false positives", "misses", "F1"]]
     for m, entry in thresholds.items():
         for key, label in names.items():
             t = entry.get(key)
@@ -197,6 +235,7 @@ def format_thresholds(thresholds: Mapping[str, Mapping[str, Any]], target_fpr: f
                 if key == "pixel":
                     fp += f" ({_pct(t['good_images_flagged_rate'])} img)"
             f1 = "-" if t.get("f1") is None else f"{t['f1']:.3f}"
-            lines.append([m, label, f"{t['value']:.6g}", str(t["good_images"]), str(t["defective_images"] or "-"),
-                          fp, miss, f1])
+            lines.append(
+                [m, label, f"{t['value']:.6g}", str(t["good_images"]), str(t["defective_images"] or "-"), fp, miss, f1]
+            )
     return render_table(lines)

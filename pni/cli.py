@@ -1,4 +1,5 @@
 """Shared CLI behaviour: user errors become one line on stderr and exit code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, NoReturn, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Callable, NoReturn, Union
 
 from pni.errors import PNIError
 
@@ -86,7 +88,9 @@ def parse_devices(devices: str | int | Sequence[int]) -> Devices:
     s = devices.strip().strip("[]").strip()
     if s in ("auto", ""):
         return "auto"
-    problem = f"--devices: expected 'auto', a count >= 1, -1 (all) or a list of device indices like 0,1; got {devices!r}"
+    problem = (
+        f"--devices: expected 'auto', a count >= 1, -1 (all) or a list of device indices like 0,1; got {devices!r}"
+    )
     try:
         if "," in s:
             indices = [int(x) for x in s.split(",") if x.strip()]

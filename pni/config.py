@@ -5,19 +5,21 @@ Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--str
 ``--max_train_images``, ``--variant``, ``--mask_workers``, ``--debug`` and ``--verbose`` are ours.
 Every check that needs only the flags is made here, before anything is read or written.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from pni.cli import ArgumentParser, parse_devices
 from pni.errors import PNIError
 from pni.features import BACKBONES
-from pni.scoring import MAP_NAMES, VARIANTS
 from pni.io import is_single_name
+from pni.scoring import MAP_NAMES, VARIANTS
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
 NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
@@ -45,8 +47,12 @@ _at_least_two = _checked("_at_least_two", int, lambda v: v >= 2, "an integer >= 
 _non_negative_int = _checked("_non_negative_int", int, lambda v: v >= 0, ">= 0")
 _positive_float = _checked("_positive_float", float, lambda v: 0 < v < math.inf, "> 0 and finite")
 _non_negative_float = _checked("_non_negative_float", float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
-_prob_gamma = _checked("_prob_gamma", float, lambda v: PROB_GAMMA_RANGE[0] <= v <= PROB_GAMMA_RANGE[1],
-                       f"in [{PROB_GAMMA_RANGE[0]:g}, {PROB_GAMMA_RANGE[1]:g}]")
+_prob_gamma = _checked(
+    "_prob_gamma",
+    float,
+    lambda v: PROB_GAMMA_RANGE[0] <= v <= PROB_GAMMA_RANGE[1],
+    f"in [{PROB_GAMMA_RANGE[0]:g}, {PROB_GAMMA_RANGE[1]:g}]",
+)
 _single_name = _checked("_single_name", str, is_single_name, "a single folder name (not a path)")
 _fraction = _checked("_fraction", float, lambda v: 0 < v <= 1, "in (0, 1]")
 _odd_positive = _checked("_odd_positive", int, lambda v: v > 0 and v % 2 == 1, "a positive odd integer")
@@ -66,42 +72,66 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset_path", default="../dataset/MVTecAD", help="dataset root folder")
     g.add_argument("--dataset_category", default="MVTec", choices=DATASET_CATEGORIES, help="dataset layout")
-    g.add_argument("--category", type=_single_name, default="bottle",
-                   help="product category (sub-folder of --dataset_path)")
+    g.add_argument(
+        "--category", type=_single_name, default="bottle", help="product category (sub-folder of --dataset_path)"
+    )
     g.add_argument("--resize", type=_positive_int, default=512, help="shorter image side after resizing")
     g.add_argument("--imagesize", type=_positive_int, default=480, help="centre-crop size")
     g.add_argument("--num_workers", type=_non_negative_int, default=0, help="data loader worker processes")
-    g.add_argument("--max_train_images", type=_positive_int, default=None,
-                   help="use only the first N training images (quick experiments)")
+    g.add_argument(
+        "--max_train_images",
+        type=_positive_int,
+        default=None,
+        help="use only the first N training images (quick experiments)",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--project_root_path", default="./result", help="where test results and score_result.csv go")
-    g.add_argument("--embedding_root_path", default=".",
-                   help="folder holding embeddings_layer2+layer3/ (BTAD_embedding/, VisA_embedding/)")
+    g.add_argument(
+        "--embedding_root_path",
+        default=".",
+        help="folder holding embeddings_layer2+layer3/ (BTAD_embedding/, VisA_embedding/)",
+    )
     g.add_argument("--seed", type=int, default=22, help="random seed")
 
     g = p.add_argument_group("features")
     g.add_argument("--backbone", "-b", default="WR101", choices=list(BACKBONES), help="ImageNet backbone")
-    g.add_argument("--backbone_weights", default=None, metavar="PATH",
-                   help="torchvision state dict of the backbone (default: the torch hub cache)")
-    g.add_argument("--random_init", action="store_true",
-                   help="randomly initialised backbone (tests and offline demos only)")
-    g.add_argument("--layer_index", nargs="+", default=["layer2", "layer3"], choices=LAYERS,
-                   help="backbone layers whose features are used")
+    g.add_argument(
+        "--backbone_weights",
+        default=None,
+        metavar="PATH",
+        help="torchvision state dict of the backbone (default: the torch hub cache)",
+    )
+    g.add_argument(
+        "--random_init", action="store_true", help="randomly initialised backbone (tests and offline demos only)"
+    )
+    g.add_argument(
+        "--layer_index",
+        nargs="+",
+        default=["layer2", "layer3"],
+        choices=LAYERS,
+        help="backbone layers whose features are used",
+    )
     g.add_argument("--pretrain_embed_dimension", type=_positive_int, default=1024, help="per-layer pooled size")
     g.add_argument("--target_embed_dimension", type=_positive_int, default=1024, help="final feature size E")
     g.add_argument("--patchsize", type=_odd_positive, default=5, help="local aggregation window (odd)")
 
     g = p.add_argument_group("coreset")
-    g.add_argument("--subsampling_percentage", "-p", type=_fraction, default=0.01,
-                   help="embedding coreset size as a fraction of all training patches")
+    g.add_argument(
+        "--subsampling_percentage",
+        "-p",
+        type=_fraction,
+        default=0.01,
+        help="embedding coreset size as a fraction of all training patches",
+    )
     g.add_argument("--dist_coreset_size", type=_positive_int, default=2048, help="distribution coreset size")
     g.add_argument("--anomaly_nn", type=_positive_int, default=3, help="neighbours for the PatchCore score")
 
     g = p.add_argument_group("neighbourhood and position priors")
     g.add_argument("--dist_padding", type=_positive_int, default=4, help="half-width dp of the neighbourhood window")
-    g.add_argument("--num_layers", type=_at_least_two, default=10,
-                   help="linear layers of the neighbourhood MLP (at least 2)")
+    g.add_argument(
+        "--num_layers", type=_at_least_two, default=10, help="linear layers of the neighbourhood MLP (at least 2)"
+    )
     g.add_argument("--num_epochs", type=_positive_int, default=15, help="MLP training epochs")
     g.add_argument("--learning_rate", type=_positive_float, default=1e-3, help="Adam learning rate")
     g.add_argument("--step_size", type=_positive_int, default=5, help="StepLR period (epochs), gamma 0.1")
@@ -110,37 +140,75 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("scoring")
     g.add_argument("--softmax_temperature_alpha", type=_positive_float, default=2.0, help="softmax temperature")
     g.add_argument("--prob_gamma", type=_prob_gamma, default=0.99, help="g in prob = g*exp(-g*d)")
-    g.add_argument("--softmax_nb_gamma", type=_non_negative_float, default=0.5,
-                   help="neighbourhood threshold: softmax > gamma / coreset size")
-    g.add_argument("--softmax_coor_gamma", type=_non_negative_float, default=0.5,
-                   help="position threshold: prior > gamma / coreset size")
-    g.add_argument("--blursigma", type=_non_negative_float, default=8.0,
-                   help="Gaussian blur of the maps (pixels, at most --imagesize)")
-    g.add_argument("--variant", default=None, choices=VARIANTS,
-                   help="'original' (default) reproduces the published code, its quirks included (rank/id mix-up "
-                        "of the neighbourhood mask, lost parallel mask writes, the centre feature in the MLP window); "
-                        "'paper' is the method as the paper describes it")
-    g.add_argument("--mask_workers", type=_positive_int, default=8,
-                   help="worker count of the original's parallel mask loops whose lost writes --variant original "
-                        "reproduces (8 as published; 1 = the serial semantics)")
-    g.add_argument("--nb_mask", default=None, choices=tuple(NB_MASK_ALIASES),
-                   help="old name: official = --variant original, paper = --variant paper")
+    g.add_argument(
+        "--softmax_nb_gamma",
+        type=_non_negative_float,
+        default=0.5,
+        help="neighbourhood threshold: softmax > gamma / coreset size",
+    )
+    g.add_argument(
+        "--softmax_coor_gamma",
+        type=_non_negative_float,
+        default=0.5,
+        help="position threshold: prior > gamma / coreset size",
+    )
+    g.add_argument(
+        "--blursigma",
+        type=_non_negative_float,
+        default=8.0,
+        help="Gaussian blur of the maps (pixels, at most --imagesize)",
+    )
+    g.add_argument(
+        "--variant",
+        default=None,
+        choices=VARIANTS,
+        help="'original' (default) reproduces the published code, its quirks included (rank/id mix-up "
+        "of the neighbourhood mask, lost parallel mask writes, the centre feature in the MLP window); "
+        "'paper' is the method as the paper describes it",
+    )
+    g.add_argument(
+        "--mask_workers",
+        type=_positive_int,
+        default=8,
+        help="worker count of the original's parallel mask loops whose lost writes --variant original "
+        "reproduces (8 as published; 1 = the serial semantics)",
+    )
+    g.add_argument(
+        "--nb_mask",
+        default=None,
+        choices=tuple(NB_MASK_ALIASES),
+        help="old name: official = --variant original, paper = --variant paper",
+    )
 
     g = p.add_argument_group("devices")
     g.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
-    g.add_argument("--devices", default="auto",
-                   help="Lightning devices: auto (one device), N, or a list; N > 1 runs the MLP training and "
-                        "the test scoring on N processes (DDP)")
+    g.add_argument(
+        "--devices",
+        default="auto",
+        help="Lightning devices: auto (one device), N, or a list; N > 1 runs the MLP training and "
+        "the test scoring on N processes (DDP)",
+    )
     g.add_argument("--strategy", default="auto", choices=STRATEGIES, help="Lightning strategy")
-    g.add_argument("--precision", default="32-true", choices=("32-true", "16-mixed", "bf16-mixed"),
-                   help="Lightning precision of the MLP training and of the backbone + MLP at test time "
-                        "(distances and maps stay float32); mixed precision is for GPUs, opt-in")
-    g.add_argument("--feature_bank_dtype", default="float32", choices=("float32", "float16"),
-                   help="storage of the training feature bank (float16 halves its memory; coresets are "
-                        "then rounded to float16 precision)")
+    g.add_argument(
+        "--precision",
+        default="32-true",
+        choices=("32-true", "16-mixed", "bf16-mixed"),
+        help="Lightning precision of the MLP training and of the backbone + MLP at test time "
+        "(distances and maps stay float32); mixed precision is for GPUs, opt-in",
+    )
+    g.add_argument(
+        "--feature_bank_dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="storage of the training feature bank (float16 halves its memory; coresets are "
+        "then rounded to float16 precision)",
+    )
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    g.add_argument("--verbose", action="store_true",
-                   help="show everything: third-party warnings and Lightning's own output and progress bars")
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything: third-party warnings and Lightning's own output and progress bars",
+    )
     return p
 
 
@@ -153,8 +221,10 @@ def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParse
     if args.random_init and args.backbone_weights:
         parser.error("--random_init and --backbone_weights exclude each other")
     if args.blursigma > args.imagesize:
-        parser.error(f"--blursigma ({args.blursigma:g}) must not exceed --imagesize ({args.imagesize}): a wider blur "
-                     "only flattens the maps, and its padding grows with it")
+        parser.error(
+            f"--blursigma ({args.blursigma:g}) must not exceed --imagesize ({args.imagesize}): a wider blur "
+            "only flattens the maps, and its padding grows with it"
+        )
     try:
         parse_devices(args.devices)
     except PNIError as exc:
@@ -187,44 +257,78 @@ def build_export_parser() -> argparse.ArgumentParser:
     """``export_model.py``: the flags of ``train_coreset_distribution.py`` (to find the
     artefacts) plus where the bundle goes and how its thresholds are calibrated."""
     p = build_parser()
-    p.description = ("Export a trained PNI model (its artefacts, found with the same flags as "
-                     "train_coreset_distribution.py) as a self-contained bundle folder with calibrated thresholds.")
+    p.description = (
+        "Export a trained PNI model (its artefacts, found with the same flags as "
+        "train_coreset_distribution.py) as a self-contained bundle folder with calibrated thresholds."
+    )
     g = p.add_argument_group("export")
     g.add_argument("--output", required=True, metavar="DIR", help="bundle folder to write (replaced if it is one)")
-    g.add_argument("--include_backbone", action="store_true",
-                   help="copy the backbone weights into the bundle (else it names the file and its sha256)")
-    g.add_argument("--target_fpr", type=_open_fraction, default=0.01,
-                   help="false-positive rate of the image threshold on the good calibration images")
-    g.add_argument("--calibration_dir", nargs="+", default=None, metavar="DIR",
-                   help="folder(s) of good images not used in training to calibrate on (default: the "
-                        "category's good test images)")
+    g.add_argument(
+        "--include_backbone",
+        action="store_true",
+        help="copy the backbone weights into the bundle (else it names the file and its sha256)",
+    )
+    g.add_argument(
+        "--target_fpr",
+        type=_open_fraction,
+        default=0.01,
+        help="false-positive rate of the image threshold on the good calibration images",
+    )
+    g.add_argument(
+        "--calibration_dir",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="folder(s) of good images not used in training to calibrate on (default: the category's good test images)",
+    )
     return p
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """``predict.py``: a bundle, input images, an output folder."""
-    p = ArgumentParser(description="Predict new images with a PNI model bundle (made by export_model.py): "
-                                   "verdicts, scores, heat maps, defect masks and regions.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        description="Predict new images with a PNI model bundle (made by export_model.py): "
+        "verdicts, scores, heat maps, defect masks and regions.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (every image below) or glob patterns")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (every image below) or glob patterns",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="folder for predictions.csv and the pictures")
-    p.add_argument("--map", default="nb_coor", choices=MAP_NAMES,
-                   help="the map whose score decides")
-    p.add_argument("--image_threshold", default="fpr", metavar="fpr|best_f1|SCORE",
-                   help="image threshold: calibrated on good images at the export's target false-positive rate, "
-                        "the best-F1 one, or a raw score")
-    p.add_argument("--pixel_threshold", default="fpr", metavar="fpr|best_f1|SCORE",
-                   help="pixel threshold of the defect mask: from good images (at most the target rate of good "
-                        "images get a flagged pixel), the best-F1 one, or a raw score")
+    p.add_argument("--map", default="nb_coor", choices=MAP_NAMES, help="the map whose score decides")
+    p.add_argument(
+        "--image_threshold",
+        default="fpr",
+        metavar="fpr|best_f1|SCORE",
+        help="image threshold: calibrated on good images at the export's target false-positive rate, "
+        "the best-F1 one, or a raw score",
+    )
+    p.add_argument(
+        "--pixel_threshold",
+        default="fpr",
+        metavar="fpr|best_f1|SCORE",
+        help="pixel threshold of the defect mask: from good images (at most the target rate of good "
+        "images get a flagged pixel), the best-F1 one, or a raw score",
+    )
     p.add_argument("--save_maps", action="store_true", help="also write the four maps as .npy (input pixels)")
     p.add_argument("--batch_size", type=_positive_int, default=None, help="images per batch (default: from memory)")
     p.add_argument("--num_workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
-    p.add_argument("--backbone_weights", default=None, metavar="PATH",
-                   help="backbone weights file, when the bundle does not include them")
+    p.add_argument(
+        "--backbone_weights",
+        default=None,
+        metavar="PATH",
+        help="backbone weights file, when the bundle does not include them",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--verbose", action="store_true",
-                   help="show everything: third-party warnings and Lightning's own output and progress bars")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything: third-party warnings and Lightning's own output and progress bars",
+    )
     return p

@@ -14,6 +14,7 @@ third-party chatter unless ``--verbose``.
   (fit, predict, test) as one such bar, or Lightning's own bars under ``--verbose``.
 - :func:`print_table` / :func:`titled`: a score table set apart by a blank line and a title.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,8 @@ import shutil
 import sys
 import time
 import warnings
-from typing import IO, Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -42,9 +44,17 @@ _LIGHTNING_HINTS = (
 )
 # Lightning logs its banners through its rank-zero loggers; importing pytorch_lightning sets
 # its package logger back to INFO, so the children are quietened too (setup may run first).
-_THIRD_PARTY_LOGGERS = tuple(f"{package}{child}" for package in (
-    "pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "lightning_utilities")
-    for child in ("", ".utilities.rank_zero", ".core.rank_zero"))
+_THIRD_PARTY_LOGGERS = tuple(
+    f"{package}{child}"
+    for package in (
+        "pytorch_lightning",
+        "lightning_fabric",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning_utilities",
+    )
+    for child in ("", ".utilities.rank_zero", ".core.rank_zero")
+)
 
 _state = {"verbose": False}
 
@@ -90,8 +100,9 @@ class Progress:
     docstring). Use as a context manager (or call :meth:`close`); :meth:`update` advances it,
     :meth:`track` wraps an iterable. ``total=None``: no bar, only the title and ``done``."""
 
-    def __init__(self, title: str, total: int | None = None, stream: IO[str] | None = None,
-                 terminal: bool | None = None) -> None:
+    def __init__(
+        self, title: str, total: int | None = None, stream: IO[str] | None = None, terminal: bool | None = None
+    ) -> None:
         self.title = title
         self.total = total if total and total > 0 else None
         self.stream = stream if stream is not None else sys.stdout
@@ -168,7 +179,7 @@ class Progress:
         else:
             self._write(f"    done in {took}\n")
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, exc_type: type | None, *rest: object) -> None:
@@ -257,13 +268,15 @@ def _lightning_bar_class() -> type:
                 note = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
                 self.progress.update(1, note + (f"  loss {float(loss):.3f}" if loss is not None else ""))
 
-        def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                 dataloader_idx: int = 0) -> None:
+        def on_predict_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
             if self.enabled:
                 self.progress.update(1)
 
-        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                              dataloader_idx: int = 0) -> None:
+        def on_test_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
             if self.enabled:
                 self.progress.update(1)
 

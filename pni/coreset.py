@@ -4,11 +4,13 @@ The feature bank is streamed in chunks through a sparse random projection; the g
 selection then keeps one ``(N,)`` vector of distances to the chosen set, so memory stays
 O(N * projected_dim), never N x N.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import faiss
 import numpy as np

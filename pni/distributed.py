@@ -16,6 +16,7 @@ the result folder) from the environment or from a broadcast (:func:`shared`), an
 feature bank and the stage callbacks into each process. One machine (``--num_nodes`` is
 not offered); the training artefacts must be on a file system every rank can read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,18 +70,23 @@ def check_devices(accelerator: str, devices: str | int | list[int]) -> None:
         acc = "cuda"
     if acc in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise PNIError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine; "
-                           "use --accelerator cpu (or auto)")
+            raise PNIError(
+                f"--accelerator {accelerator}: no CUDA GPU is available on this machine; "
+                "use --accelerator cpu (or auto)"
+            )
         count = torch.cuda.device_count()
         if isinstance(wanted, list) and max(wanted) >= count or isinstance(wanted, int) and wanted > count:
             raise PNIError(f"--devices {devices}: this machine has {count} CUDA device(s) (indices 0..{count - 1})")
     elif acc == "mps":
         if not torch.backends.mps.is_available():
-            raise PNIError(f"--accelerator {accelerator}: MPS is not available on this machine; use --accelerator "
-                           "cpu (or auto)")
+            raise PNIError(
+                f"--accelerator {accelerator}: MPS is not available on this machine; use --accelerator cpu (or auto)"
+            )
     elif isinstance(wanted, list):
-        raise PNIError(f"--devices {devices}: a list of device indices needs --accelerator gpu; on the CPU give a "
-                       "count of processes")
+        raise PNIError(
+            f"--devices {devices}: a list of device indices needs --accelerator gpu; on the CPU give a "
+            "count of processes"
+        )
 
 
 def devices_and_strategy(args: argparse.Namespace, ddp: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@
 - Position: for each grid position, the normalised histogram of nearest embedding-coreset
   ids over the training images, spread over a ``(2*dp+1)^2`` window.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def gather_windows(
     return feats.reshape(len(rows), -1)
 
 
-def grid_windows(grid: torch.Tensor, positions: torch.Tensor, dist_padding: int,
-                 layout: str = "original") -> torch.Tensor:
+def grid_windows(
+    grid: torch.Tensor, positions: torch.Tensor, dist_padding: int, layout: str = "original"
+) -> torch.Tensor:
     """Windows of one image's grid ``(R, C, E)`` at flat ``positions`` ``(B,)`` ->
     ``(B, ((2dp+1)^2 - 1) * E)``."""
     n_cols = grid.shape[1]
@@ -101,8 +103,9 @@ class NeighbourhoodMLP(nn.Module):
     forward: ``(B, in_features)`` -> ``(B, num_classes)``.
     """
 
-    def __init__(self, in_features: int, num_classes: int, num_layers: int = 10, hidden: int = HIDDEN_WIDTH,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, num_layers: int = 10, hidden: int = HIDDEN_WIDTH, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         if num_layers < 2:
             raise PNIError(f"--num_layers must be at least 2, got {num_layers}")
@@ -125,13 +128,13 @@ def mlp_file_name(dist_padding: int, dist_coreset_size: int, num_layers: int) ->
     return f"best_model_dp{dist_padding}_dcs{dist_coreset_size}_n{num_layers}.pt"
 
 
-def save_mlp_checkpoint(path: str | os.PathLike, model: nn.Module, settings: dict[str, Any],
-                        train_loss: float, val_loss: float) -> None:
+def save_mlp_checkpoint(
+    path: str | os.PathLike, model: nn.Module, settings: dict[str, Any], train_loss: float, val_loss: float
+) -> None:
     """Save ``{'model': state_dict, 'settings': dict, 'train_loss', 'val_loss'}`` atomically;
     loadable with ``torch.load(weights_only=True)``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"model": state, "settings": dict(settings), "train_loss": float(train_loss),
-               "val_loss": float(val_loss)}
+    payload = {"model": state, "settings": dict(settings), "train_loss": float(train_loss), "val_loss": float(val_loss)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

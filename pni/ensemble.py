@@ -15,13 +15,14 @@ For the ``save_type`` family the ensemble is written as an MVTec-like folder:
 written for normal images too), ``anomaly_map/<type>/<stem>.png`` (jet of the ensemble map)
 and ``anomaly_map/<type>/<stem>.npy`` (float32 ensemble map in [0, 1]).
 """
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class BackboneRun:
 
     backbone: str
     version_dir: Path
-    labels: dict[Key, Optional[int]] = field(default_factory=dict)
+    labels: dict[Key, int | None] = field(default_factory=dict)
 
     @property
     def sample_dir(self) -> Path:
@@ -56,23 +57,26 @@ class BackboneRun:
         return self.sample_dir / f"{key[0]}_{key[1]}{suffix}.npy"
 
 
-def select_version(project_root: str | os.PathLike, category: str, backbone: str,
-                   version_num: int = 1) -> Path:
+def select_version(project_root: str | os.PathLike, category: str, backbone: str, version_num: int = 1) -> Path:
     """The ``version_num``-th newest ``version_<k>`` folder (1 = newest)."""
     if version_num < 1:
         raise PNIError(f"--version_num must be >= 1, got {version_num}")
     found = version_dirs(project_root, category, backbone)
     logs = run_dir(project_root, category, backbone) / "lightning_logs"
     if not found:
-        raise PNIError(f"no test run found in {logs} (run train_coreset_distribution.py "
-                       f"--category {category} --backbone {backbone} first)")
+        raise PNIError(
+            f"no test run found in {logs} (run train_coreset_distribution.py "
+            f"--category {category} --backbone {backbone} first)"
+        )
     if version_num > len(found):
-        raise PNIError(f"--version_num {version_num} asks for run {version_num} counted from the newest, but "
-                       f"{logs} holds only {len(found)}")
+        raise PNIError(
+            f"--version_num {version_num} asks for run {version_num} counted from the newest, but "
+            f"{logs} holds only {len(found)}"
+        )
     return found[-version_num]
 
 
-def list_samples(version_dir: Path) -> dict[Key, Optional[int]]:
+def list_samples(version_dir: Path) -> dict[Key, int | None]:
     """``(defect_type, stem) -> label`` of one run, from ``image_scores.csv``; without it,
     from the ``sample/*_gt.npy`` names split at their last underscore (label unknown)."""
     table = version_dir / "image_scores.csv"
@@ -84,14 +88,16 @@ def list_samples(version_dir: Path) -> dict[Key, Optional[int]]:
         for r in rows:  # they become file names in the ensemble folder
             check_name(r["defect_type"] or "", f"{table}: defect_type")
             check_name(r["stem"] or "", f"{table}: stem")
-        return {(r["defect_type"], r["stem"]): (int(float(r["label"])) if r.get("label") not in (None, "") else None)
-                for r in rows}
+        return {
+            (r["defect_type"], r["stem"]): (int(float(r["label"])) if r.get("label") not in (None, "") else None)
+            for r in rows
+        }
     sample = version_dir / "sample"
     names = sorted(p.name[: -len("_gt.npy")] for p in sample.glob("*_gt.npy"))
     if not names:
         raise PNIError(f"no result files (*_gt.npy) in {sample}")
     warn(f"{table} missing: taking (defect_type, stem) from file names in {sample}")
-    out: dict[Key, Optional[int]] = {}
+    out: dict[Key, int | None] = {}
     for name in names:
         if "_" not in name:
             raise PNIError(f"cannot split {sample / (name + '_gt.npy')} into defect type and stem")
@@ -108,9 +114,11 @@ def match_runs(runs: Sequence[BackboneRun]) -> list[Key]:
             missing = set(other.labels) - set(run.labels)
             if missing:
                 key = sorted(missing)[0]
-                raise PNIError(f"{run.path(key, '_gt')} is missing for backbone {run.backbone} "
-                               f"but {other.path(key, '_gt')} exists for {other.backbone} "
-                               f"({len(missing)} file(s) differ)")
+                raise PNIError(
+                    f"{run.path(key, '_gt')} is missing for backbone {run.backbone} "
+                    f"but {other.path(key, '_gt')} exists for {other.backbone} "
+                    f"({len(missing)} file(s) differ)"
+                )
     keys = sorted(first.labels)
     for run in runs:
         for key in keys:
@@ -137,9 +145,14 @@ def _load_stack(run: BackboneRun, keys: Sequence[Key], suffix: str) -> np.ndarra
     return np.stack(arrays)
 
 
-def ensemble_category(project_root: str | os.PathLike, category: str, backbones: Sequence[str],
-                      ensemble_root: str | os.PathLike, save_type: str = "nb_coor",
-                      version_num: int = 1) -> dict[str, object]:
+def ensemble_category(
+    project_root: str | os.PathLike,
+    category: str,
+    backbones: Sequence[str],
+    ensemble_root: str | os.PathLike,
+    save_type: str = "nb_coor",
+    version_num: int = 1,
+) -> dict[str, object]:
     """Ensemble one category; write the ``save_type`` folder; return the score row."""
     if save_type not in MAP_NAMES:
         raise PNIError(f"--save_type must be one of {', '.join(MAP_NAMES)}, got {save_type}")
@@ -154,17 +167,23 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
     known = [runs[0].labels[k] for k in keys]
     labels = np.array([int(g.any()) if lab is None else lab for g, lab in zip(gts, known)], dtype=np.int64)
     image_ok, pixel_ok = defined_aurocs(labels, gts, f"category {category}")
-    row: dict[str, object] = {"category": category, "backbone_list": " ".join(backbones),
-                              "version_num": version_num, "num_images": len(keys)}
-    saved: Optional[np.ndarray] = None
+    row: dict[str, object] = {
+        "category": category,
+        "backbone_list": " ".join(backbones),
+        "version_num": version_num,
+        "num_images": len(keys),
+    }
+    saved: np.ndarray | None = None
     for family in MAP_NAMES:
         pixel = None
         image = np.zeros(len(keys))
         for run in runs:
             maps = _load_stack(run, keys, f"_amap_{family}").astype(np.float32, copy=False)
             if maps.shape != gts.shape:
-                raise PNIError(f"{run.path(keys[0], f'_amap_{family}')} has shape {maps.shape[1:]} "
-                               f"but the ground truth {gts.shape[1:]}")
+                raise PNIError(
+                    f"{run.path(keys[0], f'_amap_{family}')} has shape {maps.shape[1:]} "
+                    f"but the ground truth {gts.shape[1:]}"
+                )
             if not np.all(np.isfinite(maps)):
                 raise PNIError(f"non-finite values in the {family} maps of {run.sample_dir}")
             image += top_fraction_mean(maps)
@@ -185,8 +204,9 @@ def ensemble_category(project_root: str | os.PathLike, category: str, backbones:
     return row
 
 
-def write_ensemble_folder(out: Path, source: BackboneRun, keys: Sequence[Key], gts: np.ndarray,
-                          maps: np.ndarray) -> None:
+def write_ensemble_folder(
+    out: Path, source: BackboneRun, keys: Sequence[Key], gts: np.ndarray, maps: np.ndarray
+) -> None:
     """Write test images, masks, jet maps and ``.npy`` maps in the MVTec-like layout."""
     for i, key in enumerate(keys):
         t, s = key
@@ -201,16 +221,20 @@ def find_categories(project_root: str | os.PathLike, backbone: str) -> list[str]
     root = Path(project_root)
     if not root.is_dir():
         raise PNIError(f"--project_root_path {root} does not exist")
-    cats = sorted(p.name for p in root.iterdir()
-                  if (p / backbone / "anomaly" / "lightning_logs").is_dir())
+    cats = sorted(p.name for p in root.iterdir() if (p / backbone / "anomaly" / "lightning_logs").is_dir())
     if not cats:
         raise PNIError(f"no category folder with {backbone}/anomaly/lightning_logs in {root}")
     return cats
 
 
-def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLike,
-                 categories: Optional[Sequence[str]], backbones: Sequence[str],
-                 save_type: str = "nb_coor", version_num: int = 1) -> list[dict[str, object]]:
+def run_ensemble(
+    project_root: str | os.PathLike,
+    ensemble_root: str | os.PathLike,
+    categories: Sequence[str] | None,
+    backbones: Sequence[str],
+    save_type: str = "nb_coor",
+    version_num: int = 1,
+) -> list[dict[str, object]]:
     """Ensemble every category, append the rows to ``ensemble_score_result.csv``, print the table."""
     if not backbones:
         raise PNIError("--backbone_list is empty")
@@ -220,8 +244,13 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
         check_name(category, "--category")
     cats = list(categories) if categories else find_categories(project_root, backbones[0])
     for cat in cats:  # every category's runs and files exist before the first file is written
-        match_runs([BackboneRun(b, v, list_samples(v)) for b in backbones
-                    for v in [select_version(project_root, cat, b, version_num)]])
+        match_runs(
+            [
+                BackboneRun(b, v, list_samples(v))
+                for b in backbones
+                for v in [select_version(project_root, cat, b, version_num)]
+            ]
+        )
     csv_path = Path(project_root) / RESULT_CSV
     check_csv_header(csv_path, RESULT_COLUMNS)  # before the first ensemble file is written
     rows = []
@@ -230,6 +259,5 @@ def run_ensemble(project_root: str | os.PathLike, ensemble_root: str | os.PathLi
         rows.append(row)
         values = [row[c] if c not in SCORE_COLUMNS else f"{row[c]:.6f}" for c in RESULT_COLUMNS]
         append_csv_rows(csv_path, RESULT_COLUMNS, [values])
-    print_table(f"ensemble of {' '.join(backbones)} (version_num {version_num}): AUROC (%)",
-                format_score_table(rows))
+    print_table(f"ensemble of {' '.join(backbones)} (version_num {version_num}): AUROC (%)", format_score_table(rows))
     return rows

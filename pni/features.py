@@ -5,13 +5,14 @@ local aggregation (docs/METHOD.md, section 2).
 ``R x C`` is the grid of the first requested layer (stride 8 for ``layer2``) and ``E`` is
 ``target_embed_dimension``.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ class PatchFeatureExtractor(nn.Module):
         self.patchsize = patchsize
         self.eval()
 
-    def train(self, mode: bool = True) -> "PatchFeatureExtractor":  # always frozen, BN in eval
+    def train(self, mode: bool = True) -> PatchFeatureExtractor:  # always frozen, BN in eval
         return super().train(False)
 
     @torch.no_grad()
@@ -197,8 +198,9 @@ class PatchFeatureExtractor(nn.Module):
                 # Pooling over the feature axis and bilinear resizing over the grid are both
                 # linear on different axes, so they commute: pooling first is the same as
                 # resizing every neighbourhood element (docs/METHOD.md, section 2), at a fraction of the cost.
-                vec = F.interpolate(vec.permute(0, 3, 1, 2), size=(ref_h, ref_w), mode="bilinear",
-                                    align_corners=False).permute(0, 2, 3, 1)
+                vec = F.interpolate(
+                    vec.permute(0, 3, 1, 2), size=(ref_h, ref_w), mode="bilinear", align_corners=False
+                ).permute(0, 2, 3, 1)
             pooled.append(vec.reshape(b * ref_h * ref_w, -1))
         stacked = torch.stack(pooled, dim=1)  # (B*P, L, pretrain_dim)
         feats = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), self.target_embed_dimension)

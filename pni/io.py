@@ -5,6 +5,7 @@ renamed, so an interrupted run never leaves a half-written file under the final 
 Temporary names carry ``<host>~<pid>`` of the writing process; the first write of a later
 process into the same folder removes those left by killed processes of this host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from filelock import FileLock
@@ -63,8 +65,7 @@ _NAME_RULE = "a single file or folder name (not empty, '.' or '..', no '/' or '\
 
 def is_single_name(name: str) -> bool:
     """True when ``name`` is one path component: joined to a folder, it stays inside it."""
-    return (bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
-            and not os.path.isabs(name))
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and not os.path.isabs(name)
 
 
 def check_name(name: str, what: str) -> str:
@@ -175,8 +176,9 @@ _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def load_weights_only(path: str | os.PathLike, what: str, safe_globals: Sequence[Any] = (),
-                      map_location: Any = "cpu") -> Any:
+def load_weights_only(
+    path: str | os.PathLike, what: str, safe_globals: Sequence[Any] = (), map_location: Any = "cpu"
+) -> Any:
     """``torch.load(path, weights_only=True)`` (tensors and plain containers, plus
     ``safe_globals``): a file that would run code when loaded, or that is not a torch file,
     is a one-line PNIError ``cannot read <what> <path>: <reason>``."""
@@ -189,8 +191,10 @@ def load_weights_only(path: str | os.PathLike, what: str, safe_globals: Sequence
         text = _ANSI.sub("", str(exc))
         unsafe = _UNSAFE_GLOBAL.search(text)
         if unsafe is not None:
-            reason = (f"it holds a Python object ({unsafe.group(1)}) that loading would have to run; "
-                      "refused (only tensors and plain containers are read)")
+            reason = (
+                f"it holds a Python object ({unsafe.group(1)}) that loading would have to run; "
+                "refused (only tensors and plain containers are read)"
+            )
         elif "Weights only load failed" in text:
             reason = "it holds Python objects beyond tensors and plain containers; refused"
         else:
@@ -243,8 +247,10 @@ def check_csv_header(path: str | os.PathLike, header: Sequence[str]) -> None:
     with open(path, newline="") as fh:
         first = next(csv.reader(fh), None)
     if first is not None and first != list(header):
-        raise PNIError(f"{path}: existing header {first} differs from {list(header)}; "
-                       "move the old file away or use another --project_root_path")
+        raise PNIError(
+            f"{path}: existing header {first} differs from {list(header)}; "
+            "move the old file away or use another --project_root_path"
+        )
 
 
 def append_csv_rows(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

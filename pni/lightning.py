@@ -2,12 +2,14 @@
 with Lightning's devices and (for the MLP and test scoring) strategies; what they print is
 chosen by the caller (see :mod:`pni.console`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import signal
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import pytorch_lightning as pl
@@ -76,9 +78,15 @@ class CoresetModule(FeatureBankModule):
     of ``trainer.predict``. After it, ``selections`` holds ``{'with_edge': LongTensor,
     'without_edge': LongTensor}`` of flat indices (see :meth:`flat_rows`)."""
 
-    def __init__(self, extractor: PatchFeatureExtractor, bank: np.ndarray, pad: int,
-                 n_select: dict[str, int], seed: int,
-                 track: Callable[[Iterable[int]], Iterable[int]] | None = None) -> None:
+    def __init__(
+        self,
+        extractor: PatchFeatureExtractor,
+        bank: np.ndarray,
+        pad: int,
+        n_select: dict[str, int],
+        seed: int,
+        track: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    ) -> None:
         super().__init__(extractor, bank)
         self.pad = pad
         self.n_select = n_select
@@ -92,7 +100,9 @@ class CoresetModule(FeatureBankModule):
 
         def chunks():
             for i in range(bank.shape[0]):
-                grid = bank[i] if variant == "with_edge" else bank[i, pad: bank.shape[1] - pad, pad: bank.shape[2] - pad]
+                grid = (
+                    bank[i] if variant == "with_edge" else bank[i, pad : bank.shape[1] - pad, pad : bank.shape[2] - pad]
+                )
                 yield np.asarray(grid, dtype=np.float32).reshape(-1, bank.shape[-1])
                 if i % 16 == 15:
                     release_pages(bank)  # streaming a memory map must not make it all resident
@@ -104,8 +114,10 @@ class CoresetModule(FeatureBankModule):
         trim_heap()  # the extraction temporaries, before the projected bank is allocated
 
         n_img, n_rows, n_cols, dim = self.bank.shape
-        sizes = {"with_edge": n_img * n_rows * n_cols,
-                 "without_edge": n_img * (n_rows - 2 * self.pad) * (n_cols - 2 * self.pad)}
+        sizes = {
+            "with_edge": n_img * n_rows * n_cols,
+            "without_edge": n_img * (n_rows - 2 * self.pad) * (n_cols - 2 * self.pad),
+        }
         for variant, n_select in self.n_select.items():
             self.selections[variant] = greedy_coreset(
                 self.flat_rows(variant), sizes[variant], dim, n_select, self.seed, self.device, self.track
@@ -141,8 +153,15 @@ class NeighbourhoodModule(pl.LightningModule):
     """Trains :class:`NeighbourhoodMLP` with cross-entropy, Adam and StepLR; calls
     ``on_best(model, train_loss, val_loss)`` whenever the validation loss improves."""
 
-    def __init__(self, in_features: int, num_classes: int, num_layers: int, learning_rate: float,
-                 step_size: int, on_best: Callable[[torch.nn.Module, float, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        num_layers: int,
+        learning_rate: float,
+        step_size: int,
+        on_best: Callable[[torch.nn.Module, float, float], None] | None = None,
+    ) -> None:
         super().__init__()
         self.model = NeighbourhoodMLP(in_features, num_classes, num_layers)
         self.learning_rate = learning_rate
@@ -157,8 +176,15 @@ class NeighbourhoodModule(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self.model(x), y)
-        self.log(f"{split}_loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True,
-                 batch_size=len(y), sync_dist=split == "val")
+        self.log(
+            f"{split}_loss",
+            loss,
+            prog_bar=True,
+            on_step=split == "train",
+            on_epoch=True,
+            batch_size=len(y),
+            sync_dist=split == "val",
+        )
         self._sums[split][0] += float(loss.detach()) * len(y)
         self._sums[split][1] += len(y)
         return loss
@@ -200,10 +226,17 @@ def split_train_val(n_samples: int, seed: int, val_fraction: float = 0.1) -> tup
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def window_loader(ids: torch.Tensor, collate: WindowCollate, batch_size: int, shuffle: bool, seed: int,
-                  num_workers: int = 0) -> DataLoader:
-    return DataLoader(ids.tolist(), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+def window_loader(
+    ids: torch.Tensor, collate: WindowCollate, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+) -> DataLoader:
+    return DataLoader(
+        ids.tolist(),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
 
 
 # ---------------------------------------------------------------- stage 4 and prediction: scoring

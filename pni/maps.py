@@ -3,4 +3,5 @@
 A module of its own so that the analysis side (results, ravel, ensemble) can name the maps
 without importing torch through :mod:`pni.scoring`.
 """
+
 MAP_NAMES: tuple[str, ...] = ("nb", "coor", "patchcore", "nb_coor")

@@ -6,6 +6,7 @@ device that holds them (``MemAvailable`` on the host, free memory on a CUDA devi
 full-size category fits a 24 GiB CPU machine and larger machines use larger pieces.
 ``PNI_MEMORY_BUDGET_BYTES`` overrides the available memory (tests, shared machines).
 """
+
 from __future__ import annotations
 
 import mmap
@@ -40,8 +41,14 @@ def available_bytes(device: torch.device | str | None = None) -> int:
         return 8 * GiB
 
 
-def rows_for(bytes_per_row: float, fraction: float = 0.25, device: torch.device | str | None = None,
-             lo: int = 1, hi: int | None = None, budget: int | None = None) -> int:
+def rows_for(
+    bytes_per_row: float,
+    fraction: float = 0.25,
+    device: torch.device | str | None = None,
+    lo: int = 1,
+    hi: int | None = None,
+    budget: int | None = None,
+) -> int:
     """How many rows of ``bytes_per_row`` fit in ``fraction`` of the available memory
     (or in ``budget`` bytes), clipped to ``[lo, hi]``."""
     if budget is None:

@@ -27,19 +27,32 @@ AUPRO definitions (docs/METHOD.md, section 6):
   integrated with ``sklearn.metrics.auc``. When no kept threshold has a false positive the
   axis cannot be rescaled; the original then yields NaN and so do we.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import auc as _sk_auc
 
 __all__ = [
-    "image_auroc", "pixel_auroc", "best_f1_threshold", "aupro_mvtec", "aupro_pni",
-    "roc_curve_points", "pro_curve", "pro_curve_from_sweep", "pni_pro_curve", "Sweep", "sweep", "label_regions",
-    "auroc_from_sweep", "best_f1_from_sweep", "aupro_from_sweep", "F1_EPS",
+    "image_auroc",
+    "pixel_auroc",
+    "best_f1_threshold",
+    "aupro_mvtec",
+    "aupro_pni",
+    "roc_curve_points",
+    "pro_curve",
+    "pro_curve_from_sweep",
+    "pni_pro_curve",
+    "Sweep",
+    "sweep",
+    "label_regions",
+    "auroc_from_sweep",
+    "best_f1_from_sweep",
+    "aupro_from_sweep",
+    "F1_EPS",
 ]
 
 F1_EPS = 1e-6
@@ -62,7 +75,7 @@ class Sweep:
     fp: np.ndarray
     n_pos: int
     n_neg: int
-    pro: Optional[np.ndarray] = None
+    pro: np.ndarray | None = None
     n_regions: int = 0
 
 
@@ -72,8 +85,9 @@ def _check_finite(scores: np.ndarray) -> None:
 
 
 def _is_small_int(scores: np.ndarray) -> bool:
-    return (scores.dtype.kind in "ui" and scores.size > 0 and int(scores.min()) >= 0
-            and int(scores.max()) < _INT_HIST_LIMIT)
+    return (
+        scores.dtype.kind in "ui" and scores.size > 0 and int(scores.min()) >= 0 and int(scores.max()) < _INT_HIST_LIMIT
+    )
 
 
 def _f32_sort_key(values: np.ndarray) -> np.ndarray:
@@ -88,7 +102,7 @@ def _f32_from_key(keys: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
-def _descending_sums(scores: np.ndarray, ids: np.ndarray, id_weights: Optional[np.ndarray] = None):
+def _descending_sums(scores: np.ndarray, ids: np.ndarray, id_weights: np.ndarray | None = None):
     """Sweep helper. ``ids``: 0 for negatives, > 0 for positives (a region id, or 1).
 
     Returns the distinct scores (descending) and, for each, the number of positives, the
@@ -113,8 +127,11 @@ def _descending_sums(scores: np.ndarray, ids: np.ndarray, id_weights: Optional[n
             w = id_weights[ids[pos_mask]]
             ws = np.cumsum(np.bincount(pos_scores, weights=w, minlength=nbins)[present])
         return present.astype(scores.dtype), tp, fp, ws
-    if scores.dtype == np.float32 or scores.dtype == np.float16 or (
-            scores.dtype.kind == "f" and np.array_equal(scores.astype(np.float32), scores)):
+    if (
+        scores.dtype == np.float32
+        or scores.dtype == np.float16
+        or (scores.dtype.kind == "f" and np.array_equal(scores.astype(np.float32), scores))
+    ):
         if ids.size and int(ids.max()) >= 1 << 32:
             raise ValueError("too many regions")
         keys = _f32_sort_key(scores).astype(np.uint64) << np.uint64(32)
@@ -158,8 +175,7 @@ def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def sweep(labels_or_masks, scores, with_pro: bool = False,
-          regions: Optional[tuple[np.ndarray, int]] = None) -> Sweep:
+def sweep(labels_or_masks, scores, with_pro: bool = False, regions: tuple[np.ndarray, int] | None = None) -> Sweep:
     """Threshold sweep of ``scores`` against binary ground truth (any shape).
 
     With ``with_pro`` the inputs must be (N, H, W) masks and maps and the MVTec PRO
@@ -185,8 +201,9 @@ def sweep(labels_or_masks, scores, with_pro: bool = False,
 
 def _need_both(sw: Sweep, what: str) -> None:
     if sw.n_pos == 0 or sw.n_neg == 0:
-        raise ValueError(f"{what} needs both normal and defective samples "
-                         f"(got {sw.n_neg} normal, {sw.n_pos} defective)")
+        raise ValueError(
+            f"{what} needs both normal and defective samples (got {sw.n_neg} normal, {sw.n_pos} defective)"
+        )
 
 
 def auroc_from_sweep(sw: Sweep) -> float:
@@ -277,8 +294,7 @@ def aupro_mvtec(masks, maps, fpr_limit: float = 0.3) -> float:
     return aupro_from_sweep(sweep(masks, maps, with_pro=True), fpr_limit)
 
 
-def pni_pro_curve(masks, maps, max_steps: int = 2000,
-                  regions: Optional[tuple[np.ndarray, int]] = None):
+def pni_pro_curve(masks, maps, max_steps: int = 2000, regions: tuple[np.ndarray, int] | None = None):
     """The original PNI code's curve: ``(fpr, pro, thresholds)`` at its ``max_steps``
     equally spaced thresholds (highest first). ``regions`` may pass a precomputed
     :func:`label_regions` result."""
@@ -312,8 +328,9 @@ def pni_pro_curve(masks, maps, max_steps: int = 2000,
     return fpr, pro, thr
 
 
-def aupro_pni(masks, maps, max_steps: int = 2000, fpr_limit: float = 0.3,
-              regions: Optional[tuple[np.ndarray, int]] = None) -> float:
+def aupro_pni(
+    masks, maps, max_steps: int = 2000, fpr_limit: float = 0.3, regions: tuple[np.ndarray, int] | None = None
+) -> float:
     """The original PNI AUPRO (see the module docstring); NaN when no kept threshold
     produces a false positive."""
     fpr, pro, _ = pni_pro_curve(masks, maps, max_steps, regions)

@@ -11,6 +11,7 @@ Plain ``nn.Module`` on tensors, no Lightning: ``pni.lightning.ScoringModule`` ru
 Lightning device. The MLP's window layout is the variant's (``config.variant``); there is
 no way to pair a model with another layout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,19 @@ ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scori
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     """The :class:`ScoringConfig` of parsed ``train_coreset_distribution.py`` flags
     (``chunk_size`` is chosen per device by :class:`PNIModel`)."""
-    return ScoringConfig(anomaly_nn=args.anomaly_nn, patchsize=args.patchsize, prob_gamma=args.prob_gamma,
-                         softmax_temperature_alpha=args.softmax_temperature_alpha,
-                         softmax_nb_gamma=args.softmax_nb_gamma, softmax_coor_gamma=args.softmax_coor_gamma,
-                         variant=args.variant, mask_workers=args.mask_workers, imagesize=args.imagesize,
-                         blursigma=args.blursigma, chunk_size=None)
+    return ScoringConfig(
+        anomaly_nn=args.anomaly_nn,
+        patchsize=args.patchsize,
+        prob_gamma=args.prob_gamma,
+        softmax_temperature_alpha=args.softmax_temperature_alpha,
+        softmax_nb_gamma=args.softmax_nb_gamma,
+        softmax_coor_gamma=args.softmax_coor_gamma,
+        variant=args.variant,
+        mask_workers=args.mask_workers,
+        imagesize=args.imagesize,
+        blursigma=args.blursigma,
+        chunk_size=None,
+    )
 
 
 class PNIModel(nn.Module):
@@ -48,8 +57,15 @@ class PNIModel(nn.Module):
     free memory of the device the model runs on (chosen once per device).
     """
 
-    def __init__(self, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, artefacts: ScoringArtefacts,
-                 config: ScoringConfig, dist_padding: int, resize: int) -> None:
+    def __init__(
+        self,
+        extractor: PatchFeatureExtractor,
+        mlp: NeighbourhoodMLP,
+        artefacts: ScoringArtefacts,
+        config: ScoringConfig,
+        dist_padding: int,
+        resize: int,
+    ) -> None:
         super().__init__()
         self.extractor = extractor
         self.mlp = mlp.eval()
@@ -63,15 +79,25 @@ class PNIModel(nn.Module):
         dropped_slot(self.dist_padding, self.layout)  # refuses an unknown variant now
 
     @classmethod
-    def from_arrays(cls, extractor: PatchFeatureExtractor, mlp: NeighbourhoodMLP, coresets: dict[str, np.ndarray],
-                    priors: dict[str, np.ndarray], config: ScoringConfig, dist_padding: int,
-                    resize: int) -> "PNIModel":
+    def from_arrays(
+        cls,
+        extractor: PatchFeatureExtractor,
+        mlp: NeighbourhoodMLP,
+        coresets: dict[str, np.ndarray],
+        priors: dict[str, np.ndarray],
+        config: ScoringConfig,
+        dist_padding: int,
+        resize: int,
+    ) -> PNIModel:
         """From the stage artefacts: ``coresets`` ``{without_edge, with_edge, distribution}``
         ``(K, E)`` and ``priors`` ``{without_edge, with_edge}`` ``(P, K)``; computes ``m(k)``."""
         artefacts = ScoringArtefacts.build(
-            torch.as_tensor(coresets["without_edge"]), torch.as_tensor(coresets["with_edge"]),
-            torch.as_tensor(coresets["distribution"]), torch.as_tensor(priors["without_edge"]),
-            torch.as_tensor(priors["with_edge"]))
+            torch.as_tensor(coresets["without_edge"]),
+            torch.as_tensor(coresets["with_edge"]),
+            torch.as_tensor(coresets["distribution"]),
+            torch.as_tensor(priors["without_edge"]),
+            torch.as_tensor(priors["with_edge"]),
+        )
         return cls(extractor, mlp, artefacts, config, dist_padding, resize)
 
     # ------------------------------------------------------------ settings
@@ -103,7 +129,7 @@ class PNIModel(nn.Module):
         """RGB PIL image -> the model's input tensor (resize, centre crop, normalisation)."""
         return image_transform(self.resize, self.imagesize)
 
-    def train(self, mode: bool = True) -> "PNIModel":  # a trained model: dropout and BN stay in eval
+    def train(self, mode: bool = True) -> PNIModel:  # a trained model: dropout and BN stay in eval
         return super().train(False)
 
     # ------------------------------------------------------------ scoring
@@ -113,7 +139,9 @@ class PNIModel(nn.Module):
             return self.config
         if device not in self._chunks:
             # ~6 temporaries of (rows x coreset size) float32 in at most 1/8 of the free memory
-            widest = max(len(self.embedding_with_edge), len(self.embedding_without_edge) + len(self.distribution_coreset))
+            widest = max(
+                len(self.embedding_with_edge), len(self.embedding_without_edge) + len(self.distribution_coreset)
+            )
             self._chunks[device] = scoring_rows(widest, device)
         return dataclasses.replace(self.config, chunk_size=self._chunks[device])
 
@@ -125,10 +153,17 @@ class PNIModel(nn.Module):
         chunk = window_chunk
         if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
             n_win = (2 * self.dist_padding + 1) ** 2 - 1
-            chunk = rows_for(4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
-                             fraction=0.125, device=grid.device, lo=64, hi=8192)
-        out = [self.mlp(grid_windows(grid, positions[s: s + chunk], self.dist_padding, self.layout))
-               for s in range(0, len(positions), chunk)]
+            chunk = rows_for(
+                4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
+                fraction=0.125,
+                device=grid.device,
+                lo=64,
+                hi=8192,
+            )
+        out = [
+            self.mlp(grid_windows(grid, positions[s : s + chunk], self.dist_padding, self.layout))
+            for s in range(0, len(positions), chunk)
+        ]
         return torch.cat(out)
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ made with incompatible settings.
 
 Interruptions, settings records and the test hook: see :mod:`pni.artefacts`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -26,8 +28,6 @@ from torch.utils.data import DataLoader
 
 from pni import coreset as cs
 from pni import distributed
-from pni.cli import parse_devices
-from pni.console import Progress, print_table, trainer_progress
 from pni.artefacts import (
     COOR_KEYS,
     CORESET_KEYS,
@@ -48,7 +48,9 @@ from pni.artefacts import (
     settings_of,
     test_hook,
 )
+from pni.cli import parse_devices
 from pni.config import embedding_dir
+from pni.console import Progress, print_table, trainer_progress
 from pni.data.datasets import build_datasets, training_set_digest
 from pni.data.transforms import denormalize
 from pni.distributions import (
@@ -77,7 +79,6 @@ from pni.lightning import (
 )
 from pni.memory import available_bytes
 from pni.model import PNIModel, scoring_config
-from pni.scoring import interior_indices
 from pni.results import (
     MAP_NAMES,
     append_score_result,
@@ -88,6 +89,7 @@ from pni.results import (
     write_image_scores,
     write_sample,
 )
+from pni.scoring import interior_indices
 
 log = logging.getLogger("pni")
 
@@ -95,15 +97,22 @@ log = logging.getLogger("pni")
 IN_MEMORY_BANK_BYTES = int(os.environ.get("PNI_IN_MEMORY_BANK_BYTES", 4 * 2**30))
 
 
-def _trainer(args: argparse.Namespace, progress: Progress | None = None, callbacks: Sequence[pl.Callback] = (),
-             **kwargs: Any) -> pl.Trainer:
+def _trainer(
+    args: argparse.Namespace, progress: Progress | None = None, callbacks: Sequence[pl.Callback] = (), **kwargs: Any
+) -> pl.Trainer:
     """A Trainer for one stage, shown as ``progress`` (see :func:`pni.console.trainer_progress`),
     with ``callbacks`` besides the progress bar's."""
     shown = trainer_progress(progress)
-    defaults = dict(accelerator=args.accelerator, devices=parse_devices(args.devices), logger=False,
-                    enable_checkpointing=False, enable_model_summary=False, deterministic=False,
-                    enable_progress_bar=shown["enable_progress_bar"],
-                    callbacks=list(shown.get("callbacks", [])) + list(callbacks))
+    defaults = dict(
+        accelerator=args.accelerator,
+        devices=parse_devices(args.devices),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=False,
+        enable_progress_bar=shown["enable_progress_bar"],
+        callbacks=list(shown.get("callbacks", [])) + list(callbacks),
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -114,11 +123,14 @@ def check_trainer_flags(args: argparse.Namespace) -> None:
     distributed.check_devices(args.accelerator, args.devices)
     try:
         _trainer(args, devices=1, strategy="auto")
-        _trainer(args, precision=_precision(args), **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+        _trainer(
+            args, precision=_precision(args), **distributed.devices_and_strategy(args, getattr(args, "ddp", False))
+        )
     except Exception as exc:  # noqa: BLE001 - Lightning's configuration errors
         text = " ".join(str(exc).split()) or type(exc).__name__
-        raise PNIError(f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}: "
-                       f"{text}") from None
+        raise PNIError(
+            f"--accelerator {args.accelerator} --devices {args.devices} --strategy {args.strategy}: {text}"
+        ) from None
 
 
 class _TestHookCallback(pl.Callback):
@@ -132,9 +144,17 @@ class _TestHookCallback(pl.Callback):
 # ---------------------------------------------------------------- stage helpers
 
 
-def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBankModule, on_disk: bool = False,
-                 probed: tuple[torch.Tensor, int | None] | None = None, progress: Progress | None = None,
-                 **module_kwargs):
+def extract_bank(
+    args,
+    extractor,
+    train_ds,
+    scratch: Path,
+    module_cls=FeatureBankModule,
+    on_disk: bool = False,
+    probed: tuple[torch.Tensor, int | None] | None = None,
+    progress: Progress | None = None,
+    **module_kwargs,
+):
     """Run the extractor over the training set into a preallocated bank ``(N, R, C, E)``
     (``--feature_bank_dtype``): an array, or a memory map in ``scratch`` when it is larger
     than ``IN_MEMORY_BANK_BYTES`` or ``on_disk`` (other processes open it). ``probed``: the
@@ -152,8 +172,12 @@ def extract_bank(args, extractor, train_ds, scratch: Path, module_cls=FeatureBan
     # Extraction temporaries of a batch: at most a quarter of the bank (at least 256 MiB) on
     # the host, so the stage's peak stays near the bank's own size; half the free GPU memory.
     budget = None if _on_gpu(args) else min(available_bytes() // 4, max(256 * 2**20, nbytes // 4))
-    loader = DataLoader(IndexedDataset(train_ds), batch_size=_batch_size(args, per_image, budget), shuffle=False,
-                        num_workers=args.num_workers)
+    loader = DataLoader(
+        IndexedDataset(train_ds),
+        batch_size=_batch_size(args, per_image, budget),
+        shuffle=False,
+        num_workers=args.num_workers,
+    )
     if progress is not None:
         progress.add_total(len(loader))
     trainer = _trainer(args, progress, devices=1, strategy="auto", callbacks=[_TestHookCallback()])
@@ -192,8 +216,10 @@ def _probe(extractor, image: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     hook = None
     if isinstance(body, torch.nn.Module):
         hook = body.register_forward_hook(
-            lambda _m, _i, out: shapes.update({k: tuple(v.shape) for k, v in out.items()})
-            if isinstance(out, dict) else None)
+            lambda _m, _i, out: (
+                shapes.update({k: tuple(v.shape) for k, v in out.items()}) if isinstance(out, dict) else None
+            )
+        )
     try:
         probe = extractor(image[None])
     finally:
@@ -217,8 +243,9 @@ def _batch_size(args: argparse.Namespace, per_image_bytes: int | None = None, bu
     return max(1, min(default, int(budget // per_image_bytes)))
 
 
-def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
-                   progress: Progress | None = None) -> np.ndarray:
+def build_coresets(
+    args, extractor, train_ds, out_dir: Path, scratch: Path, progress: Progress | None = None
+) -> np.ndarray:
     """Stage 1: feature bank, greedy selections, the three faiss files. Returns the bank.
     ``progress`` counts extraction batches and greedy steps."""
     pad = (args.patchsize - 1) // 2
@@ -233,18 +260,33 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
     if min(k_emb, k_emb_edge) < 1:
         raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects no patch of {n_without}")
     if args.dist_coreset_size >= n_without:
-        raise PNIError(f"--dist_coreset_size {args.dist_coreset_size} must be below the {n_without} interior "
-                       "training patches (the greedy start point is not selected); lower it or add training images")
+        raise PNIError(
+            f"--dist_coreset_size {args.dist_coreset_size} must be below the {n_without} interior "
+            "training patches (the greedy start point is not selected); lower it or add training images"
+        )
     if k_emb >= n_without or k_emb_edge >= n_with:
-        raise PNIError(f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
-                       "but the greedy start point is not selected; use a smaller fraction")
+        raise PNIError(
+            f"--subsampling_percentage {args.subsampling_percentage} selects every training patch, "
+            "but the greedy start point is not selected; use a smaller fraction"
+        )
     check_anomaly_nn(args, k_emb_edge)
     n_select = {"without_edge": max(k_emb, args.dist_coreset_size), "with_edge": k_emb_edge}
     if progress is not None:
         progress.add_total(sum(n_select.values()))
-    bank, module = extract_bank(args, extractor, train_ds, scratch, CoresetModule, on_disk=_share_bank(args),
-                                probed=probed, progress=progress, pad=pad, n_select=n_select, seed=args.seed,
-                                track=progress.track if progress is not None else None)
+    bank, module = extract_bank(
+        args,
+        extractor,
+        train_ds,
+        scratch,
+        CoresetModule,
+        on_disk=_share_bank(args),
+        probed=probed,
+        progress=progress,
+        pad=pad,
+        n_select=n_select,
+        seed=args.seed,
+        track=progress.track if progress is not None else None,
+    )
     sel_without = module.selections["without_edge"].numpy()
     sel_with = module.selections["with_edge"].numpy()
     flat = bank.reshape(-1, bank.shape[-1])  # a view (no copy of the bank)
@@ -255,25 +297,36 @@ def build_coresets(args, extractor, train_ds, out_dir: Path, scratch: Path,
         return np.ascontiguousarray(bank[img, row + pad, col + pad], dtype=np.float32)
 
     names = coreset_file_names(args)
-    vectors = {"without_edge": interior(sel_without[:k_emb]),
-               "distribution": interior(sel_without[: args.dist_coreset_size]),
-               "with_edge": np.ascontiguousarray(flat[sel_with], dtype=np.float32)}
+    vectors = {
+        "without_edge": interior(sel_without[:k_emb]),
+        "distribution": interior(sel_without[: args.dist_coreset_size]),
+        "with_edge": np.ascontiguousarray(flat[sel_with], dtype=np.float32),
+    }
     begin_stage(out_dir / "coreset_settings.json")
     for key in ("without_edge", "distribution", "with_edge"):
         cs.save_index(cs.build_index(vectors[key]), out_dir / names[key])
         test_hook("coreset_index")
-    save_json(out_dir / "coreset_settings.json",
-              {**settings_of(args, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)})
-    log.info("coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches",
-             k_emb, k_emb_edge, args.dist_coreset_size, n_without, n_with)
+    save_json(
+        out_dir / "coreset_settings.json", {**settings_of(args, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)}
+    )
+    log.info(
+        "coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches",
+        k_emb,
+        k_emb_edge,
+        args.dist_coreset_size,
+        n_without,
+        n_with,
+    )
     return bank
 
 
 def check_anomaly_nn(args, with_edge_size: int) -> None:
     """``--anomaly_nn`` neighbours must exist in the with-edge coreset (checked before training)."""
     if args.anomaly_nn > with_edge_size:
-        raise PNIError(f"--anomaly_nn {args.anomaly_nn} exceeds the {with_edge_size} entries of the with-edge "
-                       "coreset; lower it (or raise --subsampling_percentage)")
+        raise PNIError(
+            f"--anomaly_nn {args.anomaly_nn} exceeds the {with_edge_size} entries of the with-edge "
+            "coreset; lower it (or raise --subsampling_percentage)"
+        )
 
 
 def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
@@ -290,36 +343,49 @@ def load_coresets(args, out_dir: Path) -> dict[str, np.ndarray]:
         except Exception as exc:
             raise PNIError(f"cannot read coreset {path}: {str(exc).splitlines()[0]}") from None
         if out[key].ndim != 2 or out[key].shape[1] != args.target_embed_dimension:
-            raise PNIError(f"{path} holds {out[key].shape[-1]}-dim features, but --target_embed_dimension is "
-                           f"{args.target_embed_dimension}")
+            raise PNIError(
+                f"{path} holds {out[key].shape[-1]}-dim features, but --target_embed_dimension is "
+                f"{args.target_embed_dimension}"
+            )
     if len(out["distribution"]) != args.dist_coreset_size:
-        raise PNIError(f"{out_dir / coreset_file_names(args)['distribution']} holds {len(out['distribution'])} "
-                       f"entries, but --dist_coreset_size is {args.dist_coreset_size}")
+        raise PNIError(
+            f"{out_dir / coreset_file_names(args)['distribution']} holds {len(out['distribution'])} "
+            f"entries, but --dist_coreset_size is {args.dist_coreset_size}"
+        )
     if settings_path.is_file():
         recorded = load_json(settings_path).get(DIGEST_KEY)
         if recorded is not None and recorded != coreset_digest(out):
-            raise PNIError(f"the coreset files in {out_dir} are not the ones {settings_path.name} was written for "
-                           "(replaced or copied from another run?); re-run with --train_coreset")
+            raise PNIError(
+                f"the coreset files in {out_dir} are not the ones {settings_path.name} was written for "
+                "(replaced or copied from another run?); re-run with --train_coreset"
+            )
     return out
 
 
-def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
-                        progress: Progress | None = None) -> None:
+def train_neighbourhood(
+    args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path, progress: Progress | None = None
+) -> None:
     """Stage 2: label interior training positions by their nearest distribution entry and
     train the neighbourhood MLP; keeps the best-validation weights. ``progress`` counts
     training batches."""
     pad = (args.patchsize - 1) // 2
     n_img, n_rows, n_cols, dim = bank.shape
     index = cs.use_gpu_index(cs.build_index(coresets["distribution"]))
-    interior = bank[:, pad:n_rows - pad, pad:n_cols - pad]
+    interior = bank[:, pad : n_rows - pad, pad : n_cols - pad]
     labels = np.stack([cs.nearest_ids(index, np.asarray(interior[i]).reshape(-1, dim)) for i in range(n_img)])
     n_windows = (2 * args.dist_padding + 1) ** 2 - 1
     ckpt = out_dir / mlp_file_name(args.dist_padding, args.dist_coreset_size, args.num_layers)
     settings = {**settings_of(args, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
     child = distributed.is_child()  # DDP ranks > 0 train but write nothing
     # built first: a flag Lightning refuses must not cost the saved model
-    trainer = _trainer(args, progress, max_epochs=args.num_epochs, num_sanity_val_steps=0, precision=_precision(args),
-                       **distributed.devices_and_strategy(args, getattr(args, "ddp", False)))
+    trainer = _trainer(
+        args,
+        progress,
+        max_epochs=args.num_epochs,
+        num_sanity_val_steps=0,
+        precision=_precision(args),
+        **distributed.devices_and_strategy(args, getattr(args, "ddp", False)),
+    )
     if not child:
         begin_stage(out_dir / "nb_settings.json")
     # The same seed gives the same model whichever other stages ran before in this process.
@@ -331,8 +397,9 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
         saved.append(val_loss)
         test_hook("nb_checkpoint")
 
-    module = NeighbourhoodModule(n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate,
-                                 args.step_size, on_best)
+    module = NeighbourhoodModule(
+        n_windows * dim, args.dist_coreset_size, args.num_layers, args.learning_rate, args.step_size, on_best
+    )
     train_ids, val_ids = split_train_val(labels.size, args.seed)
     collate = WindowCollate(bank, labels, pad, args.dist_padding, args.variant)
     train_loader = window_loader(train_ids, collate, args.dist_batchsize, True, args.seed, args.num_workers)
@@ -346,8 +413,9 @@ def train_neighbourhood(args, bank: np.ndarray, coresets: dict[str, np.ndarray],
     save_json(out_dir / "nb_settings.json", settings)
 
 
-def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path,
-                   progress: Progress | None = None) -> None:
+def train_position(
+    args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_dir: Path, progress: Progress | None = None
+) -> None:
     """Stage 3: the two position priors (interior / without-edge coreset and all positions /
     with-edge coreset), normalised per position, as ``.npy``. ``progress`` counts images
     (twice: once per prior)."""
@@ -365,12 +433,19 @@ def train_position(args, bank: np.ndarray, coresets: dict[str, np.ndarray], out_
             grid = np.asarray(bank[i])
             if with_edge:
                 ids = cs.nearest_ids(index, grid.reshape(-1, dim))
-                position_prior_counts(torch.as_tensor(ids)[None], (n_rows, n_cols), len(entries),
-                                      args.dist_padding, counts=counts)
+                position_prior_counts(
+                    torch.as_tensor(ids)[None], (n_rows, n_cols), len(entries), args.dist_padding, counts=counts
+                )
             else:
-                ids = cs.nearest_ids(index, grid[pad:n_rows - pad, pad:n_cols - pad].reshape(-1, dim))
-                position_prior_counts(torch.as_tensor(ids)[None], (n_rows, n_cols), len(entries),
-                                      args.dist_padding, positions=interior_pos, counts=counts)
+                ids = cs.nearest_ids(index, grid[pad : n_rows - pad, pad : n_cols - pad].reshape(-1, dim))
+                position_prior_counts(
+                    torch.as_tensor(ids)[None],
+                    (n_rows, n_cols),
+                    len(entries),
+                    args.dist_padding,
+                    positions=interior_pos,
+                    counts=counts,
+                )
             if progress is not None:
                 progress.update()
         prior = normalise_rows(counts).numpy()
@@ -391,8 +466,10 @@ def load_position_priors(args, out_dir: Path, coresets: dict[str, np.ndarray]) -
         except (OSError, ValueError) as exc:
             raise PNIError(f"cannot read position prior {path}: {exc}; re-run with --train_coor_dist") from None
         if prior.ndim != 2 or prior.shape[1] != len(coresets[key]):
-            raise PNIError(f"{path} has shape {prior.shape}, but the coreset has {len(coresets[key])} entries; "
-                           "re-run with --train_coor_dist")
+            raise PNIError(
+                f"{path} has shape {prior.shape}, but the coreset has {len(coresets[key])} entries; "
+                "re-run with --train_coor_dist"
+            )
         out[key] = prior
     return out
 
@@ -408,25 +485,33 @@ def load_neighbourhood_model(args, out_dir: Path, coresets: dict[str, np.ndarray
     original = "args" in ckpt and "model" in ckpt and DIGEST_KEY not in saved
     layout = checkpoint_layout(saved, original)
     if layout != args.variant:
-        raise PNIError(f"neighbourhood model {path} was trained with the {layout} window layout, but --variant is "
-                       f"{args.variant}; use --variant {layout} or re-run with --train_nb_dist")
+        raise PNIError(
+            f"neighbourhood model {path} was trained with the {layout} window layout, but --variant is "
+            f"{args.variant}; use --variant {layout} or re-run with --train_nb_dist"
+        )
     detail = compare_settings(saved, args, ORIGINAL_NB_KEYS if original else NB_KEYS)
     if detail:
-        raise PNIError(f"neighbourhood model {path} was made with other settings: {detail}; "
-                       "re-run with --train_nb_dist or change the flags back")
+        raise PNIError(
+            f"neighbourhood model {path} was made with other settings: {detail}; "
+            "re-run with --train_nb_dist or change the flags back"
+        )
     if saved.get(DIGEST_KEY) not in (None, digest):
-        raise PNIError(f"neighbourhood model {path} was made from other coresets than the ones in {out_dir}; "
-                       "re-run with --train_nb_dist")
+        raise PNIError(
+            f"neighbourhood model {path} was made from other coresets than the ones in {out_dir}; "
+            "re-run with --train_nb_dist"
+        )
     try:
         mlp = mlp_from_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, AttributeError, IndexError) as exc:
         raise PNIError(f"{path} is not a valid neighbourhood model: {str(exc).splitlines()[0]}") from None
     expected_in = ((2 * args.dist_padding + 1) ** 2 - 1) * args.target_embed_dimension
     if mlp.first_layer[0].in_features != expected_in or mlp.last_layer[0].out_features != len(coresets["distribution"]):
-        raise PNIError(f"neighbourhood model {path} (input {mlp.first_layer[0].in_features}, "
-                       f"{mlp.last_layer[0].out_features} classes) does not fit --dist_padding {args.dist_padding}, "
-                       f"--target_embed_dimension {args.target_embed_dimension}, --dist_coreset_size "
-                       f"{args.dist_coreset_size}; re-run with --train_nb_dist")
+        raise PNIError(
+            f"neighbourhood model {path} (input {mlp.first_layer[0].in_features}, "
+            f"{mlp.last_layer[0].out_features} classes) does not fit --dist_padding {args.dist_padding}, "
+            f"--target_embed_dimension {args.target_embed_dimension}, --dist_coreset_size "
+            f"{args.dist_coreset_size}; re-run with --train_nb_dist"
+        )
     return mlp
 
 
@@ -449,8 +534,10 @@ class ResultCollector:
         maps = {m: result.maps[m].detach().float().cpu().numpy() for m in MAP_NAMES}
         broken = [m for m in MAP_NAMES if not np.isfinite(maps[m]).all()]
         if broken:
-            raise PNIError(f"the {broken[0]} map of {meta.get('path', meta['stem'])} has NaN or infinite values; "
-                           "check --prob_gamma, --softmax_temperature_alpha and the backbone weights")
+            raise PNIError(
+                f"the {broken[0]} map of {meta.get('path', meta['stem'])} has NaN or infinite values; "
+                "check --prob_gamma, --softmax_temperature_alpha and the backbone weights"
+            )
         image = denormalize(meta["image"].cpu())
         gt = (meta["mask"].cpu().numpy()[0] > 0.5).astype(np.uint8)
         defect_type, stem, label = str(meta["defect_type"]), str(meta["stem"]), int(meta["label"])
@@ -468,16 +555,19 @@ class ResultCollector:
         return auroc_scores(self.labels, self.image_scores, self.masks if with_masks else None, self.maps)
 
 
-def scores_from_samples(sample_dir: Path, rows: list[list], image_scores: list,
-                        with_masks: bool = True) -> dict[str, float | None]:
+def scores_from_samples(
+    sample_dir: Path, rows: list[list], image_scores: list, with_masks: bool = True
+) -> dict[str, float | None]:
     """P- and I-AUROC of each map family from the written sample files, the image rows
     (``[defect_type, stem, label, ...]``) and each image's scores in ``MAP_NAMES`` order;
     what rank 0 computes under DDP."""
     samples = [read_sample(sample_dir, str(r[0]), str(r[1])) for r in rows]
-    return auroc_scores([int(r[2]) for r in rows],
-                        {m: [float(v[j]) for v in image_scores] for j, m in enumerate(MAP_NAMES)},
-                        [smp["gt"] for smp in samples] if with_masks else None,
-                        {m: [smp[m] for smp in samples] for m in MAP_NAMES})
+    return auroc_scores(
+        [int(r[2]) for r in rows],
+        {m: [float(v[j]) for v in image_scores] for j, m in enumerate(MAP_NAMES)},
+        [smp["gt"] for smp in samples] if with_masks else None,
+        {m: [smp[m] for smp in samples] for m in MAP_NAMES},
+    )
 
 
 def _precision(args: argparse.Namespace) -> str:
@@ -494,22 +584,27 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp, progress: Progress
     ddp = bool(getattr(args, "ddp", False))
     child = distributed.is_child()
     per_image = _check_grid(args, extractor, priors)
-    model = PNIModel.from_arrays(extractor, mlp, coresets, priors, scoring_config(args), args.dist_padding,
-                                 args.resize)
+    model = PNIModel.from_arrays(extractor, mlp, coresets, priors, scoring_config(args), args.dist_padding, args.resize)
 
     score_csv = Path(args.project_root_path) / "score_result.csv"
     check_score_result(score_csv)  # fail now, not after scoring every image
     # under DDP rank 0 names the folder and the other ranks take it (pni.distributed.shared)
-    partial = Path(distributed.shared("version_dir", lambda: str(new_version_dir(args)))) if ddp \
-        else new_version_dir(args)
+    partial = (
+        Path(distributed.shared("version_dir", lambda: str(new_version_dir(args)))) if ddp else new_version_dir(args)
+    )
     try:
         sample_dir = make_dir(partial / "sample")
         collector = ResultCollector(sample_dir)
         module = ScoringModule(model, collector)
-        loader = DataLoader(IndexedDataset(test_ds), batch_size=_batch_size(args, per_image), shuffle=False,
-                            num_workers=args.num_workers)
-        trainer = _trainer(args, progress, logger=False, precision=_precision(args),
-                           **distributed.devices_and_strategy(args, ddp))
+        loader = DataLoader(
+            IndexedDataset(test_ds),
+            batch_size=_batch_size(args, per_image),
+            shuffle=False,
+            num_workers=args.num_workers,
+        )
+        trainer = _trainer(
+            args, progress, logger=False, precision=_precision(args), **distributed.devices_and_strategy(args, ddp)
+        )
         interruptible(trainer.test, module, loader, verbose=False)
         rows = collector.rows
         if ddp:  # every rank's rows, once each (the distributed sampler repeats a few images)
@@ -527,32 +622,51 @@ def run_test(args, extractor, test_ds, coresets, priors, mlp, progress: Progress
         write_image_scores(partial / "image_scores.csv", rows)
         with_masks = getattr(test_ds, "has_masks", True)
         if not with_masks:
-            print(f"note: the test images of {args.category} have no ground_truth/ masks: image-level results "
-                  "only (P-AUROC columns left empty)", flush=True)
-        scores = scores_from_samples(sample_dir, rows, image_scores, with_masks) if ddp \
-            else collector.scores(with_masks)
+            print(
+                f"note: the test images of {args.category} have no ground_truth/ masks: image-level results "
+                "only (P-AUROC columns left empty)",
+                flush=True,
+            )
+        scores = (
+            scores_from_samples(sample_dir, rows, image_scores, with_masks) if ddp else collector.scores(with_masks)
+        )
         save_json(partial / "settings.json", vars(args))
         version_dir = publish_version_dir(partial)
     except BaseException:
         if not child:
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    settings = {"category": args.category, "backbone": args.backbone, "version": version_dir.name,
-                "seed": args.seed, "imagesize": args.imagesize, "subsampling_percentage": args.subsampling_percentage,
-                "anomaly_nn": args.anomaly_nn, "dist_coreset_size": args.dist_coreset_size,
-                "dist_padding": args.dist_padding, "num_layers": args.num_layers, "variant": args.variant,
-                "mask_workers": args.mask_workers}
+    settings = {
+        "category": args.category,
+        "backbone": args.backbone,
+        "version": version_dir.name,
+        "seed": args.seed,
+        "imagesize": args.imagesize,
+        "subsampling_percentage": args.subsampling_percentage,
+        "anomaly_nn": args.anomaly_nn,
+        "dist_coreset_size": args.dist_coreset_size,
+        "dist_padding": args.dist_padding,
+        "num_layers": args.num_layers,
+        "variant": args.variant,
+        "mask_workers": args.mask_workers,
+    }
     append_score_result(score_csv, settings, scores)
-    return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
-            "version_dir": str(version_dir), **scores}
+    return {
+        "category": args.category,
+        "variant": args.variant,
+        "mask_workers": args.mask_workers,
+        "version_dir": str(version_dir),
+        **scores,
+    }
 
 
 def check_grid_size(args, n_rows: int, n_cols: int) -> None:
     """The ``n_rows x n_cols`` feature grid must have interior positions for ``--patchsize``."""
     pad = (args.patchsize - 1) // 2
     if n_rows <= 2 * pad or n_cols <= 2 * pad:
-        raise PNIError(f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize "
-                       f"{args.patchsize}")
+        raise PNIError(
+            f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid, too small for --patchsize {args.patchsize}"
+        )
 
 
 def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
@@ -566,9 +680,11 @@ def _check_grid(args, extractor, priors: dict[str, np.ndarray]) -> int | None:
     check_grid_size(args, n_rows, n_cols)
     n_positions = len(priors["with_edge"])
     if n_rows * n_cols != n_positions or len(priors["without_edge"]) != n_positions:
-        raise PNIError(f"the position priors in {embedding_dir(args)} cover {n_positions} grid positions, but "
-                       f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid; re-run with --train_coor_dist "
-                       "or change the flags back")
+        raise PNIError(
+            f"the position priors in {embedding_dir(args)} cover {n_positions} grid positions, but "
+            f"--imagesize {args.imagesize} gives a {n_rows}x{n_cols} grid; re-run with --train_coor_dist "
+            "or change the flags back"
+        )
     return per_image
 
 
@@ -590,30 +706,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_trainer_flags(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     out_dir = embedding_dir(args)
-    train_ds, test_ds = build_datasets(args.dataset_category, args.dataset_path, args.category,
-                                       resize=args.resize, imagesize=args.imagesize)
+    train_ds, test_ds = build_datasets(
+        args.dataset_category, args.dataset_path, args.category, resize=args.resize, imagesize=args.imagesize
+    )
     training = args.train_coreset or args.train_nb_dist or args.train_coor_dist
     if args.max_train_images:
         train_ds = torch.utils.data.Subset(train_ds, range(min(args.max_train_images, len(train_ds))))
     # What decides the features besides the flags, recorded with every stage's settings.
     args.backbone_weights_digest = weights_digest(args.backbone, args.backbone_weights, args.random_init)
     args.training_set_digest = training_set_digest(
-        [train_ds.dataset.samples[i] for i in train_ds.indices] if isinstance(train_ds, torch.utils.data.Subset)
-        else train_ds.samples, args.dataset_path)
+        [train_ds.dataset.samples[i] for i in train_ds.indices]
+        if isinstance(train_ds, torch.utils.data.Subset)
+        else train_ds.samples,
+        args.dataset_path,
+    )
     check_saved_stages(args, out_dir)
     if not child:  # the test stage's outputs, checked before hours of training
         check_output_dir(args.project_root_path, "--project_root_path")
         check_score_result(Path(args.project_root_path) / "score_result.csv")
-    extractor = build_feature_extractor(args.backbone, args.layer_index, args.pretrain_embed_dimension,
-                                        args.target_embed_dimension, args.patchsize, args.backbone_weights,
-                                        args.random_init)
+    extractor = build_feature_extractor(
+        args.backbone,
+        args.layer_index,
+        args.pretrain_embed_dimension,
+        args.target_embed_dimension,
+        args.patchsize,
+        args.backbone_weights,
+        args.random_init,
+    )
     if training and not child:
         make_dir(out_dir, "--embedding_root_path")
         save_json(out_dir / "feature_settings.json", settings_of(args, FEATURE_KEYS))
     if training and not child:
         remove_stale(out_dir, ".scratch-*")
-    scratch_dir = (nullcontext(None) if child else
-                   tempfile.TemporaryDirectory(prefix=f".scratch-{owner_tag()}-", dir=out_dir if training else None))
+    scratch_dir = (
+        nullcontext(None)
+        if child
+        else tempfile.TemporaryDirectory(prefix=f".scratch-{owner_tag()}-", dir=out_dir if training else None)
+    )
     with scratch_dir as scratch:
         scratch = Path(scratch) if scratch is not None else None
         bank = None
@@ -638,15 +767,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     priors = load_position_priors(args, out_dir, coresets)
     mlp = load_neighbourhood_model(args, out_dir, coresets)
     if len(test_ds) == 0:
-        print(f"[{args.category}] stage 4/4: no test images in {Path(args.dataset_path) / args.category}: "
-              "nothing to score, test stage skipped", flush=True)
-        return {"category": args.category, "variant": args.variant, "mask_workers": args.mask_workers,
-                "version_dir": None}
+        print(
+            f"[{args.category}] stage 4/4: no test images in {Path(args.dataset_path) / args.category}: "
+            "nothing to score, test stage skipped",
+            flush=True,
+        )
+        return {
+            "category": args.category,
+            "variant": args.variant,
+            "mask_workers": args.mask_workers,
+            "version_dir": None,
+        }
     with Progress(f"[{args.category}] stage 4/4: scoring {len(test_ds)} test images") as bar:
         result = run_test(args, extractor, test_ds, coresets, priors, mlp, bar)
     if child:
         return result
-    print_table(f"[{args.category}] AUROC (%) of the four maps ({args.backbone}, seed {args.seed})",
-                format_score_table([result]))
+    print_table(
+        f"[{args.category}] AUROC (%) of the four maps ({args.backbone}, seed {args.seed})",
+        format_score_table([result]),
+    )
     print(f"results: {result['version_dir']}", flush=True)
     return result

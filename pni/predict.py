@@ -8,6 +8,7 @@ thresholds: an image is defective when its score is above the image threshold, a
 when its score is above the pixel threshold; defect regions are the 8-connected components
 of the defect mask. Normalised scores divide by the threshold in use (1.0 = the threshold).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,10 @@ import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,15 +41,29 @@ from pni.results import render_table
 from pni.scoring import MAP_NAMES, ImageScores
 from pni.viz import draw_contours, jet, save_jpeg, save_png
 
-THRESHOLD_KEYS = {"image": {"fpr": "image", "best_f1": "image_best_f1"},
-                  "pixel": {"fpr": "pixel", "best_f1": "pixel_best_f1"}}
-PREDICTION_COLUMNS = (("name", "path", "width", "height", "verdict", "map", "score", "score_normalised",
-                       "image_threshold", "pixel_threshold", "regions", "inspected_x0", "inspected_y0",
-                       "inspected_x1", "inspected_y1")
-                      + tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("score", "normalised")))
+THRESHOLD_KEYS = {
+    "image": {"fpr": "image", "best_f1": "image_best_f1"},
+    "pixel": {"fpr": "pixel", "best_f1": "pixel_best_f1"},
+}
+PREDICTION_COLUMNS = (
+    "name",
+    "path",
+    "width",
+    "height",
+    "verdict",
+    "map",
+    "score",
+    "score_normalised",
+    "image_threshold",
+    "pixel_threshold",
+    "regions",
+    "inspected_x0",
+    "inspected_y0",
+    "inspected_x1",
+    "inspected_y1",
+) + tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("score", "normalised"))
 SUMMARY_ROWS = 20
-REGION_COLUMNS = ("name", "region", "x0", "y0", "x1", "y1", "area", "peak_score", "peak_normalised", "peak_x",
-                  "peak_y")
+REGION_COLUMNS = ("name", "region", "x0", "y0", "x1", "y1", "area", "peak_score", "peak_normalised", "peak_x", "peak_y")
 
 
 @dataclass
@@ -129,9 +145,20 @@ def find_regions(mask: np.ndarray, amap: np.ndarray, pixel_threshold: float) -> 
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     peaks = ndimage.maximum(amap, labels, index)
     where = ndimage.maximum_position(amap, labels, index)
-    return [Region(int(b[1].start), int(b[0].start), int(b[1].stop), int(b[0].stop), int(a), float(p),
-                   float(p) / pixel_threshold, int(w[1]), int(w[0]))
-            for b, a, p, w in zip(boxes, areas, peaks, where)]
+    return [
+        Region(
+            int(b[1].start),
+            int(b[0].start),
+            int(b[1].stop),
+            int(b[0].stop),
+            int(a),
+            float(p),
+            float(p) / pixel_threshold,
+            int(w[1]),
+            int(w[0]),
+        )
+        for b, a, p, w in zip(boxes, areas, peaks, where)
+    ]
 
 
 def threshold_choice(level: str, choice: str | float) -> str | float:
@@ -160,9 +187,16 @@ def check_choices(map_name: str, image_threshold: str | float, pixel_threshold: 
 class Predictor:
     """A loaded bundle ready to predict: see :func:`load_model`."""
 
-    def __init__(self, model: PNIModel, manifest: dict[str, Any], map_name: str = "nb_coor",
-                 image_threshold: str | float = "fpr", pixel_threshold: str | float = "fpr",
-                 device: str | torch.device = "cpu", path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        model: PNIModel,
+        manifest: dict[str, Any],
+        map_name: str = "nb_coor",
+        image_threshold: str | float = "fpr",
+        pixel_threshold: str | float = "fpr",
+        device: str | torch.device = "cpu",
+        path: str | os.PathLike | None = None,
+    ) -> None:
         check_choices(map_name, image_threshold, pixel_threshold)
         self.model = model
         self.manifest = manifest
@@ -186,14 +220,17 @@ class Predictor:
         entry = (self.manifest.get("thresholds") or {}).get(map_name, {}).get(THRESHOLD_KEYS[level][choice])
         if entry is None:
             what = "defective images with masks" if level == "pixel" else "defective images"
-            raise PNIError(f"{flag} {choice}: bundle {self.path} has no such threshold for {map_name} (the export "
-                           f"had no {what}); use fpr or a number")
+            raise PNIError(
+                f"{flag} {choice}: bundle {self.path} has no such threshold for {map_name} (the export "
+                f"had no {what}); use fpr or a number"
+            )
         return float(entry["value"])
 
     # ------------------------------------------------------------ one image
 
-    def finish(self, result: ImageScores, original: np.ndarray, path: str | None = None,
-               all_maps: bool = True) -> Prediction:
+    def finish(
+        self, result: ImageScores, original: np.ndarray, path: str | None = None, all_maps: bool = True
+    ) -> Prediction:
         """A scored image's :class:`Prediction`; ``original``: the input as uint8 HxWx3."""
         height, width = original.shape[:2]
         geometry = CropGeometry.of(width, height, self.model.resize, self.model.imagesize)
@@ -205,10 +242,23 @@ class Predictor:
         with np.errstate(invalid="ignore"):
             mask = amap > self.pixel_threshold  # NaN (not inspected) is never defective
         m = self.map_name
-        return Prediction(path, width, height, m, "defective" if scores[m] > self.image_thresholds[m] else "good",
-                          scores[m], normalised[m], scores, normalised, self.image_thresholds[m],
-                          self.pixel_threshold, maps, mask, find_regions(mask, amap, self.pixel_threshold),
-                          geometry.inspected_box())
+        return Prediction(
+            path,
+            width,
+            height,
+            m,
+            "defective" if scores[m] > self.image_thresholds[m] else "good",
+            scores[m],
+            normalised[m],
+            scores,
+            normalised,
+            self.image_thresholds[m],
+            self.pixel_threshold,
+            maps,
+            mask,
+            find_regions(mask, amap, self.pixel_threshold),
+            geometry.inspected_box(),
+        )
 
     def overlay(self, prediction: Prediction, original: np.ndarray) -> np.ndarray:
         """The chosen map on a FIXED colour scale (the bundle's calibration: blue = the median
@@ -235,7 +285,7 @@ class Predictor:
         items = [images] if single else list(images)
         out: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             rgb = [as_rgb_image(x, f"image {start + i}") for i, x in enumerate(chunk)]
             batch = torch.stack([self.transform(img) for img in rgb]).to(self.device)
             for x, img, result in zip(chunk, rgb, self.model.score(batch)):
@@ -244,9 +294,14 @@ class Predictor:
         return out[0] if single else out
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "auto", map_name: str = "nb_coor",
-               image_threshold: str | float = "fpr", pixel_threshold: str | float = "fpr",
-               backbone_weights: str | os.PathLike | None = None) -> Predictor:
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "auto",
+    map_name: str = "nb_coor",
+    image_threshold: str | float = "fpr",
+    pixel_threshold: str | float = "fpr",
+    backbone_weights: str | os.PathLike | None = None,
+) -> Predictor:
     """Load a model bundle (written by ``export_model.py``) for prediction.
 
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``...; ``map_name``: the map
@@ -272,8 +327,13 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
     for text in inputs:
         p = Path(text)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            found = sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file()
+                and q.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
             if not found:
                 missing.append((text, f"no image files in folder {text}"))
             paths += found
@@ -300,14 +360,17 @@ def output_names(paths: Sequence[Path]) -> list[str]:
     repeated = [p.resolve() for p, s in zip(paths, stems) if counts[s] > 1]
     if repeated:
         common = Path(os.path.commonpath([str(p.parent) for p in repeated]))
-        stems = [s if counts[s] == 1 else "__".join(p.resolve().with_suffix("").relative_to(common).parts)
-                 for s, p in zip(stems, paths)]
+        stems = [
+            s if counts[s] == 1 else "__".join(p.resolve().with_suffix("").relative_to(common).parts)
+            for s, p in zip(stems, paths)
+        ]
     taken: set[str] = set()
     names = []
     for path, stem in zip(paths, stems):
         extension = path.suffix.lstrip(".")
-        candidates = itertools.chain([stem], [f"{stem}_{extension}"] if extension else [],
-                                     (f"{stem}_{k}" for k in itertools.count(2)))
+        candidates = itertools.chain(
+            [stem], [f"{stem}_{extension}"] if extension else [], (f"{stem}_{k}" for k in itertools.count(2))
+        )
         name = next(c for c in candidates if not _output_files(c) & taken)
         taken |= _output_files(name)
         names.append(name)
@@ -317,8 +380,10 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 def _output_files(name: str) -> set[str]:
     """The files :class:`PredictionWriter` writes for ``name`` (case-folded, for file systems
     that ignore case)."""
-    return {n.casefold() for n in (f"overlays/{name}.jpg", f"masks/{name}.png",
-                                   *(f"maps/{name}_{m}.npy" for m in MAP_NAMES))}
+    return {
+        n.casefold()
+        for n in (f"overlays/{name}.jpg", f"masks/{name}.png", *(f"maps/{name}_{m}.npy" for m in MAP_NAMES))
+    }
 
 
 class InputImages(Dataset):
@@ -340,14 +405,22 @@ class InputImages(Dataset):
             img = load_image(path)
             return {"image": self.transform(img), "original": np.asarray(img), "path": path, "index": i, "error": ""}
         except PNIError as exc:
-            return {"image": torch.zeros(3, self.size, self.size), "original": None, "path": path, "index": i,
-                    "error": one_line(exc)}
+            return {
+                "image": torch.zeros(3, self.size, self.size),
+                "original": None,
+                "path": path,
+                "index": i,
+                "error": one_line(exc),
+            }
 
 
 def collate_inputs(items: list[dict]) -> dict:
     """Stack the input tensors; keep originals, paths and errors as lists."""
-    return {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items]),
-            **{k: [it[k] for it in items] for k in ("original", "path", "error")}}
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        **{k: [it[k] for it in items] for k in ("original", "path", "error")},
+    }
 
 
 class _CsvStream:
@@ -402,13 +475,39 @@ class PredictionWriter:
         if self.save_maps:
             for m, amap in p.maps.items():
                 save_npy(self.out_dir / "maps" / f"{name}_{m}.npy", amap)
-        self.predictions.write([name, p.path, p.width, p.height, p.verdict, p.map_name, f"{p.score:.6f}",
-                                f"{p.score_normalised:.4f}", f"{p.image_threshold:.6f}", f"{p.pixel_threshold:.6f}",
-                                len(p.regions), *p.inspected]
-                               + [v for m in MAP_NAMES for v in (f"{p.scores[m]:.6f}", f"{p.normalised[m]:.4f}")])
+        self.predictions.write(
+            [
+                name,
+                p.path,
+                p.width,
+                p.height,
+                p.verdict,
+                p.map_name,
+                f"{p.score:.6f}",
+                f"{p.score_normalised:.4f}",
+                f"{p.image_threshold:.6f}",
+                f"{p.pixel_threshold:.6f}",
+                len(p.regions),
+                *p.inspected,
+            ]
+            + [v for m in MAP_NAMES for v in (f"{p.scores[m]:.6f}", f"{p.normalised[m]:.4f}")]
+        )
         for i, r in enumerate(p.regions):
-            self.regions.write([name, i, r.x0, r.y0, r.x1, r.y1, r.area, f"{r.peak_score:.6f}",
-                                f"{r.peak_normalised:.4f}", r.peak_x, r.peak_y])
+            self.regions.write(
+                [
+                    name,
+                    i,
+                    r.x0,
+                    r.y0,
+                    r.x1,
+                    r.y1,
+                    r.area,
+                    f"{r.peak_score:.6f}",
+                    f"{r.peak_normalised:.4f}",
+                    r.peak_x,
+                    r.peak_y,
+                ]
+            )
         self.counts[p.verdict] += 1
         if len(self.summary) < SUMMARY_ROWS:
             self.summary.append([name, p.verdict, f"{p.score_normalised:.3f}", str(len(p.regions))])
@@ -423,8 +522,8 @@ def predict_files(args) -> int:
     """``predict.py``: predict every input image into ``args.output``; returns the number of
     inputs that could not be read (reported on stderr and in ``errors.csv``)."""
     # Lightning only here: the Python API (load_model) runs without it.
-    from pni.lightning import ScoringModule, interruptible
     from pni.console import Progress
+    from pni.lightning import ScoringModule, interruptible
     from pni.pipeline import _batch_size, _probe, _trainer
 
     check_choices(args.map, args.image_threshold, args.pixel_threshold)
@@ -432,8 +531,9 @@ def predict_files(args) -> int:
     paths, missing = expand_inputs(args.input)
     if not paths and not missing:
         raise PNIError("--input: no image given")
-    predictor = load_model(args.model, "cpu", args.map, args.image_threshold, args.pixel_threshold,
-                           args.backbone_weights)
+    predictor = load_model(
+        args.model, "cpu", args.map, args.image_threshold, args.pixel_threshold, args.backbone_weights
+    )
     model = predictor.model
     out_dir = make_dir(args.output, "--output")
     writer = PredictionWriter(predictor, out_dir, output_names(paths), args.save_maps)
@@ -445,8 +545,13 @@ def predict_files(args) -> int:
             if batch is None:
                 _, per_image = _probe(model.extractor, torch.zeros(3, model.imagesize, model.imagesize))
                 batch = _batch_size(_trainer_flags(model, args), per_image)
-            loader = DataLoader(InputImages(paths, model), batch_size=batch, shuffle=False,
-                                num_workers=args.num_workers, collate_fn=collate_inputs)
+            loader = DataLoader(
+                InputImages(paths, model),
+                batch_size=batch,
+                shuffle=False,
+                num_workers=args.num_workers,
+                collate_fn=collate_inputs,
+            )
             with Progress(f"predicting {len(paths)} images with {args.model} ({predictor.map_name} map)") as bar:
                 trainer = _trainer(_trainer_flags(model, args), bar, devices=1)
                 interruptible(trainer.predict, ScoringModule(model, writer), loader, return_predictions=False)
@@ -457,11 +562,15 @@ def predict_files(args) -> int:
         print(render_table([["image", "verdict", "score / threshold", "regions"]] + writer.summary))
     if done > len(writer.summary):
         print(f"... and {done - len(writer.summary)} more in predictions.csv")
-    print(f"{done} images: {writer.counts['defective']} defective, {writer.counts['good']} good"
-          + (f"; {len(writer.errors)} could not be read (errors.csv)" if writer.errors else ""))
+    print(
+        f"{done} images: {writer.counts['defective']} defective, {writer.counts['good']} good"
+        + (f"; {len(writer.errors)} could not be read (errors.csv)" if writer.errors else "")
+    )
     print(f"predictions: {out_dir / 'predictions.csv'}, regions: {out_dir / 'regions.csv'}")
-    print(f"pictures: {out_dir / 'overlays'}/ (heat map on the image, defects outlined), masks: {out_dir / 'masks'}/"
-          + (f", maps: {out_dir / 'maps'}/" if args.save_maps else ""))
+    print(
+        f"pictures: {out_dir / 'overlays'}/ (heat map on the image, defects outlined), masks: {out_dir / 'masks'}/"
+        + (f", maps: {out_dir / 'maps'}/" if args.save_maps else "")
+    )
     return len(writer.errors)
 
 

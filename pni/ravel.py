@@ -8,14 +8,15 @@ in MVTec's fixed order (those present; other names follow, sorted), BTAD's ``01 
 with ``is_btad``; within a category by sorted defect type, then sorted stem.
 16-bit PNGs are written and read with OpenCV (``IMREAD_UNCHANGED``).
 """
+
 from __future__ import annotations
 
 import csv
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -26,8 +27,21 @@ from pni.io import check_name, load_npy, write_csv
 from pni.viz import save_png
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
-    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
 )
 BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
 INDEX_CSV = "index.csv"
@@ -136,8 +150,13 @@ def _read_mask(path: Path, defect_type: str, shape: tuple[int, int]) -> np.ndarr
     return m > 0
 
 
-def convert(before: str | os.PathLike, after: str | os.PathLike, is_btad: bool = False,
-            is_mvtec_small: bool = False, categories: Optional[Sequence[str]] = None) -> list[Entry]:
+def convert(
+    before: str | os.PathLike,
+    after: str | os.PathLike,
+    is_btad: bool = False,
+    is_mvtec_small: bool = False,
+    categories: Sequence[str] | None = None,
+) -> list[Entry]:
     """Write the ravel folder ``after`` from the ensemble folder ``before``; return the index.
 
     ``is_mvtec_small`` does not change the conversion (it uses MVTec's order); it exists
@@ -182,10 +201,10 @@ def convert(before: str | os.PathLike, after: str | os.PathLike, is_btad: bool =
             save_png(image_path(after, i), image)
             entries.append(Entry(i, cat, t, s))
             i += 1
-    write_csv(after / INDEX_CSV, INDEX_COLUMNS,
-              [(e.index, e.category, e.defect_type, e.stem) for e in entries])
-    stale = [p for p in after.iterdir() if (m := _RAVEL_NAME.match(p.name))
-             and int(m.group(1) or m.group(2)) >= len(entries)]
+    write_csv(after / INDEX_CSV, INDEX_COLUMNS, [(e.index, e.category, e.defect_type, e.stem) for e in entries])
+    stale = [
+        p for p in after.iterdir() if (m := _RAVEL_NAME.match(p.name)) and int(m.group(1) or m.group(2)) >= len(entries)
+    ]
     for p in stale:
         p.unlink()
     if stale:
@@ -194,7 +213,7 @@ def convert(before: str | os.PathLike, after: str | os.PathLike, is_btad: bool =
     return entries
 
 
-def read_index(root: str | os.PathLike) -> Optional[list[Entry]]:
+def read_index(root: str | os.PathLike) -> list[Entry] | None:
     """Entries of ``<root>/index.csv``, or None when the file is missing."""
     path = Path(root) / INDEX_CSV
     if not path.is_file():

@@ -3,12 +3,12 @@ catches which defect)::
 
     python -m pni.report --project_root_path ./result --categories bottle cable --backbone WR101
 """
+
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 
 from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.console import titled
@@ -41,8 +41,12 @@ def run_variant(run: Path) -> dict[str, object]:
 
 def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float]:
     """I-AUROC and P-AUROC of every map family over the given images."""
-    return auroc_scores([int(r["label"]) for r in rows], {m: [float(r[m]) for r in rows] for m in MAP_NAMES},
-                        [s["gt"] for s in samples], {m: [s[m] for s in samples] for m in MAP_NAMES})
+    return auroc_scores(
+        [int(r["label"]) for r in rows],
+        {m: [float(r[m]) for r in rows] for m in MAP_NAMES},
+        [s["gt"] for s in samples],
+        {m: [s[m] for s in samples] for m in MAP_NAMES},
+    )
 
 
 def per_defect_scores(rows: Sequence[dict], samples: Sequence[dict]) -> list[dict]:
@@ -64,11 +68,13 @@ def report(project_root: str | Path, categories: Sequence[str], backbone: str) -
         rows, samples = load_run(run)
         variant = run_variant(run)
         cat_rows.append({"category": category, **variant, **auroc_entry(rows, samples)})
-        defect_rows += [dict(d, defect_type=f"{category}/{d['defect_type']}", **variant)
-                        for d in per_defect_scores(rows, samples)]
-    return (titled("AUROC (%) per category", format_score_table(cat_rows, "category", digits=1))
-            + titled("AUROC (%) per defect type (that type's images + all normal ones)",
-                     format_score_table(defect_rows, "defect_type", digits=1)))
+        defect_rows += [
+            dict(d, defect_type=f"{category}/{d['defect_type']}", **variant) for d in per_defect_scores(rows, samples)
+        ]
+    return titled("AUROC (%) per category", format_score_table(cat_rows, "category", digits=1)) + titled(
+        "AUROC (%) per defect type (that type's images + all normal ones)",
+        format_score_table(defect_rows, "defect_type", digits=1),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

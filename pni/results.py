@@ -3,24 +3,35 @@
 Layout (see docs/DESIGN.md): ``<project_root>/<category>/<backbone>/anomaly/lightning_logs/
 version_<k>/sample/{type}_{stem}[...].npy`` plus ``image_scores.csv`` beside ``sample/``.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from pni.cli import warn
 from pni.io import append_csv_rows, check_csv_header, load_npy, save_npy, write_csv
-from pni.metrics import image_auroc, pixel_auroc
 from pni.maps import MAP_NAMES
+from pni.metrics import image_auroc, pixel_auroc
 from pni.viz import jet, save_jpeg
 
 SETTING_COLUMNS: tuple[str, ...] = (
-    "category", "backbone", "version", "seed", "imagesize", "subsampling_percentage", "anomaly_nn",
-    "dist_coreset_size", "dist_padding", "num_layers", "variant", "mask_workers",
+    "category",
+    "backbone",
+    "version",
+    "seed",
+    "imagesize",
+    "subsampling_percentage",
+    "anomaly_nn",
+    "dist_coreset_size",
+    "dist_padding",
+    "num_layers",
+    "variant",
+    "mask_workers",
 )
 SCORE_COLUMNS: tuple[str, ...] = tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC"))
 
@@ -63,8 +74,9 @@ def write_sample(
             heatmap_jpeg(f"{prefix}_amap_{name}.jpg", amap)
 
 
-def read_sample(sample_dir: str | os.PathLike, defect_type: str, stem: str,
-                map_names: Sequence[str] = MAP_NAMES) -> dict[str, np.ndarray]:
+def read_sample(
+    sample_dir: str | os.PathLike, defect_type: str, stem: str, map_names: Sequence[str] = MAP_NAMES
+) -> dict[str, np.ndarray]:
     """Read back what :func:`write_sample` wrote (never unpickles)."""
     prefix = Path(sample_dir) / f"{defect_type}_{stem}"
     out = {"image": load_npy(f"{prefix}.npy"), "gt": load_npy(f"{prefix}_gt.npy")}
@@ -81,11 +93,11 @@ def write_image_scores(path: str | os.PathLike, rows: Sequence[Sequence]) -> Non
     write_csv(path, IMAGE_SCORE_COLUMNS, rows)
 
 
-def append_score_result(path: str | os.PathLike, settings: Mapping[str, object],
-                        scores: Mapping[str, float]) -> list:
+def append_score_result(path: str | os.PathLike, settings: Mapping[str, object], scores: Mapping[str, float]) -> list:
     """Append one run's row to ``score_result.csv`` (header on creation); return the row."""
     row = [settings.get(c, "") for c in SETTING_COLUMNS] + [
-        "" if scores[c] is None else f"{scores[c]:.6f}" for c in SCORE_COLUMNS]  # "": no pixel ground truth
+        "" if scores[c] is None else f"{scores[c]:.6f}" for c in SCORE_COLUMNS
+    ]  # "": no pixel ground truth
     append_csv_rows(path, list(SETTING_COLUMNS) + list(SCORE_COLUMNS), [row])
     return row
 
@@ -107,14 +119,20 @@ def defined_aurocs(labels: np.ndarray, masks: np.ndarray | None, what: str = "th
     if not (image_ok and pixel_ok):
         undefined = " and ".join(k for k, ok in (("I-AUROC", image_ok), ("P-AUROC", pixel_ok)) if not ok)
         pixels = f", {n_pixels} defective pixels" if masks is not None else ""
-        warn(f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images{pixels}: "
-             f"{undefined} undefined, written as nan")
+        warn(
+            f"{what} has {np.size(labels) - n_defective} normal and {n_defective} defective images{pixels}: "
+            f"{undefined} undefined, written as nan"
+        )
     return image_ok, pixel_ok
 
 
-def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[float]],
-                 masks: Sequence[np.ndarray] | None, maps: Mapping[str, Sequence[np.ndarray]],
-                 what: str = "the test set") -> dict[str, float | None]:
+def auroc_scores(
+    labels: Sequence[int],
+    image_scores: Mapping[str, Sequence[float]],
+    masks: Sequence[np.ndarray] | None,
+    maps: Mapping[str, Sequence[np.ndarray]],
+    what: str = "the test set",
+) -> dict[str, float | None]:
     """``{family}_P-AUROC`` and ``{family}_I-AUROC`` of every map family: labels ``(N,)``,
     image scores ``(N,)`` per family, masks and maps ``N x (H, W)``.
 
@@ -130,8 +148,9 @@ def auroc_scores(labels: Sequence[int], image_scores: Mapping[str, Sequence[floa
             out[f"{m}_P-AUROC"] = None
         else:
             out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")
-        out[f"{m}_I-AUROC"] = (image_auroc(labels, np.asarray(image_scores[m], dtype=np.float64)) if image_ok
-                               else float("nan"))
+        out[f"{m}_I-AUROC"] = (
+            image_auroc(labels, np.asarray(image_scores[m], dtype=np.float64)) if image_ok else float("nan")
+        )
     return out
 
 
@@ -151,11 +170,17 @@ def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "categ
     a ``variant`` column (:func:`variant_label`) when the rows carry ``variant``; ``-`` where a
     score is missing (no pixel ground truth)."""
     with_variant = any("variant" in r for r in rows)
-    head = [first] + (["variant"] if with_variant else []) + [f"{m} {k}" for m in MAP_NAMES
-                                                               for k in ("P-AUROC", "I-AUROC")]
+    head = (
+        [first]
+        + (["variant"] if with_variant else [])
+        + [f"{m} {k}" for m in MAP_NAMES for k in ("P-AUROC", "I-AUROC")]
+    )
     lines = [head]
     for r in rows:
         label = [variant_label(r.get("variant", ""), r.get("mask_workers", ""))] if with_variant else []
-        lines.append([str(r[first])] + label + ["-" if r[c] in (None, "") else f"{100 * float(r[c]):.{digits}f}"
-                                                for c in SCORE_COLUMNS])
+        lines.append(
+            [str(r[first])]
+            + label
+            + ["-" if r[c] in (None, "") else f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS]
+        )
     return render_table(lines)

@@ -19,6 +19,7 @@ effect: see :func:`parent_share`). ``"paper"`` is the method as the paper descri
 
 Entry point: :func:`score_image` (one image) or :func:`score_batch` (``B`` images).
 """
+
 from __future__ import annotations
 
 import math
@@ -91,11 +92,16 @@ class ScoringArtefacts:
     ) -> ScoringArtefacts:
         """Assemble the artefacts, computing ``embedding_to_distribution`` once."""
         m = nearest_ids(embedding_without_edge, distribution_coreset, chunk_size)
-        return cls(embedding_without_edge, embedding_with_edge, distribution_coreset, m,
-                   position_prior, position_prior_with_edge)
+        return cls(
+            embedding_without_edge,
+            embedding_with_edge,
+            distribution_coreset,
+            m,
+            position_prior,
+            position_prior_with_edge,
+        )
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> ScoringArtefacts:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ScoringArtefacts:
         """Copy to ``device``; floating tensors are also cast to ``dtype`` when given."""
         out = {}
         for f in fields(self):
@@ -125,8 +131,9 @@ class ScoringArtefacts:
         if d == 0 or k1 == 0 or k2 == 0:
             problems.append("empty coreset")
         if problems:
-            raise PNIError("scoring artefacts do not match the test features "
-                           f"({rows}x{cols} grid): " + "; ".join(problems))
+            raise PNIError(
+                f"scoring artefacts do not match the test features ({rows}x{cols} grid): " + "; ".join(problems)
+            )
 
 
 @dataclass
@@ -179,8 +186,7 @@ def nearest_ids(x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
     return out
 
 
-def interior_indices(rows: int, cols: int, pp: int, device: torch.device | str | None = None
-                     ) -> Tensor:
+def interior_indices(rows: int, cols: int, pp: int, device: torch.device | str | None = None) -> Tensor:
     """Flat row-major indices (P_int,) of the positions at least ``pp`` from every border."""
     if rows <= 2 * pp or cols <= 2 * pp:
         raise PNIError(f"feature grid {rows}x{cols} has no interior for patchsize {2 * pp + 1}")
@@ -283,8 +289,14 @@ def _count_below(q: Tensor, bound: Tensor, workspace: Workspace | None, name: st
     return torch.lt(q, bound[:, None], out=out).sum(dim=1)
 
 
-def select_position(q: Tensor, allowed: Tensor | None, keep: int | None = None, row_min: Tensor | None = None,
-                    workspace: Workspace | None = None, nearest_allowed: Tensor | None = None) -> Tensor:
+def select_position(
+    q: Tensor,
+    allowed: Tensor | None,
+    keep: int | None = None,
+    row_min: Tensor | None = None,
+    workspace: Workspace | None = None,
+    nearest_allowed: Tensor | None = None,
+) -> Tensor:
     """Per row, the value of ``q`` at the entry a position mask selects: ``(n, K), (n, K) bool
     -> (n,)``. ``q`` is any per-row increasing function of the distance (the distance itself,
     or the squared distance less a row constant).
@@ -346,13 +358,17 @@ class PositionMask:
         if self.dense is not None:
             return _masked_min(q, self.dense[start:stop], workspace, "masked")
         ids = self.ids[start:stop]
-        picked = q.gather(1, ids) if workspace is None else \
-            torch.gather(q, 1, ids, out=workspace.get("picked", tuple(ids.shape), q))
+        picked = (
+            q.gather(1, ids)
+            if workspace is None
+            else torch.gather(q, 1, ids, out=workspace.get("picked", tuple(ids.shape), q))
+        )
         return picked.amin(dim=1).masked_fill_(self.empty[start:stop], float("inf"))
 
 
-def _blocked_distribution(nb_logits: Tensor, temperature_alpha: float, nb_gamma: float,
-                          embedding_coreset_size: int, workspace: Workspace) -> Tensor:
+def _blocked_distribution(
+    nb_logits: Tensor, temperature_alpha: float, nb_gamma: float, embedding_coreset_size: int, workspace: Workspace
+) -> Tensor:
     """The neighbourhood mask over the distribution entries as a blocked indicator: ``(n, D)``
     logits -> ``(n, D)``, 1.0 where ``softmax(logits / alpha)`` is at most ``nb_gamma / K1``
     (the original divides by the embedding coreset size K1, not by D), 0.0 where allowed."""
@@ -399,8 +415,9 @@ class RankColumns:
         increasing = bool(has_column.all()) and bool((first[1:] >= first[:-1]).all())
         return cls(first, increasing)
 
-    def first_allowed(self, q_dist: Tensor, blocked_dist: Tensor, last_column: int,
-                      workspace: Workspace | None = None) -> Tensor:
+    def first_allowed(
+        self, q_dist: Tensor, blocked_dist: Tensor, last_column: int, workspace: Workspace | None = None
+    ) -> Tensor:
         """First allowed sorted column of each row, ``(n,)`` long: from ``q_dist`` ``(n, D)``,
         an increasing function of the distances to the distribution entries, the blocked
         indicator of the distribution entries ``blocked_dist`` ``(n, D)``
@@ -450,8 +467,9 @@ def kth_smallest(q: Tensor, k: Tensor, row_min: Tensor | None = None, workspace:
 # Resize and blur
 
 
-def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str | None = None) -> Tensor:
+def gaussian_kernel1d(
+    sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """Normalised Gaussian weights, radius ``int(4*sigma + 0.5)`` (scipy's ``truncate=4``)."""
     radius = int(4.0 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
@@ -532,8 +550,11 @@ def _prepare(art: ScoringArtefacts, cfg: ScoringConfig, rows: int, cols: int) ->
     centre = art.embedding_with_edge.mean(dim=0)
     dtype = centre.dtype
     coresets = {}
-    for name, entries in (("with_edge", art.embedding_with_edge), ("without_edge", art.embedding_without_edge),
-                          ("distribution", art.distribution_coreset)):
+    for name, entries in (
+        ("with_edge", art.embedding_with_edge),
+        ("without_edge", art.embedding_without_edge),
+        ("distribution", art.distribution_coreset),
+    ):
         centred = entries - centre
         coresets[name] = torch.cat([-2.0 * centred, (centred * centred).sum(dim=1, keepdim=True)], dim=1)
     inner = interior_indices(rows, cols, pp, art.position_prior.device)
@@ -541,13 +562,16 @@ def _prepare(art: ScoringArtefacts, cfg: ScoringConfig, rows: int, cols: int) ->
     prepared = _Prepared(
         centre=centre,
         coresets=coresets,
-        allowed_with_edge=PositionMask(position_allowed(art.position_prior_with_edge, cfg.softmax_coor_gamma, k2),
-                                       dtype),
-        allowed_interior=PositionMask(position_allowed(art.position_prior[inner], cfg.softmax_coor_gamma, k1),
-                                      dtype),
+        allowed_with_edge=PositionMask(
+            position_allowed(art.position_prior_with_edge, cfg.softmax_coor_gamma, k2), dtype
+        ),
+        allowed_interior=PositionMask(position_allowed(art.position_prior[inner], cfg.softmax_coor_gamma, k1), dtype),
         inner=inner,
-        rank_columns=(RankColumns.build(art.embedding_to_distribution, art.distribution_coreset.shape[0],
-                                        cfg.mask_workers) if cfg.variant == "original" else None),
+        rank_columns=(
+            RankColumns.build(art.embedding_to_distribution, art.distribution_coreset.shape[0], cfg.mask_workers)
+            if cfg.variant == "original"
+            else None
+        ),
         workspace=Workspace(),
     )
     art._derived[key] = prepared
@@ -559,8 +583,7 @@ def _distance(q: Tensor, x_sq: Tensor) -> Tensor:
     return (q + x_sq).clamp_min_(0.0).sqrt_()
 
 
-def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
-                cfg: ScoringConfig) -> list[ImageScores]:
+def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts, cfg: ScoringConfig) -> list[ImageScores]:
     """Score ``B`` images.
 
     features: (B, R, C, E) patch features; nb_logits: (B, P_int, D) neighbourhood-MLP logits
@@ -576,9 +599,11 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
     art.check(rows, cols, e)
     coreset = art.embedding_with_edge
     if {(t.dtype, t.device) for t in (features, nb_logits, coreset)} != {(coreset.dtype, coreset.device)}:
-        raise PNIError(f"features ({features.dtype}, {features.device}), neighbourhood logits ({nb_logits.dtype}, "
-                       f"{nb_logits.device}) and artefacts ({coreset.dtype}, {coreset.device}) must share dtype "
-                       "and device")
+        raise PNIError(
+            f"features ({features.dtype}, {features.device}), neighbourhood logits ({nb_logits.dtype}, "
+            f"{nb_logits.device}) and artefacts ({coreset.dtype}, {coreset.device}) must share dtype "
+            "and device"
+        )
     if cfg.variant not in VARIANTS:
         raise PNIError(f"--variant must be one of {VARIANTS}, got {cfg.variant!r}")
     parent_share(1, cfg.mask_workers)  # refuses a worker count below 1
@@ -625,15 +650,17 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
         for s, t in _row_chunks(p_int, cfg.chunk_size):
             q = sq_distances(x_int[s:t], "without_edge")
             q_min = q.amin(dim=1)
-            blocked_d = _blocked_distribution(nb_logits[i, s:t], cfg.softmax_temperature_alpha,
-                                              cfg.softmax_nb_gamma, k1, ws)
+            blocked_d = _blocked_distribution(
+                nb_logits[i, s:t], cfg.softmax_temperature_alpha, cfg.softmax_nb_gamma, k1, ws
+            )
             if original:
                 q_d = sq_distances(x_int[s:t], "distribution")
                 first = prep.rank_columns.first_allowed(q_d, blocked_d, k1 - 1, ws)
                 nb[i, s:t] = _distance(kth_smallest(q, first, q_min, ws), x_sq_int[s:t])
             else:  # entry k is allowed where m(k) is
-                blocked = torch.index_select(blocked_d, 1, art.embedding_to_distribution,
-                                             out=ws.get("blocked_embedding", tuple(q.shape), q))
+                blocked = torch.index_select(
+                    blocked_d, 1, art.embedding_to_distribution, out=ws.get("blocked_embedding", tuple(q.shape), q)
+                )
                 best = _masked_min(q, blocked, ws, "masked")
                 nb[i, s:t] = _distance(select_position(q, None, None, q_min, ws, best), x_sq_int[s:t])
             best = prep.allowed_interior.nearest_allowed(q, s, t, ws)
@@ -646,19 +673,24 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
     worst = nearest.argmax(dim=1)
     x = torch.cat([features.reshape(b, p, e)[torch.arange(b), worst] - prep.centre, features.new_ones(b, 1)], dim=1)
     q = x @ prep.coresets["with_edge"].T  # (B, K2)
-    knn = _distance(q.topk(cfg.anomaly_nn, dim=1, largest=False, sorted=True).values,
-                    torch.linalg.vector_norm(x[:, :e], dim=1).square_()[:, None])
+    knn = _distance(
+        q.topk(cfg.anomaly_nn, dim=1, largest=False, sorted=True).values,
+        torch.linalg.vector_norm(x[:, :e], dim=1).square_()[:, None],
+    )
     _, image_pc = patchcore_scores(knn[:, None, :])
     nb_coor = 0.5 * (nb + pos_score)
     image = torch.stack([nb.amax(dim=1), coor.amax(dim=1), image_pc, nb_coor.amax(dim=1)], dim=1)
 
     r_int, c_int = rows - 2 * pp, cols - 2 * pp
-    coarse = torch.stack([
-        pad_interior(nb.reshape(b, r_int, c_int), pp),
-        coor.reshape(b, rows, cols),
-        nearest.reshape(b, rows, cols),
-        pad_interior(nb_coor.reshape(b, r_int, c_int), pp),
-    ], dim=1)  # (B, 4, R, C) in MAP_NAMES order
+    coarse = torch.stack(
+        [
+            pad_interior(nb.reshape(b, r_int, c_int), pp),
+            coor.reshape(b, rows, cols),
+            nearest.reshape(b, rows, cols),
+            pad_interior(nb_coor.reshape(b, r_int, c_int), pp),
+        ],
+        dim=1,
+    )  # (B, 4, R, C) in MAP_NAMES order
     full = resize_and_blur(coarse.reshape(b * 4, rows, cols), cfg.imagesize, cfg.blursigma)
     full = full.reshape(b, 4, cfg.imagesize, cfg.imagesize)
 
@@ -673,7 +705,6 @@ def score_batch(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
     ]
 
 
-def score_image(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts,
-                cfg: ScoringConfig) -> ImageScores:
+def score_image(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts, cfg: ScoringConfig) -> ImageScores:
     """Score one image: features (R, C, E), nb_logits (P_int, D). See :func:`score_batch`."""
     return score_batch(features[None], nb_logits[None], art, cfg)[0]

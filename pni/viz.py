@@ -3,10 +3,11 @@
 Images are RGB ``uint8`` arrays in memory; files are written atomically through
 :mod:`pni.io`. Plots use matplotlib's object API with the Agg canvas (no global backend).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -53,8 +54,7 @@ def overlay(image: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> np.nda
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def tint(image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = RED,
-         alpha: float = 0.4) -> np.ndarray:
+def tint(image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = RED, alpha: float = 0.4) -> np.ndarray:
     """Tint the pixels of ``mask`` with ``colour``."""
     out = as_rgb(image).copy()
     m = np.asarray(mask, dtype=bool)
@@ -62,12 +62,12 @@ def tint(image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = RED,
     return out
 
 
-def draw_contours(image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = ORANGE,
-                  thickness: int = 2) -> np.ndarray:
+def draw_contours(
+    image: np.ndarray, mask: np.ndarray, colour: Sequence[int] = ORANGE, thickness: int = 2
+) -> np.ndarray:
     """Draw the outlines of a binary mask on a copy of an RGB image."""
     out = np.ascontiguousarray(as_rgb(image).copy())
-    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness)
     return out
 
@@ -96,43 +96,60 @@ def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
 
 
-def plot_roc(path: str | os.PathLike,
-             curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str = "") -> None:
+def plot_roc(
+    path: str | os.PathLike, curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str = ""
+) -> None:
     """ROC curves: ``{name: (fpr, tpr, auroc)}``."""
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
     for name, (fpr, tpr, area) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUROC {100 * area:.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
-           ylim=(0, 1.01), title=title or "ROC")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title or "ROC")
     ax.legend(loc="lower right")
     _save_figure(fig, path)
 
 
-def plot_pro(path: str | os.PathLike, fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3,
-             aupro: Optional[float] = None, title: str = "") -> None:
+def plot_pro(
+    path: str | os.PathLike,
+    fpr: np.ndarray,
+    pro: np.ndarray,
+    fpr_limit: float = 0.3,
+    aupro: float | None = None,
+    title: str = "",
+) -> None:
     """MVTec PRO curve up to ``fpr_limit`` (shaded area = AUPRO * fpr_limit)."""
     keep = fpr <= fpr_limit
     f, p = fpr[keep], pro[keep]
     if len(f) < len(fpr):  # close the curve at the limit
         i = int(np.searchsorted(fpr, fpr_limit, side="right"))
         f = np.r_[f, fpr_limit]
-        p = np.r_[p, np.interp(fpr_limit, fpr[i - 1:i + 1], pro[i - 1:i + 1])]
+        p = np.r_[p, np.interp(fpr_limit, fpr[i - 1 : i + 1], pro[i - 1 : i + 1])]
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     label = "PRO" if aupro is None else f"PRO (AUPRO {100 * aupro:.2f})"
     ax.plot(f, p, label=label)
     ax.fill_between(f, p, alpha=0.2)
-    ax.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, fpr_limit),
-           ylim=(0, 1.01), title=title or "PRO curve")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="per-region overlap",
+        xlim=(0, fpr_limit),
+        ylim=(0, 1.01),
+        title=title or "PRO curve",
+    )
     ax.legend(loc="lower right")
     _save_figure(fig, path)
 
 
-def plot_score_histogram(path: str | os.PathLike, normal: np.ndarray, defective: np.ndarray,
-                         threshold: Optional[float] = None, bins: int = 100,
-                         title: str = "", threshold_label: Optional[str] = None) -> None:
+def plot_score_histogram(
+    path: str | os.PathLike,
+    normal: np.ndarray,
+    defective: np.ndarray,
+    threshold: float | None = None,
+    bins: int = 100,
+    title: str = "",
+    threshold_label: str | None = None,
+) -> None:
     """Histogram (density, log scale) of normal vs defective pixel scores; ``threshold`` (in
     the scores' units) is drawn as a line labelled ``threshold_label``."""
     normal, defective = np.ravel(normal), np.ravel(defective)

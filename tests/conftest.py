@@ -1,4 +1,5 @@
 """Test-wide settings: no network, caches in temporary folders, few threads, seeds."""
+
 import os
 import tempfile
 

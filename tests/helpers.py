@@ -1,4 +1,5 @@
 """Test infrastructure shared by the test files: the tiny run's flags and the analysis CLIs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,17 +9,43 @@ from types import ModuleType
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def tiny_flags(backbone: str | None = "R18", random_init: bool = True, num_epochs: int = 2) -> list[str]:
     """A whole run in seconds: ResNet-18 at 64 px (an 8 x 8 grid), 32-dim features, a 3-layer
     MLP trained for ``num_epochs`` on 16 distribution entries. ``backbone`` None: no
     ``--backbone`` flag (the scripts give their own); ``random_init`` False: the caller gives
     ``--backbone_weights``."""
-    return ((["--backbone", backbone] if backbone else []) + (["--random_init"] if random_init else [])
-            + ["--resize", "64", "--imagesize", "64", "--pretrain_embed_dimension", "48",
-               "--target_embed_dimension", "32", "-p", "0.25", "--dist_coreset_size", "16", "--dist_padding", "2",
-               "--num_layers", "3", "--num_epochs", str(num_epochs), "--step_size", "1", "--dist_batchsize", "64",
-               "--blursigma", "1", "--accelerator", "cpu"])
+    return (
+        (["--backbone", backbone] if backbone else [])
+        + (["--random_init"] if random_init else [])
+        + [
+            "--resize",
+            "64",
+            "--imagesize",
+            "64",
+            "--pretrain_embed_dimension",
+            "48",
+            "--target_embed_dimension",
+            "32",
+            "-p",
+            "0.25",
+            "--dist_coreset_size",
+            "16",
+            "--dist_padding",
+            "2",
+            "--num_layers",
+            "3",
+            "--num_epochs",
+            str(num_epochs),
+            "--step_size",
+            "1",
+            "--dist_batchsize",
+            "64",
+            "--blursigma",
+            "1",
+            "--accelerator",
+            "cpu",
+        ]
+    )
 
 
 TINY = tiny_flags()
@@ -27,8 +54,18 @@ TINY = tiny_flags()
 def path_flags(dataset: Path, root: Path, category: str = "texture") -> list[str]:
     """The data and output flags of a run on ``category`` of ``dataset``, writing results to
     ``root/result`` and artefacts under ``root``."""
-    return ["--dataset_path", str(dataset), "--category", category, "--project_root_path", str(root / "result"),
-            "--embedding_root_path", str(root)]
+    return [
+        "--dataset_path",
+        str(dataset),
+        "--category",
+        category,
+        "--project_root_path",
+        str(root / "result"),
+        "--embedding_root_path",
+        str(root),
+    ]
+
+
 TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
 MAPS = ("nb", "coor", "patchcore", "nb_coor")
 

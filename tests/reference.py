@@ -14,10 +14,12 @@ scoring benchmark times its naive port from here too.
 - scoring (METHOD 5): :func:`naive_scores` (the original's loop structure, lost parallel
   writes included) and :func:`full_size_maps` (bilinear resize, then scipy's Gaussian blur).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -80,7 +82,7 @@ def resize_and_crop(image: Image.Image, resize: int, imagesize: int) -> np.ndarr
     resized = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
     top = int(round((size[1] - imagesize) / 2.0))
     left = int(round((size[0] - imagesize) / 2.0))
-    return resized[top:top + imagesize, left:left + imagesize]
+    return resized[top : top + imagesize, left : left + imagesize]
 
 
 def image_tensor(image: Image.Image, resize: int, imagesize: int) -> np.ndarray:
@@ -123,12 +125,11 @@ def neighbourhoods(fmap: np.ndarray, patchsize: int) -> np.ndarray:
     out = np.empty((b, c, patchsize, patchsize, h, w))
     for i in range(patchsize):
         for j in range(patchsize):
-            out[:, :, i, j] = padded[:, :, i:i + h, j:j + w]
+            out[:, :, i, j] = padded[:, :, i : i + h, j : j + w]
     return out
 
 
-def patch_features(layer_maps: Sequence[np.ndarray], patchsize: int, pretrain_dim: int,
-                   target_dim: int) -> np.ndarray:
+def patch_features(layer_maps: Sequence[np.ndarray], patchsize: int, pretrain_dim: int, target_dim: int) -> np.ndarray:
     """METHOD 2, in the method's order: per layer, each position's neighbourhood as a
     ``C * patchsize^2`` vector (channel-major), every neighbourhood element of a coarser layer
     brought to the first layer's grid by bilinear interpolation, each vector average-pooled to
@@ -152,7 +153,7 @@ def patch_features(layer_maps: Sequence[np.ndarray], patchsize: int, pretrain_di
 
 def jl_min_dim(n_samples: int, eps: float) -> float:
     """The Johnson-Lindenstrauss bound ``4 ln(n) / (eps^2/2 - eps^3/3)``."""
-    return 4.0 * math.log(n_samples) / (eps ** 2 / 2.0 - eps ** 3 / 3.0)
+    return 4.0 * math.log(n_samples) / (eps**2 / 2.0 - eps**3 / 3.0)
 
 
 def brute_force_farthest_point(points: np.ndarray, n_select: int, start: int) -> list[int]:
@@ -200,14 +201,15 @@ def sliced_window(grid: np.ndarray, r: int, c: int, dp: int, variant: str) -> np
     with ``dp`` zeros, flatten it row-major and drop one slot: the centre
     ``((2dp+1)^2 - 1) / 2`` (paper) or ``((2dp+1)^2 + 1) // 2`` (original)."""
     padded = np.pad(grid, ((dp, dp), (dp, dp), (0, 0)))
-    window = padded[r:r + 2 * dp + 1, c:c + 2 * dp + 1].reshape((2 * dp + 1) ** 2, -1)
+    window = padded[r : r + 2 * dp + 1, c : c + 2 * dp + 1].reshape((2 * dp + 1) ** 2, -1)
     n = (2 * dp + 1) ** 2
     drop = (n - 1) // 2 if variant == "paper" else (n + 1) // 2
     return np.delete(window, drop, axis=0).reshape(-1)
 
 
-def neighbourhood_samples(bank: np.ndarray, distribution: np.ndarray, pad: int, dp: int,
-                          variant: str) -> tuple[np.ndarray, np.ndarray]:
+def neighbourhood_samples(
+    bank: np.ndarray, distribution: np.ndarray, pad: int, dp: int, variant: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The MLP's training samples (METHOD 4) of every image's interior positions, image by image,
     row-major: windows ``(N_img * P_int, ((2dp+1)^2 - 1) * E)`` (:func:`sliced_window`) and
     labels ``(N_img * P_int,)``, the nearest distribution entry to the centre feature."""
@@ -228,8 +230,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
 
 
-def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, cols: int, k: int,
-                    dp: int) -> np.ndarray:
+def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, cols: int, k: int, dp: int) -> np.ndarray:
     """METHOD 4's position histogram: for every image and every flat position ``positions[q]``
     labelled ``labels[img, q]``, add one at that label to every grid position within ``dp``
     (clipped to the grid). ``(R*C, k)``."""
@@ -243,8 +244,9 @@ def position_counts(labels: np.ndarray, positions: Sequence[int], rows: int, col
     return counts
 
 
-def mlp_parameter_shapes(in_features: int, num_classes: int, num_layers: int,
-                         hidden: int = HIDDEN_WIDTH) -> dict[str, tuple[int, ...]]:
+def mlp_parameter_shapes(
+    in_features: int, num_classes: int, num_layers: int, hidden: int = HIDDEN_WIDTH
+) -> dict[str, tuple[int, ...]]:
     """State-dict entries of the method's MLP with the original's names: ``num_layers`` linear
     layers, the ``num_layers - 1`` hidden ones each Linear -> BatchNorm1d (-> ReLU -> Dropout,
     no parameters), the last a Linear to ``num_classes``."""
@@ -385,7 +387,7 @@ def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg):
                 def write(jd):  # the original's loop over distribution ids
                     for k in range(k1):
                         if m[k] == jd:
-                            mask[k] = by_rank[jd]  # column k: the k-th nearest entry
+                            mask[k] = by_rank[jd]  # noqa: B023 - called at once below; column k: the k-th nearest entry
 
                 parallel_fill(len(dcs), workers, write)
                 mask[-1] = True
@@ -403,14 +405,14 @@ def naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, cfg):
         "patchcore": np.array(pc_pixel).reshape(rows, cols),
         "nb_coor": np.pad(nbc_int, pp, mode="edge"),
     }
-    image = {"nb": nb_int.max(), "coor": max(coor), "patchcore": image_pc,
-             "nb_coor": nbc_int.max()}
+    image = {"nb": nb_int.max(), "coor": max(coor), "patchcore": image_pc, "nb_coor": nbc_int.max()}
     return coarse, image
 
 
 def full_size_maps(coarse: dict[str, np.ndarray], imagesize: int, sigma: float) -> dict[str, np.ndarray]:
     """Each coarse map resized to ``imagesize`` (:func:`bilinear_resize`) and blurred with
     scipy's ``gaussian_filter`` (the original's call: mode 'reflect', truncate 4)."""
-    return {name: gaussian_filter(bilinear_resize(c, (imagesize, imagesize)), sigma=sigma, mode="reflect",
-                                  truncate=4.0)
-            for name, c in coarse.items()}
+    return {
+        name: gaussian_filter(bilinear_resize(c, (imagesize, imagesize)), sigma=sigma, mode="reflect", truncate=4.0)
+        for name, c in coarse.items()
+    }

@@ -1,14 +1,15 @@
 """Ensemble -> ravel -> analysis on a tiny fake result tree, through the CLI entry points."""
+
 import csv
 
 import cv2
 import numpy as np
 import pytest
+from helpers import load_cli
 from PIL import Image
 from skimage.measure import label, regionprops
 from sklearn.metrics import auc, roc_auc_score
 
-from helpers import load_cli
 from pni import ravel
 from pni.io import load_npy
 from pni.results import MAP_NAMES, write_image_scores, write_sample
@@ -24,7 +25,7 @@ def fake_item(rng, defect_type, stem, scale):
     mask = np.zeros((SIZE, SIZE), np.uint8)
     if defect_type == "broken":
         r = 3 + 5 * int(stem)
-        mask[r:r + 4, 4:9] = 1
+        mask[r : r + 4, 4:9] = 1
     image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     maps = {}
     for k, name in enumerate(MAP_NAMES):
@@ -66,6 +67,7 @@ def read_csv(path):
 # ----------------------------------------------------------------------------- references from METHOD section 6
 # Written from the definitions, one threshold at a time; no pni code.
 
+
 def best_f1(labels, scores):
     """(threshold, F1) maximising F1 = 2PR/(P+R+1e-6) for ``score >= t``; the lowest threshold on ties."""
     labels, scores = np.ravel(labels).astype(bool), np.ravel(scores)
@@ -84,8 +86,12 @@ def aupro_mvtec(masks, scores, limit=0.3):
     """MVTec AD: PRO = mean over 8-connected regions of the covered fraction, at every distinct
     threshold (score >= t); curve from (0, 0) to (1, 1), trapezoids up to FPR = limit (interpolated
     there), divided by limit."""
-    regions = [(i, lab == k) for i, m in enumerate(masks) for lab in [label(m, connectivity=2)]
-               for k in range(1, lab.max() + 1)]
+    regions = [
+        (i, lab == k)
+        for i, m in enumerate(masks)
+        for lab in [label(m, connectivity=2)]
+        for k in range(1, lab.max() + 1)
+    ]
     normal = ~masks
     fprs, pros = [0.0], [0.0]
     for t in sorted(set(scores.ravel().tolist()), reverse=True):
@@ -134,10 +140,15 @@ def reference_row(codes, masks, max_steps=None):
     img = codes.reshape(len(codes), -1).max(axis=1)
     pix_t, pix_f1 = best_f1(masks, codes)
     img_t, img_f1 = best_f1(labels, img)
-    row = {"num_images": len(codes), "I-AUROC": roc_auc_score(labels, img),
-           "P-AUROC": roc_auc_score(masks.ravel(), codes.ravel()),
-           "pixel_threshold": (pix_t - codes.min()) / (codes.max() - codes.min()), "pixel_F1": pix_f1,
-           "image_threshold": img_t / 65535, "image_F1": img_f1}
+    row = {
+        "num_images": len(codes),
+        "I-AUROC": roc_auc_score(labels, img),
+        "P-AUROC": roc_auc_score(masks.ravel(), codes.ravel()),
+        "pixel_threshold": (pix_t - codes.min()) / (codes.max() - codes.min()),
+        "pixel_F1": pix_f1,
+        "image_threshold": img_t / 65535,
+        "image_F1": img_f1,
+    }
     if max_steps:
         row["AUPRO_MVTec"] = aupro_mvtec(masks, codes)
         row["AUPRO_PNI"] = aupro_pni(masks, codes / 65535, max_steps)
@@ -181,11 +192,27 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pni_analysis") / "result"
     truth = build_tree(root, np.random.default_rng(0))
     ens, rav = root / "ensemble_result", root / "ensemble_ravel"
-    assert load_cli("calc_ensemble_score").main([
-        "--project_root_path", str(root), "--ensemble_root_path", str(ens), "--category", *CATEGORIES,
-        "--backbone_list", *BACKBONES]) == 0
-    assert load_cli("convert_result_format").main([
-        "--before_result_root_dir", str(ens), "--after_result_root_dir", str(rav), "--is_MVtec_small"]) == 0
+    assert (
+        load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(root),
+                "--ensemble_root_path",
+                str(ens),
+                "--category",
+                *CATEGORIES,
+                "--backbone_list",
+                *BACKBONES,
+            ]
+        )
+        == 0
+    )
+    assert (
+        load_cli("convert_result_format").main(
+            ["--before_result_root_dir", str(ens), "--after_result_root_dir", str(rav), "--is_MVtec_small"]
+        )
+        == 0
+    )
     return root, ens, rav, truth
 
 
@@ -219,26 +246,40 @@ def test_ensemble_missing_file_is_named(pipeline, tmp_path, capsys):
     try:
         with open(vdir / "image_scores.csv", "w", newline="") as fh:
             csv.writer(fh).writerows([r for r in scores if r[:2] != ["good", "001"]])
-        rc = load_cli("calc_ensemble_score").main([
-            "--project_root_path", str(root), "--ensemble_root_path", str(tmp_path / "e"),
-            "--category", "bottle", "--backbone_list", *BACKBONES])
+        rc = load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(root),
+                "--ensemble_root_path",
+                str(tmp_path / "e"),
+                "--category",
+                "bottle",
+                "--backbone_list",
+                *BACKBONES,
+            ]
+        )
     finally:
         with open(vdir / "image_scores.csv", "w", newline="") as fh:
             csv.writer(fh).writerows(scores)
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "good_001_gt.npy" in err and "RNX101" in err
-    assert load_cli("calc_ensemble_score").main([
-        "--project_root_path", str(root), "--category", "bottle", "--version_num", "3",
-        "--backbone_list", "WR101"]) == 2
+    assert (
+        load_cli("calc_ensemble_score").main(
+            ["--project_root_path", str(root), "--category", "bottle", "--version_num", "3", "--backbone_list", "WR101"]
+        )
+        == 2
+    )
 
 
 def test_ravel_folder(pipeline):
     _, ens, rav, truth = pipeline
     rows = read_csv(rav / "index.csv")
     assert rows[0] == ["index", "category", "defect_type", "stem"]
-    expected = [[str(i), cat, t, s] for i, (cat, (t, s)) in
-                enumerate((c, item) for c in ("bottle", "zz_custom") for item in ITEMS)]
+    expected = [
+        [str(i), cat, t, s]
+        for i, (cat, (t, s)) in enumerate((c, item) for c in ("bottle", "zz_custom") for item in ITEMS)
+    ]
     assert rows[1:] == expected
     for i, _, t, s in expected:
         i = int(i)
@@ -265,15 +306,37 @@ def test_png16_round_trip(tmp_path):
 
 def test_analysis(pipeline, capsys):
     _, _, rav, _ = pipeline
-    assert load_cli("analysis_amap").main([
-        "--project_root_path", str(rav), "--calc_pro", "--visualize", "--calc_misclassified_sample",
-        "--compare_with_patchcore", "--max_steps", "200"]) == 0
+    assert (
+        load_cli("analysis_amap").main(
+            [
+                "--project_root_path",
+                str(rav),
+                "--calc_pro",
+                "--visualize",
+                "--calc_misclassified_sample",
+                "--compare_with_patchcore",
+                "--max_steps",
+                "200",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "AUPRO_MVTec" in out.out and "nothing compared" in out.err
     rows = read_csv(rav / "score_result.csv")
     header = rows[0]
-    assert header == ["category", "num_images", "I-AUROC", "P-AUROC", "AUPRO_MVTec", "AUPRO_PNI",
-                      "pixel_threshold", "pixel_F1", "image_threshold", "image_F1"]
+    assert header == [
+        "category",
+        "num_images",
+        "I-AUROC",
+        "P-AUROC",
+        "AUPRO_MVTec",
+        "AUPRO_PNI",
+        "pixel_threshold",
+        "pixel_F1",
+        "image_threshold",
+        "image_F1",
+    ]
     expected = {}
     for cat, first in (("bottle", 0), ("zz_custom", 4)):
         idx = range(first, first + len(ITEMS))
@@ -284,8 +347,15 @@ def test_analysis(pipeline, capsys):
     assert all(0.5 < float(r[header.index("P-AUROC")]) <= 1 for r in rows[1:])
     for cat, first in (("bottle", 0), ("zz_custom", 4)):
         d = rav / "viz" / cat
-        for suffix in ("", "_mask", "_amap", "_amap_on_img", "_img_with_gt", "_img_with_mask",
-                       "_heatmap_on_img_with_mask"):
+        for suffix in (
+            "",
+            "_mask",
+            "_amap",
+            "_amap_on_img",
+            "_img_with_gt",
+            "_img_with_mask",
+            "_heatmap_on_img_with_mask",
+        ):
             assert (d / f"{first:05d}{suffix}.png").is_file(), suffix
         for plot in ("roc_curve.png", "pro_curve.png", "score_histogram.png"):
             assert (d / plot).is_file()
@@ -307,8 +377,12 @@ def test_pixel_threshold_on_the_category_scale_and_pictures(tmp_path):
     13 normal pixels: t=50000 P=1 R=1/2, t=45000 P=1/2 R=1/2, t=40000 P=2/3 R=1 (best, F1 0.8),
     t=30000 P=1/2 R=1. Reported: (40000-10000)/(50000-10000) = 0.75 (not 40000/65535 = 0.6104).
     Images: A (defective) max 50000, B (good) max 45000: image threshold 50000/65535, F1 1."""
-    codes = np.array([[[20000, 30000, 50000, 40000], [20000, 20000, 20000, 20000]],
-                      [[20000, 45000, 20000, 20000], [10000, 20000, 20000, 20000]]])
+    codes = np.array(
+        [
+            [[20000, 30000, 50000, 40000], [20000, 20000, 20000, 20000]],
+            [[20000, 45000, 20000, 20000], [10000, 20000, 20000, 20000]],
+        ]
+    )
     masks = np.array([[[0, 0, 1, 1], [0, 0, 0, 0]], [[0] * 4, [0] * 4]], bool)
     grey = np.full((2, 4, 3), 100, np.uint8)
     root = write_ravel(tmp_path / "r", codes, masks, [[0, "c", "bad", "a"], [1, "c", "good", "b"]], [grey, grey])
@@ -349,8 +423,10 @@ def test_analysis_known_answers(tmp_path):
             rows.append([len(rows), cat, "bad" if mask.any() else "good", f"{j:03d}"])
     root = write_ravel(tmp_path / "r", codes, masks, rows)
     assert load_cli("analysis_amap").main(["--project_root_path", str(root), "--calc_pro", "--max_steps", "50"]) == 0
-    expected = {cat: reference_row(np.stack(codes[4 * c:4 * c + 4]), np.stack(masks[4 * c:4 * c + 4]), 50)
-                for c, cat in enumerate(("cat_a", "cat_b"))}
+    expected = {
+        cat: reference_row(np.stack(codes[4 * c : 4 * c + 4]), np.stack(masks[4 * c : 4 * c + 4]), 50)
+        for c, cat in enumerate(("cat_a", "cat_b"))
+    }
     assert expected["cat_a"]["AUPRO_PNI"] != pytest.approx(expected["cat_a"]["AUPRO_MVTec"], abs=1e-3)
     check_rows(root / "score_result.csv", expected)
 
@@ -369,26 +445,46 @@ def write_ensemble_tree(root, layout):
 
 
 def test_convert_btad_order(tmp_path):
-    layout = {"03": [("ok", "b"), ("ko", "a")], "00extra": [("ok", "x")], "01": [("ok", "z"), ("ko", "y")],
-              "02": [("ko", "m")]}
+    layout = {
+        "03": [("ok", "b"), ("ko", "a")],
+        "00extra": [("ok", "x")],
+        "01": [("ok", "z"), ("ko", "y")],
+        "02": [("ko", "m")],
+    }
     write_ensemble_tree(tmp_path / "ens", layout)
     convert = load_cli("convert_result_format").main
-    assert convert(["--before_result_root_dir", str(tmp_path / "ens"), "--after_result_root_dir",
-                    str(tmp_path / "btad"), "--is_BTAD"]) == 0
+    assert (
+        convert(
+            [
+                "--before_result_root_dir",
+                str(tmp_path / "ens"),
+                "--after_result_root_dir",
+                str(tmp_path / "btad"),
+                "--is_BTAD",
+            ]
+        )
+        == 0
+    )
     assert read_csv(tmp_path / "btad" / "index.csv")[1:] == [
-        ["0", "01", "ko", "y"], ["1", "01", "ok", "z"], ["2", "02", "ko", "m"],
-        ["3", "03", "ko", "a"], ["4", "03", "ok", "b"], ["5", "00extra", "ok", "x"]]
+        ["0", "01", "ko", "y"],
+        ["1", "01", "ok", "z"],
+        ["2", "02", "ko", "m"],
+        ["3", "03", "ko", "a"],
+        ["4", "03", "ok", "b"],
+        ["5", "00extra", "ok", "x"],
+    ]
     # each file holds what its row says: map value (10*c + k)/100 of layout position (c, k)
     for i, (c, k) in enumerate([(2, 1), (2, 0), (3, 0), (0, 1), (0, 0), (1, 0)]):
         assert set(np.unique(read16(tmp_path / "btad" / f"{i:05d}_pred.png"))) == {int((10 * c + k) / 100 * 65535)}
         assert set(np.unique(np.asarray(Image.open(tmp_path / "btad" / f"image{i:05d}.png")))) == {10 * c + k}
-    assert convert(["--before_result_root_dir", str(tmp_path / "ens"), "--after_result_root_dir",
-                    str(tmp_path / "plain")]) == 0
+    assert (
+        convert(["--before_result_root_dir", str(tmp_path / "ens"), "--after_result_root_dir", str(tmp_path / "plain")])
+        == 0
+    )
     assert [r[1] for r in read_csv(tmp_path / "plain" / "index.csv")[1:]] == ["00extra", "01", "01", "02", "03", "03"]
 
 
-@pytest.mark.parametrize("flags, borders", [(["--is_BTAD"], {"01": 70, "02": 230}),
-                                            ([], {"bottle": 83, "cable": 150})])
+@pytest.mark.parametrize("flags, borders", [(["--is_BTAD"], {"01": 70, "02": 230}), ([], {"bottle": 83, "cable": 150})])
 def test_fallback_category_borders(tmp_path, flags, borders, capsys):
     """No index.csv: the original's test-set sizes split the folder (BTAD 01: 70, 02: 230;
     MVTec bottle: 83, cable: 150)."""
@@ -402,15 +498,16 @@ def test_fallback_category_borders(tmp_path, flags, borders, capsys):
     assert "index.csv missing" in capsys.readouterr().err
     expected, start = {}, 0
     for cat, count in borders.items():
-        expected[cat] = reference_row(codes[start:start + count], masks[start:start + count])
+        expected[cat] = reference_row(codes[start : start + count], masks[start : start + count])
         start += count
     check_rows(root / "score_result.csv", expected)
 
 
 def test_visualize_refuses_an_image_of_another_size(tmp_path, capsys):
     codes = np.full((1, 4, 4), 30000)
-    root = write_ravel(tmp_path / "r", codes, np.ones((1, 4, 4), bool), [[0, "c", "bad", "a"]],
-                       [np.zeros((6, 6, 3), np.uint8)])
+    root = write_ravel(
+        tmp_path / "r", codes, np.ones((1, 4, 4), bool), [[0, "c", "bad", "a"]], [np.zeros((6, 6, 3), np.uint8)]
+    )
     assert load_cli("analysis_amap").main(["--project_root_path", str(root), "--visualize"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "image00000.png" in errors[0]

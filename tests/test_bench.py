@@ -1,5 +1,6 @@
 """Smoke test of the benchmarks: each runs at a tiny size and prints a ratio as its last line.
 Times are never asserted (they mean nothing at these sizes); the goal checks are."""
+
 import re
 import subprocess
 import sys
@@ -24,8 +25,12 @@ def run(args, timeout=900):
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_bench_runs_and_ends_with_a_ratio(name):
     bench = BENCHES[name]
-    proc = run([str(ROOT / "bench" / bench.script)] + bench.quick + ["--no_goals"]
-               + (["--device", "cpu"] if bench.takes_device else []))
+    proc = run(
+        [str(ROOT / "bench" / bench.script)]
+        + bench.quick
+        + ["--no_goals"]
+        + (["--device", "cpu"] if bench.takes_device else [])
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines[0].startswith("machine:")
@@ -42,8 +47,7 @@ def test_goals_fail_a_benchmark_that_misses_them(capsys):
     assert capsys.readouterr().out == ""
     assert goals.check({"scoring_vs_original": 14.9, "scoring_flop_bound": 1.2}) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out == ["goal missed: speed-up over the original's method (faiss k = all, mask loops) is 14.9, "
-                   "goal >= 15"]
+    assert out == ["goal missed: speed-up over the original's method (faiss k = all, mask loops) is 14.9, goal >= 15"]
     assert goals.check({"scoring_flop_bound": 2.6}, enforce=False) == 0
     assert "(not enforced)" in capsys.readouterr().out
 
@@ -55,8 +59,9 @@ def test_run_all_prints_a_table_and_fails_on_a_missed_goal(tmp_path, monkeypatch
     assert (tmp_path / "r.json").is_file()
     # a benchmark that misses its goal (exit code 1 after 'goal missed') fails the whole run
     script = tmp_path / "bench_fake.py"
-    script.write_text("print('machine: test')\nprint('goal missed: x is 2, goal <= 1')\n"
-                      "print('fake: 2.00x')\nraise SystemExit(1)\n")
+    script.write_text(
+        "print('machine: test')\nprint('goal missed: x is 2, goal <= 1')\nprint('fake: 2.00x')\nraise SystemExit(1)\n"
+    )
     monkeypatch.setitem(BENCHES, "fake", run_all.Bench(str(script), [], "coreset", takes_device=False))
     assert run_all.main(["--only", "fake"]) == 1
     assert "| fake | GOAL MISSED: fake: 2.00x |" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """``python -m pni.refinement.compare BEFORE AFTER``: the before -> after table of two analysed
 ravel folders, and one error line for tables it cannot read."""
+
 import pytest
 
 from pni.refinement.compare import main
@@ -19,16 +20,43 @@ def test_before_and_after_side_by_side(tmp_path, capsys):
     assert main([str(before), str(after)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}  # title, header, then one row a category
-    assert rows["board"] == ["99.70", "->", "99.70", "98.99", "->", "99.00", "98.98", "->", "98.99",
-                             "100.00", "->", "100.00"]
-    assert rows["stripes"] == ["96.61", "->", "96.25", "89.57", "->", "88.45", "n/a", "->", "88.43",
-                               "100.00", "->", "93.75"]  # an empty cell (metric not computed): n/a
+    assert rows["board"] == [
+        "99.70",
+        "->",
+        "99.70",
+        "98.99",
+        "->",
+        "99.00",
+        "98.98",
+        "->",
+        "98.99",
+        "100.00",
+        "->",
+        "100.00",
+    ]
+    assert rows["stripes"] == [
+        "96.61",
+        "->",
+        "96.25",
+        "89.57",
+        "->",
+        "88.45",
+        "n/a",
+        "->",
+        "88.43",
+        "100.00",
+        "->",
+        "93.75",
+    ]  # an empty cell (metric not computed): n/a
 
 
-@pytest.mark.parametrize("text, fragment", [
-    (HEADER, "has no rows"),
-    ("name,P-AUROC\nboard,0.9\n", "has no category column"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (HEADER, "has no rows"),
+        ("name,P-AUROC\nboard,0.9\n", "has no category column"),
+    ],
+)
 def test_unreadable_tables_are_one_line(tmp_path, capsys, text, fragment):
     before = table(tmp_path / "b", text)
     after = table(tmp_path / "a", HEADER + "board,8,1.0,0.99,0.98,0.98\n")

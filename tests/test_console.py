@@ -1,5 +1,6 @@
 """What the CLIs print (pni.console): one line per stage, one bar that redraws in place on a
 terminal, a few percentage lines in a log, no third-party chatter unless --verbose."""
+
 import io
 import os
 import subprocess
@@ -7,17 +8,28 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY, path_flags
 
 from pni import console
 from pni.console import Progress
 from pni.data.synthetic import make_dataset
 
-from helpers import REPO, TINY, path_flags
-
-STAGES = ("stage 1/4: coresets", "stage 2/4: neighbourhood MLP", "stage 3/4: position priors",
-          "stage 4/4: scoring")
-CHATTER = ("Tip:", "litlogger", "LeafSpec", "deprecated", "GPU available", "TPU available", "does not have many workers",
-           "Predicting", "Epoch ", "Testing", "it/s", "Warning:", "warnings.warn")
+STAGES = ("stage 1/4: coresets", "stage 2/4: neighbourhood MLP", "stage 3/4: position priors", "stage 4/4: scoring")
+CHATTER = (
+    "Tip:",
+    "litlogger",
+    "LeafSpec",
+    "deprecated",
+    "GPU available",
+    "TPU available",
+    "does not have many workers",
+    "Predicting",
+    "Epoch ",
+    "Testing",
+    "it/s",
+    "Warning:",
+    "warnings.warn",
+)
 
 
 # ----------------------------------------------------------------------------- Progress
@@ -87,8 +99,13 @@ warnings.warn("no weights:\\n using random ones")
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_quiet_setup_drops_deprecations_and_prints_one_line_warnings(verbose):
-    proc = subprocess.run([sys.executable, "-c", SETUP_SCRIPT.format(verbose=verbose)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SETUP_SCRIPT.format(verbose=verbose)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     if verbose:  # Python's own format, and the Lightning hint is kept
         assert "UserWarning: no weights:" in proc.stderr and "many workers" in proc.stderr
@@ -110,8 +127,13 @@ def test_trainer_progress_follows_the_console_mode(monkeypatch):
 def _cli(args, log: Path) -> int:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with open(log, "w") as fh:  # a file: not a terminal
-        return subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")] + args,
-                              stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=900).returncode
+        return subprocess.run(
+            [sys.executable, str(REPO / "train_coreset_distribution.py")] + args,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=900,
+        ).returncode
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
 """Greedy k-center selection and faiss index files."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from reference import brute_force_farthest_point, greedy_start, jl_min_dim
 from sklearn.random_projection import SparseRandomProjection
 
 from pni import coreset as cs
-from reference import brute_force_farthest_point, greedy_start, jl_min_dim
 
 
 def test_greedy_order_equals_brute_force():
@@ -24,7 +25,7 @@ def test_johnson_lindenstrauss_size():
     """The projected size is the bound 4 ln(n) / (eps^2/2 - eps^3/3) at eps 0.9, truncated to an
     integer as scikit-learn's 'auto' size (which the original used) does."""
     for n, by_hand in ((1000, 170.56), (1_440_000, 350.13)):
-        bound = 4 * math.log(n) / (0.9 ** 2 / 2 - 0.9 ** 3 / 3)
+        bound = 4 * math.log(n) / (0.9**2 / 2 - 0.9**3 / 3)
         assert bound == jl_min_dim(n, 0.9) and round(bound, 2) == by_hand
         assert cs.projection_matrix(n, 1024, seed=0).shape == (1024, math.floor(bound))
 
@@ -82,8 +83,22 @@ def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_siz
     def extractor(images):  # (B, 3, R, C) -> (B, R, C, E): the table row of each position's id
         return torch.from_numpy(table)[images[:, 0].round().long()]
 
-    args = parse_args(["--patchsize", "3", "-p", "0.125", "--dist_coreset_size", str(dist_coreset_size),
-                       "--target_embed_dimension", str(dim), "--accelerator", "cpu", "--devices", "1"])
+    args = parse_args(
+        [
+            "--patchsize",
+            "3",
+            "-p",
+            "0.125",
+            "--dist_coreset_size",
+            str(dist_coreset_size),
+            "--target_embed_dimension",
+            str(dim),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+        ]
+    )
     args.ddp = False
     pipeline.build_coresets(args, extractor, train_ds, tmp_path, tmp_path)
 
@@ -98,8 +113,11 @@ def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_siz
     with_edge = positions("embedding_coreset_index_12_with_edge.faiss")
     distribution = positions(f"dist_coreset_index_{dist_coreset_size}.faiss")
     n_without, n_with = n_img * (rows - 2 * pad) * (cols - 2 * pad), n_img * rows * cols  # 48, 108
-    assert (len(without), len(with_edge), len(distribution)) == (int(0.125 * n_without), int(0.125 * n_with),
-                                                                 dist_coreset_size)
+    assert (len(without), len(with_edge), len(distribution)) == (
+        int(0.125 * n_without),
+        int(0.125 * n_with),
+        dist_coreset_size,
+    )
     assert all(pad <= r < rows - pad and pad <= c < cols - pad for _, r, c in without + distribution)
     longer = max(without, distribution, key=len)
     assert len(longer) == max(int(0.125 * n_without), dist_coreset_size)

@@ -1,4 +1,5 @@
 """Data layer: listing and pairing, decoding odd files, transforms (pni.data)."""
+
 from __future__ import annotations
 
 import csv
@@ -6,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
 from PIL import Image
 
-import reference
 from pni.data import (
-    AnomalyDataset,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AnomalyDataset,
     build_datasets,
     denormalize,
     image_transform,
@@ -65,7 +66,10 @@ def test_mvtec_items_and_order(tmp_path: Path) -> None:
     train, test = build_datasets("MVTec", root, "widget", resize=16, imagesize=16)
     assert len(train) == 3 and len(test) == 4
     assert [(s.defect_type, s.stem) for s in test.samples] == [
-        ("bent", "005"), ("crack", "1"), ("crack", "1_0"), ("good", "000")
+        ("bent", "005"),
+        ("crack", "1"),
+        ("crack", "1_0"),
+        ("good", "000"),
     ]
     item = test[3]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 16, 16)
@@ -217,8 +221,9 @@ def test_transforms_equal_pil_resize_and_centre_crop(size, resize, crop) -> None
     got = image_transform(resize, crop)(image)
     assert got.shape == (3, crop, crop)
     np.testing.assert_allclose(got.double().numpy(), reference.image_tensor(image, resize, crop), rtol=0, atol=1e-5)
-    mask = Image.fromarray(_box_mask(size[1] // 4, size[0] // 3, size[1] // 2, size[0] // 3, size=max(size))
-                           [: size[1], : size[0]])
+    mask = Image.fromarray(
+        _box_mask(size[1] // 4, size[0] // 3, size[1] // 2, size[0] // 3, size=max(size))[: size[1], : size[0]]
+    )
     want = reference.resize_and_crop(mask, resize, crop) == 255
     assert 0 < want.sum() < want.size
     np.testing.assert_array_equal(mask_transform(resize, crop)(mask)[0].numpy(), want.astype(np.float32))
@@ -227,7 +232,7 @@ def test_transforms_equal_pil_resize_and_centre_crop(size, resize, crop) -> None
 def test_denormalize_round_trip() -> None:
     rgb = _rgb(5, 9)
     x = image_transform(9, 9)(Image.fromarray(rgb))
-    expected = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None])
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]
     assert torch.allclose(x, expected / torch.tensor(IMAGENET_STD)[:, None, None], atol=1e-6)
     out = denormalize(x)
     assert out.dtype == np.uint8 and out.shape == (9, 9, 3)
@@ -254,7 +259,9 @@ def test_btad_layout_and_03_half_split(tmp_path: Path) -> None:
     assert [s.stem for s in train01] == ["0000", "0001", "0002", "0003", "0004"]
     assert [s.stem for s in train03] == ["0000", "0001"]
     assert [(s.defect_type, s.stem, s.label) for s in test01] == [
-        ("good", "0000", 0), ("ko", "0001", 1), ("ko", "0002", 1)
+        ("good", "0000", 0),
+        ("ko", "0001", 1),
+        ("ko", "0002", 1),
     ]
     _, test = build_datasets("BTAD", tmp_path, "01", resize=16, imagesize=16)
     assert test[1]["mask"][0, :, :4].all() and test[1]["mask"].sum() == 64
@@ -275,8 +282,15 @@ def _visa_released(root: Path) -> None:
             _write(d / "Images" / "Anomaly" / f"{i:03d}.JPG", _rgb(30 + i), format="JPEG")
             mask = (_box_mask(0, 0, 8, 8) > 0).astype(np.uint8) * (i + 1)  # ids, not 255
             _write(d / "Masks" / "Anomaly" / f"{i:03d}.png", mask)
-            rows.append([cat, "test", "anomaly", f"{cat}/Data/Images/Anomaly/{i:03d}.JPG",
-                         f"{cat}/Data/Masks/Anomaly/{i:03d}.png"])
+            rows.append(
+                [
+                    cat,
+                    "test",
+                    "anomaly",
+                    f"{cat}/Data/Images/Anomaly/{i:03d}.JPG",
+                    f"{cat}/Data/Masks/Anomaly/{i:03d}.png",
+                ]
+            )
     (root / "split_csv").mkdir(parents=True)
     with open(root / "split_csv" / "1cls.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -290,7 +304,9 @@ def test_visa_released_layout_with_split_csv(tmp_path: Path) -> None:
     train, test = build_datasets("VisA", tmp_path, "pcb1", resize=16, imagesize=16)
     assert [s.stem for s in train.samples] == ["0000", "0001"]
     assert [(s.defect_type, s.stem, s.label) for s in test.samples] == [
-        ("bad", "000", 1), ("bad", "001", 1), ("good", "0002", 0)
+        ("bad", "000", 1),
+        ("bad", "001", 1),
+        ("good", "0002", 0),
     ]
     assert all("pcb1" in s.image_path for s in test.samples)
     for i in (0, 1):  # mask pixels > 0 are defective

@@ -4,6 +4,7 @@ the MLP trains under DDP.
 Lightning's ``ddp`` strategy starts the other rank by running the command line again, so
 the DDP runs are subprocesses of ``train_coreset_distribution.py``.
 """
+
 import csv
 import os
 import subprocess
@@ -11,23 +12,32 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-
 import reference
-import train_coreset_distribution as tcd
+import torch
 from helpers import REPO as ROOT
 from helpers import TINY, TRAIN, aurocs_from_saved, path_flags
+
+import train_coreset_distribution as tcd
 from pni.data.synthetic import make_dataset
 
 DDP = ["--devices", "2", "--strategy", "ddp"]
 
 
 def run_script(argv, timeout=900):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PNI_DDP_RUN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PNI_DDP_RUN")
+    }
     env["OMP_NUM_THREADS"] = "1"  # two processes on a two-core machine
-    proc = subprocess.run([sys.executable, str(ROOT / "train_coreset_distribution.py")] + argv, cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_coreset_distribution.py")] + argv,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -64,13 +74,15 @@ def test_ddp_scoring_matches_one_process(dataset):
     maps = [f for f in files if "_amap_" in f and f.endswith(".npy")]
     assert len(maps) == 7 * 4
     for name in maps:
-        np.testing.assert_allclose(np.load(v1 / "sample" / name), np.load(v0 / "sample" / name),
-                                   rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            np.load(v1 / "sample" / name), np.load(v0 / "sample" / name), rtol=0, atol=1e-5, err_msg=name
+        )
     with open(v0 / "image_scores.csv") as a, open(v1 / "image_scores.csv") as b:
         one, two = list(csv.reader(a)), list(csv.reader(b))
     assert len(one) == 8 and [r[:3] for r in one] == [r[:3] for r in two]  # same images, same order
-    np.testing.assert_allclose(np.array([r[3:] for r in two[1:]], float),
-                               np.array([r[3:] for r in one[1:]], float), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([r[3:] for r in two[1:]], float), np.array([r[3:] for r in one[1:]], float), rtol=0, atol=1e-5
+    )
     rows = score_rows(root)
     assert [r["version"] for r in rows] == ["version_0", "version_1"]
     expected = aurocs_from_saved(v1)  # scikit-learn on the files the two ranks wrote
@@ -111,8 +123,7 @@ def validation_samples(dataset_path, emb):
     from pni.lightning import split_train_val
 
     train_ds, _ = build_datasets("MVTec", dataset_path, "texture", resize=64, imagesize=64)
-    extractor = build_feature_extractor("R18", pretrain_embed_dimension=48, target_embed_dimension=32,
-                                        random_init=True)
+    extractor = build_feature_extractor("R18", pretrain_embed_dimension=48, target_embed_dimension=32, random_init=True)
     bank = extractor(torch.stack([train_ds[i]["image"] for i in range(len(train_ds))])).double().numpy()
     index = faiss.read_index(str(emb / "dist_coreset_index_16.faiss"))
     distribution = index.reconstruct_n(0, index.ntotal).astype(np.float64)

@@ -1,11 +1,12 @@
 """Neighbourhood windows, the MLP and its checkpoints, and the position prior."""
+
 import argparse
 
 import numpy as np
 import pytest
+import reference
 import torch
 
-import reference
 from pni.distributions import (
     NeighbourhoodMLP,
     gather_windows,
@@ -28,24 +29,38 @@ def test_windows_match_sliced_reference(dp, variant):
     img = torch.tensor([0, 2, 1, 2, 1, 0])
     rows = torch.tensor([0, 3, 10, 5, 4, 7])
     cols = torch.tensor([0, 2, 9, 1, 9, 4])
-    expected = np.stack([reference.sliced_window(bank[i], r, c, dp, variant)
-                         for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())])
+    expected = np.stack(
+        [
+            reference.sliced_window(bank[i], r, c, dp, variant)
+            for i, r, c in zip(img.tolist(), rows.tolist(), cols.tolist())
+        ]
+    )
     assert expected.shape == (6, ((2 * dp + 1) ** 2 - 1) * 4)
     np.testing.assert_array_equal(gather_windows(bank, img, rows, cols, dp, variant).numpy(), expected)
-    np.testing.assert_array_equal(gather_windows(torch.from_numpy(bank), img, rows, cols, dp, variant).numpy(),
-                                  expected)
+    np.testing.assert_array_equal(
+        gather_windows(torch.from_numpy(bank), img, rows, cols, dp, variant).numpy(), expected
+    )
     # one image's grid at flat positions: the same windows
     flat = rows[img == 2] * 10 + cols[img == 2]
-    np.testing.assert_array_equal(grid_windows(torch.from_numpy(bank[2]), flat, dp, variant).numpy(),
-                                  expected[(img == 2).numpy()])
+    np.testing.assert_array_equal(
+        grid_windows(torch.from_numpy(bank[2]), flat, dp, variant).numpy(), expected[(img == 2).numpy()]
+    )
 
 
 def test_window_layouts_by_hand():
     # dp = 1: slots 0..8 row-major; paper drops the centre (slot 4, offset (0, 0)), the
     # original drops slot 5, the right-hand neighbour (0, +1), and keeps the centre.
     assert (0, 0) not in [tuple(o) for o in window_offsets(1, "paper").tolist()]
-    assert window_offsets(1, "original").tolist() == [[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 0], [1, -1],
-                                                      [1, 0], [1, 1]]
+    assert window_offsets(1, "original").tolist() == [
+        [-1, -1],
+        [-1, 0],
+        [-1, 1],
+        [0, -1],
+        [0, 0],
+        [1, -1],
+        [1, 0],
+        [1, 1],
+    ]
     grid = torch.arange(9, dtype=torch.float32).reshape(3, 3, 1)  # value = slot
     centre = torch.tensor([4])
     assert grid_windows(grid, centre, 1, "original").tolist() == [[0, 1, 2, 3, 4, 6, 7, 8]]
@@ -58,8 +73,13 @@ def test_window_layouts_by_hand():
 def test_mlp_parameter_names_follow_the_original():
     model = NeighbourhoodMLP(12, 5, num_layers=4, hidden=16)
     keys = set(model.state_dict())
-    for k in ("first_layer.0.weight", "first_layer.1.running_mean", "hidden_layers.0.0.weight",
-              "hidden_layers.1.1.bias", "last_layer.0.weight"):
+    for k in (
+        "first_layer.0.weight",
+        "first_layer.1.running_mean",
+        "hidden_layers.0.0.weight",
+        "hidden_layers.1.1.bias",
+        "last_layer.0.weight",
+    ):
         assert k in keys
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 4
 
@@ -78,8 +98,15 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
 def test_original_checkpoint_with_namespace_loads(tmp_path):
     model = NeighbourhoodMLP(12, 5, num_layers=3, hidden=16).eval()
     path = tmp_path / "orig.pt"
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(dist_padding=1, num_layers=3),
-                "train_loss": 0.5, "val_loss": 0.6}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "args": argparse.Namespace(dist_padding=1, num_layers=3),
+            "train_loss": 0.5,
+            "val_loss": 0.6,
+        },
+        path,
+    )
     ckpt = load_mlp_checkpoint(path)
     assert ckpt["settings"] == {"dist_padding": 1, "num_layers": 3}
     assert mlp_from_state_dict(ckpt["model"]).last_layer[0].out_features == 5
@@ -101,13 +128,12 @@ def test_position_prior_matches_naive_reference():
     rows, cols, k, dp = 6, 5, 9, 1
     positions = [r * cols + c for r in range(1, rows - 1) for c in range(1, cols - 1)]
     labels = rng.integers(0, k - 2, size=(3, len(positions)))  # entries k-2, k-1 never used
-    counts = position_prior_counts(torch.as_tensor(labels), (rows, cols), k, dp,
-                                   positions=torch.as_tensor(positions))
+    counts = position_prior_counts(torch.as_tensor(labels), (rows, cols), k, dp, positions=torch.as_tensor(positions))
     expected = reference.position_counts(labels, positions, rows, cols, k, dp)
     np.testing.assert_array_equal(counts.numpy(), expected)
     prior = normalise_rows(counts)
     np.testing.assert_allclose(prior.sum(1).numpy(), 1.0, rtol=1e-6)
-    assert (prior[:, k - 2:] == 0).all()
+    assert (prior[:, k - 2 :] == 0).all()
     empty = normalise_rows(torch.zeros(2, 3))
     assert torch.equal(empty, torch.zeros(2, 3))
 
@@ -127,13 +153,35 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
     from pni.config import parse_args
     from pni.lightning import NeighbourhoodModule
 
-
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(4, 7, 7, 6)).astype(np.float32)  # 4 images, 5 x 5 interior positions
     distribution = bank[rng.integers(0, 4, 5), rng.integers(1, 6, 5), rng.integers(1, 6, 5)]
-    args = parse_args(["--patchsize", "3", "--dist_padding", "1", "--dist_coreset_size", "5", "--num_layers", "3",
-                       "--num_epochs", "4", "--learning_rate", "0.05", "--step_size", "10", "--dist_batchsize",
-                       "32", "--target_embed_dimension", "6", "--accelerator", "cpu", "--devices", "1"])
+    args = parse_args(
+        [
+            "--patchsize",
+            "3",
+            "--dist_padding",
+            "1",
+            "--dist_coreset_size",
+            "5",
+            "--num_layers",
+            "3",
+            "--num_epochs",
+            "4",
+            "--learning_rate",
+            "0.05",
+            "--step_size",
+            "10",
+            "--dist_batchsize",
+            "32",
+            "--target_embed_dimension",
+            "6",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+        ]
+    )
     args.ddp = False
     recorded = []
 
@@ -154,8 +202,9 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
 
         def on_validation_epoch_end(self):
             super().on_validation_epoch_end()
-            self.epochs.append((float(self.trainer.callback_metrics["val_loss"]),
-                                copy.deepcopy(self.model.state_dict())))
+            self.epochs.append(
+                (float(self.trainer.callback_metrics["val_loss"]), copy.deepcopy(self.model.state_dict()))
+            )
 
     monkeypatch.setattr(pipeline, "NeighbourhoodModule", Recording)
     pipeline.train_neighbourhood(args, bank, {"distribution": distribution}, tmp_path)

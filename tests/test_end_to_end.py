@@ -6,6 +6,7 @@ layer outputs, the MLP from its state dict, the original's scoring loops, biline
 scipy's blur) and compared with the saved maps. Artefacts put in each other's place no
 longer reproduce them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,21 +16,29 @@ from types import SimpleNamespace
 import faiss
 import numpy as np
 import pytest
+import reference
 import torch
 import torchvision
+from helpers import MAPS, TINY, TRAIN
 from PIL import Image
 
-import reference
 import train_coreset_distribution as tcd
-from helpers import MAPS, TINY, TRAIN
 from pni.data.synthetic import make_dataset
 
 CATEGORY = "texture"
 # TINY's settings with the backbone read from a weights file, a distribution coreset longer
 # than the interior one (16 of 64 interior patches), and 3 mask workers' lost writes.
 FLAGS = [f for f in TINY if f != "--random_init"] + ["--dist_coreset_size", "24", "--mask_workers", "3"]
-SCORING = SimpleNamespace(anomaly_nn=3, patchsize=5, prob_gamma=0.99, softmax_temperature_alpha=2.0,
-                          softmax_nb_gamma=0.5, softmax_coor_gamma=0.5, variant="original", mask_workers=3)
+SCORING = SimpleNamespace(
+    anomaly_nn=3,
+    patchsize=5,
+    prob_gamma=0.99,
+    softmax_temperature_alpha=2.0,
+    softmax_nb_gamma=0.5,
+    softmax_coor_gamma=0.5,
+    variant="original",
+    mask_workers=3,
+)
 DP, IMAGESIZE, SIGMA, RESIZE = 2, 64, 1.0, 64
 ARRAYS = ("with_edge", "without_edge", "distribution", "prior", "prior_with_edge")
 
@@ -45,29 +54,51 @@ def run(tmp_path_factory):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 2.0)
     torch.save(backbone.state_dict(), root / "r18.pth")
-    argv = ["--dataset_path", str(root / "ds"), "--category", CATEGORY, "--project_root_path", str(root / "result"),
-            "--embedding_root_path", str(root), "--backbone_weights", str(root / "r18.pth")] + FLAGS + TRAIN
+    argv = (
+        [
+            "--dataset_path",
+            str(root / "ds"),
+            "--category",
+            CATEGORY,
+            "--project_root_path",
+            str(root / "result"),
+            "--embedding_root_path",
+            str(root),
+            "--backbone_weights",
+            str(root / "r18.pth"),
+        ]
+        + FLAGS
+        + TRAIN
+    )
     assert tcd.main(argv) == 0
     version = root / "result" / CATEGORY / "R18" / "anomaly" / "lightning_logs" / "version_0"
     with open(version / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return SimpleNamespace(root=root, emb=root / "embeddings_layer2+layer3" / CATEGORY / "R18",
-                           sample=version / "sample", rows=rows, backbone=root / "r18.pth")
+    return SimpleNamespace(
+        root=root,
+        emb=root / "embeddings_layer2+layer3" / CATEGORY / "R18",
+        sample=version / "sample",
+        rows=rows,
+        backbone=root / "r18.pth",
+    )
 
 
 def saved_artefacts(emb) -> dict:
     """The artefacts as files hold them: faiss indexes, .npy priors, the MLP's state dict."""
+
     def vectors(name):
         index = faiss.read_index(str(emb / name))
         return index.reconstruct_n(0, index.ntotal).astype(np.float64)
 
     state = torch.load(emb / "best_model_dp2_dcs24_n3.pt", weights_only=True)["model"]
-    return {"with_edge": vectors("embedding_coreset_index_25_with_edge.faiss"),
-            "without_edge": vectors("embedding_coreset_index_25.faiss"),
-            "distribution": vectors("dist_coreset_index_24.faiss"),
-            "prior": np.load(emb / "coor_model_sp25.npy", allow_pickle=False).astype(np.float64),
-            "prior_with_edge": np.load(emb / "coor_model_sp25_with_edge.npy", allow_pickle=False).astype(np.float64),
-            "mlp": {k: v.numpy() for k, v in state.items()}}
+    return {
+        "with_edge": vectors("embedding_coreset_index_25_with_edge.faiss"),
+        "without_edge": vectors("embedding_coreset_index_25.faiss"),
+        "distribution": vectors("dist_coreset_index_24.faiss"),
+        "prior": np.load(emb / "coor_model_sp25.npy", allow_pickle=False).astype(np.float64),
+        "prior_with_edge": np.load(emb / "coor_model_sp25_with_edge.npy", allow_pickle=False).astype(np.float64),
+        "mlp": {k: v.numpy() for k, v in state.items()},
+    }
 
 
 def reference_features(backbone_file, paths) -> np.ndarray:
@@ -89,12 +120,26 @@ def recomputed(features: np.ndarray, art: dict, layout: str = "original"):
     """Full-size maps and image scores of one image's ``(R, C, E)`` features (METHOD 4-5)."""
     rows, cols, _ = features.shape
     pad = 2
-    windows = np.stack([reference.sliced_window(features, r, c, DP, layout)
-                        for r in range(pad, rows - pad) for c in range(pad, cols - pad)])
+    windows = np.stack(
+        [
+            reference.sliced_window(features, r, c, DP, layout)
+            for r in range(pad, rows - pad)
+            for c in range(pad, cols - pad)
+        ]
+    )
     logits = reference.mlp_logits(art["mlp"], windows)
     m = reference.naive_m(art["without_edge"], art["distribution"])
-    coarse, image = reference.naive_scores(features, logits, art["without_edge"], art["with_edge"],
-                                           art["distribution"], m, art["prior"], art["prior_with_edge"], SCORING)
+    coarse, image = reference.naive_scores(
+        features,
+        logits,
+        art["without_edge"],
+        art["with_edge"],
+        art["distribution"],
+        m,
+        art["prior"],
+        art["prior_with_edge"],
+        SCORING,
+    )
     return reference.full_size_maps(coarse, IMAGESIZE, SIGMA), image
 
 
@@ -118,8 +163,13 @@ def mismatch(run, features, art, layout="original") -> str:
 def test_maps_recomputed_from_the_saved_files(run, test_features):
     art = saved_artefacts(run.emb)
     assert len(run.rows) == 4
-    assert {k: len(art[k]) for k in ARRAYS} == {"with_edge": 64, "without_edge": 16, "distribution": 24,
-                                                 "prior": 64, "prior_with_edge": 64}
+    assert {k: len(art[k]) for k in ARRAYS} == {
+        "with_edge": 64,
+        "without_edge": 16,
+        "distribution": 24,
+        "prior": 64,
+        "prior_with_edge": 64,
+    }
     assert mismatch(run, test_features, art) == ""
     # the saved image and mask are the dataset's (64 px: no resize, no crop)
     for row in run.rows:
@@ -147,18 +197,29 @@ def test_test_time_logits_from_the_saved_mlp(run, test_features):
 
     art = saved_artefacts(run.emb)
     mlp = mlp_from_state_dict(load_mlp_checkpoint(run.emb / "best_model_dp2_dcs24_n3.pt")["model"])
-    arrays = ScoringArtefacts.build(*(torch.from_numpy(art[k]).float() for k in
-                                      ("without_edge", "with_edge", "distribution", "prior", "prior_with_edge")))
+    arrays = ScoringArtefacts.build(
+        *(
+            torch.from_numpy(art[k]).float()
+            for k in ("without_edge", "with_edge", "distribution", "prior", "prior_with_edge")
+        )
+    )
     for layout in ("original", "paper"):
         model = PNIModel(None, mlp, arrays, ScoringConfig(patchsize=5, variant=layout), DP, RESIZE)
         for feat in test_features:
             got = model.nb_logits(torch.from_numpy(feat).float()).double().numpy()
-            windows = np.stack([reference.sliced_window(feat, r, c, DP, layout)
-                                for r in range(2, 6) for c in range(2, 6)])
+            windows = np.stack(
+                [reference.sliced_window(feat, r, c, DP, layout) for r in range(2, 6) for c in range(2, 6)]
+            )
             np.testing.assert_allclose(got, reference.mlp_logits(art["mlp"], windows), rtol=1e-4, atol=1e-4)
-    windows = [np.stack([reference.sliced_window(test_features[0], r, c, DP, layout)
-                         for r in range(2, 6) for c in range(2, 6)]) for layout in ("original", "paper")]
-    assert np.abs(reference.mlp_logits(art["mlp"], windows[0]) - reference.mlp_logits(art["mlp"], windows[1])).max() > 1e-3
+    windows = [
+        np.stack(
+            [reference.sliced_window(test_features[0], r, c, DP, layout) for r in range(2, 6) for c in range(2, 6)]
+        )
+        for layout in ("original", "paper")
+    ]
+    assert (
+        np.abs(reference.mlp_logits(art["mlp"], windows[0]) - reference.mlp_logits(art["mlp"], windows[1])).max() > 1e-3
+    )
 
 
 def test_position_priors_recomputed_from_the_training_features(run):

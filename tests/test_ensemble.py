@@ -1,13 +1,14 @@
 """The backbone ensemble (METHOD section 6, ``calc_ensemble_score.py``): the image score is the
 mean of each map's top 1% of pixels, averaged over backbones; the pixel ensemble is each
 backbone's maps min-max normalised over the category, averaged; the CSV holds their AUROCs."""
+
 import csv
 
 import numpy as np
 import pytest
+from helpers import MAPS, load_cli
 from sklearn.metrics import roc_auc_score
 
-from helpers import MAPS, load_cli
 from pni.ensemble import top_fraction_mean
 
 SIZE = 20  # 400 pixels: the top 1% is 4 pixels
@@ -35,7 +36,7 @@ def write_run(version_dir, rng, scale):
     for t, s in ITEMS:
         gt = np.zeros((SIZE, SIZE), np.uint8)
         if t != "good":
-            gt[4:9, 3 + int(s):10] = 1
+            gt[4:9, 3 + int(s) : 10] = 1
         np.save(sample / f"{t}_{s}.npy", rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
         np.save(sample / f"{t}_{s}_gt.npy", gt)
         gts.append(gt)
@@ -59,12 +60,25 @@ def test_ensemble_csv_values_and_maps(tmp_path):
     root = tmp_path / "result"
     runs = {}
     for b, backbone in enumerate(BACKBONES):
-        runs[backbone] = write_run(root / "bottle" / backbone / "anomaly" / "lightning_logs" / "version_0", rng,
-                                   scale=1.0 + 3 * b)
+        runs[backbone] = write_run(
+            root / "bottle" / backbone / "anomaly" / "lightning_logs" / "version_0", rng, scale=1.0 + 3 * b
+        )
     ens = tmp_path / "ens"
-    assert load_cli("calc_ensemble_score").main(["--project_root_path", str(root), "--ensemble_root_path",
-                                                 str(ens), "--category", "bottle", "--backbone_list",
-                                                 *BACKBONES]) == 0
+    assert (
+        load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(root),
+                "--ensemble_root_path",
+                str(ens),
+                "--category",
+                "bottle",
+                "--backbone_list",
+                *BACKBONES,
+            ]
+        )
+        == 0
+    )
     with open(root / "ensemble_score_result.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert (row["category"], row["backbone_list"], row["num_images"]) == ("bottle", "WR101 DN201", "6")
@@ -73,31 +87,47 @@ def test_ensemble_csv_values_and_maps(tmp_path):
     gt = runs["WR101"][1]
     for m in MAPS:
         # image: mean of the 4 largest pixels of each raw map (a full sort), mean over backbones
-        image = np.mean([np.sort(runs[b][0][m].reshape(len(ITEMS), -1), axis=1)[:, -4:].mean(axis=1)
-                         for b in BACKBONES], axis=0)
+        image = np.mean(
+            [np.sort(runs[b][0][m].reshape(len(ITEMS), -1), axis=1)[:, -4:].mean(axis=1) for b in BACKBONES], axis=0
+        )
         # pixel: each backbone's maps min-max normalised over the category, mean over backbones
-        pixel = np.mean([(runs[b][0][m] - runs[b][0][m].min()) / (runs[b][0][m].max() - runs[b][0][m].min())
-                         for b in BACKBONES], axis=0)
+        pixel = np.mean(
+            [(runs[b][0][m] - runs[b][0][m].min()) / (runs[b][0][m].max() - runs[b][0][m].min()) for b in BACKBONES],
+            axis=0,
+        )
         assert float(row[f"{m}_I-AUROC"]) == pytest.approx(roc_auc_score(labels, image), abs=1e-6), m
-        assert float(row[f"{m}_P-AUROC"]) == pytest.approx(roc_auc_score(gt.reshape(-1), pixel.reshape(-1)),
-                                                           abs=1e-6), m
+        assert float(row[f"{m}_P-AUROC"]) == pytest.approx(
+            roc_auc_score(gt.reshape(-1), pixel.reshape(-1)), abs=1e-6
+        ), m
         assert 0.5 < roc_auc_score(labels, image) < 1.0  # a case where ranking matters
         if m == "nb_coor":  # the saved family (--save_type default)
             for j, (t, s) in enumerate(ITEMS):
-                np.testing.assert_allclose(np.load(ens / "bottle" / "anomaly_map" / t / f"{s}.npy"), pixel[j],
-                                           rtol=0, atol=1e-6)
+                np.testing.assert_allclose(
+                    np.load(ens / "bottle" / "anomaly_map" / t / f"{s}.npy"), pixel[j], rtol=0, atol=1e-6
+                )
 
 
 def test_foreign_ensemble_table_is_refused_before_any_file(tmp_path, capsys):
     root = tmp_path / "result"
     for b, backbone in enumerate(BACKBONES):
-        write_run(root / "bottle" / backbone / "anomaly" / "lightning_logs" / "version_0",
-                  np.random.default_rng(b), scale=1.0)
+        write_run(
+            root / "bottle" / backbone / "anomaly" / "lightning_logs" / "version_0", np.random.default_rng(b), scale=1.0
+        )
     table = root / "ensemble_score_result.csv"
     table.write_text("something,else\n1,2\n")
     ens = tmp_path / "ens"
-    rc = load_cli("calc_ensemble_score").main(["--project_root_path", str(root), "--ensemble_root_path", str(ens),
-                                               "--category", "bottle", "--backbone_list", *BACKBONES])
+    rc = load_cli("calc_ensemble_score").main(
+        [
+            "--project_root_path",
+            str(root),
+            "--ensemble_root_path",
+            str(ens),
+            "--category",
+            "bottle",
+            "--backbone_list",
+            *BACKBONES,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and str(table) in err and "header" in err
     assert table.read_text() == "something,else\n1,2\n" and not ens.exists()

@@ -1,10 +1,11 @@
 """Backbones, weight loading and patch aggregation."""
+
 import numpy as np
 import pytest
+import reference
 import torch
 import torchvision
 
-import reference
 from pni.errors import PNIError
 from pni.features import (
     BACKBONES,
@@ -18,8 +19,7 @@ from pni.features import (
 
 
 def small_extractor(name="R18", **kw):
-    return build_feature_extractor(name, pretrain_embed_dimension=48, target_embed_dimension=32,
-                                   random_init=True, **kw)
+    return build_feature_extractor(name, pretrain_embed_dimension=48, target_embed_dimension=32, random_init=True, **kw)
 
 
 def test_output_shape_and_batch_independence():
@@ -27,7 +27,7 @@ def test_output_shape_and_batch_independence():
     x = torch.randn(4, 3, 64, 64)
     full = fe(x)
     assert full.shape == (4, 8, 8, 32)
-    singles = torch.cat([fe(x[i:i + 1]) for i in range(4)])
+    singles = torch.cat([fe(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(full, singles, rtol=1e-4, atol=1e-5)
 
 
@@ -48,19 +48,20 @@ def test_features_equal_the_spec_reference(patchsize):
     outputs: zero-padded neighbourhoods, each layer-3 neighbourhood element bilinearly brought
     to layer 2's grid, adaptive average pooling per layer, then of the concatenation."""
     model = perturbed_resnet18()
-    fe = PatchFeatureExtractor(model, "R18", pretrain_embed_dimension=48, target_embed_dimension=32,
-                               patchsize=patchsize)
+    fe = PatchFeatureExtractor(
+        model, "R18", pretrain_embed_dimension=48, target_embed_dimension=32, patchsize=patchsize
+    )
     x = torch.randn(2, 3, 64, 48)
-    expected = reference.patch_features(reference.resnet_layer_maps(model, x, ["layer2", "layer3"]), patchsize,
-                                        48, 32)
+    expected = reference.patch_features(reference.resnet_layer_maps(model, x, ["layer2", "layer3"]), patchsize, 48, 32)
     assert expected.shape == (2, 8, 6, 32)
     np.testing.assert_allclose(fe(x).double().numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_reference_pooling_by_hand():
     """The reference's adaptive average pooling: 5 -> 3 averages elements 0-1, 1-3, 3-4."""
-    np.testing.assert_allclose(reference.adaptive_pool_weights(5, 3) @ np.array([1.0, 2, 4, 8, 16]),
-                               [1.5, 14 / 3, 12.0])
+    np.testing.assert_allclose(
+        reference.adaptive_pool_weights(5, 3) @ np.array([1.0, 2, 4, 8, 16]), [1.5, 14 / 3, 12.0]
+    )
 
 
 def test_local_patches_layout():
@@ -138,12 +139,15 @@ def test_densenet_layers_map_to_dense_blocks(tmp_path):
     assert "features.denseblock3" in names
     assert not names & {"features.transition3", "features.denseblock4", "features.norm5", "classifier"}
     # old-style torchvision DenseNet keys ("norm.1") load through --backbone_weights
-    state = {k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
-             for k, v in model.state_dict().items()}
+    state = {
+        k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
+        for k, v in model.state_dict().items()
+    }
     torch.save(state, tmp_path / "dn.pth")
     reloaded = load_backbone("DN201", weights_path=tmp_path / "dn.pth")
-    assert torch.equal(reloaded.features.denseblock1.denselayer1.norm1.weight,
-                       model.features.denseblock1.denselayer1.norm1.weight)
+    assert torch.equal(
+        reloaded.features.denseblock1.denselayer1.norm1.weight, model.features.denseblock1.denselayer1.norm1.weight
+    )
 
 
 def test_all_backbones_known():

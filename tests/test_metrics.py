@@ -1,4 +1,5 @@
 """Metrics against sklearn and slow, direct threshold-by-threshold references."""
+
 import numpy as np
 import pytest
 from skimage import measure
@@ -73,8 +74,8 @@ def brute_best_f1(labels, scores):
 def random_case(rng, n=3, h=12, w=12, decimals=None):
     masks = np.zeros((n, h, w), bool)
     masks[0, 2:7, 2:7] = True
-    masks[0, 3:6, 3:6] = False   # ring with a hole ...
-    masks[0, 4, 4] = True        # ... and a region nested in the hole
+    masks[0, 3:6, 3:6] = False  # ring with a hole ...
+    masks[0, 4, 4] = True  # ... and a region nested in the hole
     masks[0, 9, 9] = masks[0, 10, 10] = True  # diagonal pair: one 8-connected region
     masks[1] = rng.random((h, w)) < 0.15
     maps = rng.random((n, h, w)) + 0.4 * masks
@@ -141,15 +142,15 @@ def test_aupro_mvtec_perfect_and_reversed():
 def test_aupro_mvtec_two_regions_closed_form():
     masks = np.zeros((2, 2, 4), bool)
     masks[0, 0, 0] = masks[0, 1, 1] = True  # region A: diagonal pair (8-connected)
-    masks[1, 1, 3] = True                   # region B
+    masks[1, 1, 3] = True  # region B
     maps = np.zeros((2, 2, 4))
-    maps[0, 0, 0] = 0.9   # A1
-    maps[0, 0, 1] = 0.8   # normal
-    maps[1, 1, 3] = 0.7   # B
-    maps[0, 0, 2] = 0.6   # normal
-    maps[1, 0, 0] = 0.5   # normal
-    maps[1, 0, 1] = 0.4   # normal: FPR 4/13 > 0.3, interpolation inside a flat PRO segment
-    maps[0, 1, 1] = 0.3   # A2
+    maps[0, 0, 0] = 0.9  # A1
+    maps[0, 0, 1] = 0.8  # normal
+    maps[1, 1, 3] = 0.7  # B
+    maps[0, 0, 2] = 0.6  # normal
+    maps[1, 0, 0] = 0.5  # normal
+    maps[1, 0, 1] = 0.4  # normal: FPR 4/13 > 0.3, interpolation inside a flat PRO segment
+    maps[0, 1, 1] = 0.3  # A2
     n = 13
     expected = ((1 / n) * 0.25 + (0.3 - 1 / n) * 0.75) / 0.3
     assert metrics.aupro_mvtec(masks, maps) == pytest.approx(expected, abs=1e-12)

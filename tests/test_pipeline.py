@@ -1,4 +1,5 @@
 """End to end: train_coreset_distribution.py on a tiny generated dataset."""
+
 import csv
 import json
 from pathlib import Path
@@ -6,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from helpers import TINY, aurocs_from_saved, path_flags
 from sklearn.metrics import roc_auc_score
 
 import train_coreset_distribution as tcd
-from helpers import TINY, aurocs_from_saved, path_flags
 from pni.config import build_parser, parse_args
 from pni.data.synthetic import make_dataset
 
@@ -28,9 +28,15 @@ def test_artefacts_have_the_original_names(tiny_run):
     root, _ = tiny_run
     emb = root / "embeddings_layer2+layer3" / "texture" / "R18"
     names = {p.name for p in emb.iterdir()}
-    for expected in ("embedding_coreset_index_25.faiss", "embedding_coreset_index_25_with_edge.faiss",
-                     "dist_coreset_index_16.faiss", "best_model_dp2_dcs16_n3.pt", "coor_model_sp25.npy",
-                     "coor_model_sp25_with_edge.npy", "coreset_settings.json"):
+    for expected in (
+        "embedding_coreset_index_25.faiss",
+        "embedding_coreset_index_25_with_edge.faiss",
+        "dist_coreset_index_16.faiss",
+        "best_model_dp2_dcs16_n3.pt",
+        "coor_model_sp25.npy",
+        "coor_model_sp25_with_edge.npy",
+        "coreset_settings.json",
+    ):
         assert expected in names
     assert not any(n.startswith(".") for n in names)  # no temporary or scratch file left
     prior = np.load(emb / "coor_model_sp25_with_edge.npy")
@@ -86,31 +92,58 @@ def test_incompatible_artefacts_are_refused(tiny_run, capsys):
 
 def test_every_flag_has_the_original_default():
     args = parse_args([])
-    expected = dict(dataset_path="../dataset/MVTecAD", dataset_category="MVTec", project_root_path="./result",
-                    seed=22, backbone="WR101", layer_index=["layer2", "layer3"], pretrain_embed_dimension=1024,
-                    target_embed_dimension=1024, anomaly_nn=3, patchsize=5, subsampling_percentage=0.01,
-                    resize=512, imagesize=480, dist_coreset_size=2048, dist_padding=4, num_layers=10,
-                    num_epochs=15, learning_rate=1e-3, step_size=5, dist_batchsize=2048,
-                    softmax_temperature_alpha=2.0, prob_gamma=0.99, softmax_nb_gamma=0.5,
-                    softmax_coor_gamma=0.5, blursigma=8.0, variant="original", mask_workers=8, train_coreset=False,
-                    train_nb_dist=False, train_coor_dist=False)
+    expected = dict(
+        dataset_path="../dataset/MVTecAD",
+        dataset_category="MVTec",
+        project_root_path="./result",
+        seed=22,
+        backbone="WR101",
+        layer_index=["layer2", "layer3"],
+        pretrain_embed_dimension=1024,
+        target_embed_dimension=1024,
+        anomaly_nn=3,
+        patchsize=5,
+        subsampling_percentage=0.01,
+        resize=512,
+        imagesize=480,
+        dist_coreset_size=2048,
+        dist_padding=4,
+        num_layers=10,
+        num_epochs=15,
+        learning_rate=1e-3,
+        step_size=5,
+        dist_batchsize=2048,
+        softmax_temperature_alpha=2.0,
+        prob_gamma=0.99,
+        softmax_nb_gamma=0.5,
+        softmax_coor_gamma=0.5,
+        blursigma=8.0,
+        variant="original",
+        mask_workers=8,
+        train_coreset=False,
+        train_nb_dist=False,
+        train_coor_dist=False,
+    )
     for key, value in expected.items():
         assert getattr(args, key) == value, key
     helps = [a.help for a in build_parser()._actions if a.dest != "help"]
     assert all(helps)
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--backbone", "VGG"], "--backbone"),
-    (["--subsampling_percentage", "1.5"], "--subsampling_percentage"),
-    (["--patchsize", "4"], "--patchsize"),
-    (["--nb_mask", "other"], "--nb_mask"),
-    (["--variant", "official"], "--variant"),
-    (["--mask_workers", "0"], "--mask_workers"),
-    (["--nb_mask", "paper", "--variant", "original"], "--nb_mask paper means --variant paper"),
-    (["--dataset_category", "mvtec2"], "--dataset_category"),
-    (["--imagesize", "600"], "--imagesize"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--backbone", "VGG"], "--backbone"),
+        (["--subsampling_percentage", "1.5"], "--subsampling_percentage"),
+        (["--patchsize", "4"], "--patchsize"),
+        (["--nb_mask", "other"], "--nb_mask"),
+        (["--variant", "official"], "--variant"),
+        (["--mask_workers", "0"], "--mask_workers"),
+        (["--nb_mask", "paper", "--variant", "original"], "--nb_mask paper means --variant paper"),
+        (["--dataset_category", "mvtec2"], "--dataset_category"),
+        (["--imagesize", "600"], "--imagesize"),
+    ],
+)
 def test_bad_flag_values_are_refused(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
@@ -133,8 +166,10 @@ def test_report_tables_per_category_and_defect_type(tiny_run):
     rows, samples = load_run(latest_run(root / "result", "texture", "R18"))
     hole = [d for d in per_defect_scores(rows, samples) if d["defect_type"] == "hole"][0]
     keep = [i for i, r in enumerate(rows) if r["defect_type"] in ("good", "hole")]
-    expected = roc_auc_score(np.concatenate([samples[i]["gt"].reshape(-1) for i in keep]),
-                             np.concatenate([samples[i]["nb"].reshape(-1) for i in keep]))
+    expected = roc_auc_score(
+        np.concatenate([samples[i]["gt"].reshape(-1) for i in keep]),
+        np.concatenate([samples[i]["nb"].reshape(-1) for i in keep]),
+    )
     assert hole["n"] == 2 and hole["nb_P-AUROC"] == pytest.approx(expected, abs=1e-12)
     expected = roc_auc_score([int(rows[i]["label"]) for i in keep], [float(rows[i]["coor"]) for i in keep])
     assert hole["coor_I-AUROC"] == pytest.approx(expected, abs=1e-12)
@@ -181,11 +216,21 @@ def test_original_format_checkpoint_is_the_original_layout(tiny_run, tmp_path, c
     shutil.copytree(src, dst)
     (dst / "nb_settings.json").unlink()
     ours = torch.load(dst / "best_model_dp2_dcs16_n3.pt", weights_only=True)
-    namespace = argparse.Namespace(backbone="R18", layer_index=["layer2", "layer3"], pretrain_embed_dimension=48,
-                                   target_embed_dimension=32, patchsize=5, dist_padding=2, dist_coreset_size=16,
-                                   num_layers=3, seed=0)
-    torch.save({"model": ours["model"], "args": namespace, "train_loss": 1.0, "val_loss": 1.0},
-               dst / "best_model_dp2_dcs16_n3.pt")
+    namespace = argparse.Namespace(
+        backbone="R18",
+        layer_index=["layer2", "layer3"],
+        pretrain_embed_dimension=48,
+        target_embed_dimension=32,
+        patchsize=5,
+        dist_padding=2,
+        dist_coreset_size=16,
+        num_layers=3,
+        seed=0,
+    )
+    torch.save(
+        {"model": ours["model"], "args": namespace, "train_loss": 1.0, "val_loss": 1.0},
+        dst / "best_model_dp2_dcs16_n3.pt",
+    )
     moved = ["--embedding_root_path", str(tmp_path), "--project_root_path", str(tmp_path / "result")]
     assert tcd.main(base + moved) == 0
     capsys.readouterr()

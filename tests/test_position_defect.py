@@ -5,6 +5,7 @@ demo's own settings (issue 12): plain PatchCore is close to chance on it, the po
 The settings are read from scripts/demo.sh, so a change of the demo's settings, of the
 generator or of the scoring that loses the property fails here. One seeded run of the
 whole pipeline on the board category (16 training images, 8 + 8 test images)."""
+
 import csv
 import re
 import shlex
@@ -32,9 +33,23 @@ def demo_flags() -> list[str]:
 def board_scores(tmp_path_factory):
     root = tmp_path_factory.mktemp("board")
     make_dataset(root / "ds", num_train=16, num_test_per_type=8, categories=["board"])
-    args = parse_args(["--train_coreset", "--train_nb_dist", "--train_coor_dist"] + demo_flags() + [
-        "--dataset_path", str(root / "ds"), "--category", "board", "--project_root_path", str(root / "result"),
-        "--embedding_root_path", str(root), "--random_init", "--accelerator", "cpu"])
+    args = parse_args(
+        ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
+        + demo_flags()
+        + [
+            "--dataset_path",
+            str(root / "ds"),
+            "--category",
+            "board",
+            "--project_root_path",
+            str(root / "result"),
+            "--embedding_root_path",
+            str(root),
+            "--random_init",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     result = run(args)
     with open(Path(result["version_dir"]) / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

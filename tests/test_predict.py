@@ -3,6 +3,7 @@ thresholds, predict.py, the Python API (pni.load_model) and training on own data
 
 One tiny trained category (module fixture) is exported once; the cases predict with it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline import TINY  # the tiny model settings every end-to-end test uses
 
 import export_model
 import predict as predict_cli
@@ -27,8 +29,6 @@ from pni.calibration import best_f1_cut, threshold_at_fpr
 from pni.data.synthetic import make_dataset
 from pni.data.transforms import CropGeometry
 from pni.scoring import ImageScores
-
-from test_pipeline import TINY  # the tiny model settings every end-to-end test uses
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
@@ -42,8 +42,20 @@ class Run:
         self.bundle = root / "bundle"
 
     def argv(self, *extra: str, dataset: Path | None = None, emb_root: Path | None = None) -> list[str]:
-        return ["--dataset_path", str(dataset or self.ds), "--category", "texture", "--project_root_path",
-                str(self.root / "result"), "--embedding_root_path", str(emb_root or self.root)] + TINY + list(extra)
+        return (
+            [
+                "--dataset_path",
+                str(dataset or self.ds),
+                "--category",
+                "texture",
+                "--project_root_path",
+                str(self.root / "result"),
+                "--embedding_root_path",
+                str(emb_root or self.root),
+            ]
+            + TINY
+            + list(extra)
+        )
 
     @property
     def calibration(self) -> Path:
@@ -62,8 +74,12 @@ def run(tmp_path_factory) -> Run:
     make_dataset(r.ds, num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
     make_dataset(r.root / "more", num_train=1, num_test_per_type=10, image_size=64, seed=7, categories=["texture"])
     assert tcd.main(r.argv(*TRAIN)) == 0
-    assert export_model.main(r.argv("--output", str(r.bundle), "--calibration_dir", str(r.calibration),
-                                    "--target_fpr", "0.25")) == 0
+    assert (
+        export_model.main(
+            r.argv("--output", str(r.bundle), "--calibration_dir", str(r.calibration), "--target_fpr", "0.25")
+        )
+        == 0
+    )
     return r
 
 
@@ -96,8 +112,15 @@ def test_bundle_holds_the_model_and_its_thresholds(run):
     assert names == {"manifest.json", "arrays.safetensors", "mlp.safetensors", "backbone.safetensors"}
     manifest = json.loads((run.bundle / "manifest.json").read_text())
     assert manifest["format"] == "pni-bundle" and manifest["format_version"] == 1
-    assert manifest["features"] == {"backbone": "R18", "layers": ["layer2", "layer3"], "pretrain_embed_dimension": 48,
-                                    "target_embed_dimension": 32, "patchsize": 5, "resize": 64, "imagesize": 64}
+    assert manifest["features"] == {
+        "backbone": "R18",
+        "layers": ["layer2", "layer3"],
+        "pretrain_embed_dimension": 48,
+        "target_embed_dimension": 32,
+        "patchsize": 5,
+        "resize": 64,
+        "imagesize": 64,
+    }
     assert manifest["neighbourhood"]["window_layout"] == "original" and manifest["neighbourhood"]["dropped_slot"] == 13
     assert manifest["scoring"]["variant"] == "original" and manifest["scoring"]["mask_workers"] == 8
     assert manifest["backbone_weights"]["random_init"] and manifest["backbone_weights"]["included"]
@@ -108,8 +131,14 @@ def test_bundle_holds_the_model_and_its_thresholds(run):
     from safetensors.torch import load_file
 
     arrays = load_file(str(run.bundle / "arrays.safetensors"))
-    assert set(arrays) == {"embedding_without_edge", "embedding_with_edge", "distribution_coreset",
-                           "embedding_to_distribution", "position_prior", "position_prior_with_edge"}
+    assert set(arrays) == {
+        "embedding_without_edge",
+        "embedding_with_edge",
+        "distribution_coreset",
+        "embedding_to_distribution",
+        "position_prior",
+        "position_prior_with_edge",
+    }
     assert arrays["distribution_coreset"].shape == (16, 32) and arrays["position_prior"].shape[0] == 8 * 8
     for m in MAPS:  # 10 good calibration images; the 6 defective test images with masks
         t = manifest["thresholds"][m]
@@ -126,10 +155,27 @@ def test_fresh_process_predicts_the_test_stage_numbers(run, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model", str(run.bundle), "--input",
-                           str(run.ds / "texture" / "test"), str(bad.parent), str(tmp_path / "nope.png"),
-                           "--output", str(out), "--save_maps", "--accelerator", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            "--model",
+            str(run.bundle),
+            "--input",
+            str(run.ds / "texture" / "test"),
+            str(bad.parent),
+            str(tmp_path / "nope.png"),
+            "--output",
+            str(out),
+            "--save_maps",
+            "--accelerator",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = read_csv(out / "errors.csv")
@@ -223,8 +269,11 @@ def test_calibration_on_good_images_bounds_their_false_positives(run):
     are called defective (image threshold) or get a flagged pixel (pixel threshold), and the
     manifest says how many."""
     manifest = json.loads((run.bundle / "manifest.json").read_text())
-    assert manifest["calibration"]["good_images"] == {"count": 10, "source": f"--calibration_dir {run.calibration}",
-                                                      "seen_in_training": False}
+    assert manifest["calibration"]["good_images"] == {
+        "count": 10,
+        "source": f"--calibration_dir {run.calibration}",
+        "seen_in_training": False,
+    }
     assert manifest["calibration"]["target_fpr"] == 0.25
     import pni
 
@@ -264,8 +313,9 @@ def test_crop_geometry_follows_torchvision():
         g = CropGeometry.of(width, height, resize, size)
         tf = T.Compose([T.Resize(resize), T.CenterCrop(size)])
         xs = np.asarray(tf(Image.fromarray(np.tile(np.arange(width, dtype=np.float32), (height, 1)), mode="F")))
-        ys = np.asarray(tf(Image.fromarray(np.tile(np.arange(height, dtype=np.float32)[:, None], (1, width)),
-                                           mode="F")))
+        ys = np.asarray(
+            tf(Image.fromarray(np.tile(np.arange(height, dtype=np.float32)[:, None], (1, width)), mode="F"))
+        )
         expect_x = (np.arange(size) + g.left + 0.5) * width / g.resized_width - 0.5
         expect_y = (np.arange(size) + g.top + 0.5) * height / g.resized_height - 0.5
         np.testing.assert_allclose(xs[size // 2, 3:-3], expect_x[3:-3], atol=0.05)
@@ -302,7 +352,7 @@ def test_synthetic_defect_lands_on_its_place_in_a_wide_input(model, run):
     wide = np.asarray(Image.fromarray(np.concatenate(good, axis=1)).resize((384, 128), Image.Resampling.BILINEAR))
     wide = wide.copy()
     x0, y0, side = 176, 40, 28  # inside the inspected middle third (x 128-256)
-    wide[y0:y0 + side, x0:x0 + side] = 15
+    wide[y0 : y0 + side, x0 : x0 + side] = 15
     p = model.predict(wide)
     assert p.inspected == (128, 0, 256, 128)
     assert p.is_defective and p.regions
@@ -366,24 +416,39 @@ def copy_bundle(run, tmp_path):
 
 
 def predict_argv(bundle: Path, run: Run, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--model", str(bundle), "--input", str(run.ds / "texture" / "test" / "good"), "--output",
-            str(tmp_path / "out"), "--accelerator", "cpu", *extra]
+    return [
+        "--model",
+        str(bundle),
+        "--input",
+        str(run.ds / "texture" / "test" / "good"),
+        "--output",
+        str(tmp_path / "out"),
+        "--accelerator",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_not_a_bundle(run, tmp_path, capsys):
     one_error(predict_cli.main(predict_argv(run.ds, run, tmp_path)), capsys, "is not a PNI model bundle", str(run.ds))
     one_error(predict_cli.main(predict_argv(tmp_path / "nowhere", run, tmp_path)), capsys, "not found")
     (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "manifest.json").write_text("{\"format\": \"something else\"}")
-    one_error(predict_cli.main(predict_argv(tmp_path / "fake", run, tmp_path)), capsys, "not a PNI model bundle manifest")
+    (tmp_path / "fake" / "manifest.json").write_text('{"format": "something else"}')
+    one_error(
+        predict_cli.main(predict_argv(tmp_path / "fake", run, tmp_path)), capsys, "not a PNI model bundle manifest"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_file(copy_bundle, run, tmp_path, capsys):
     bundle = copy_bundle()
     (bundle / "mlp.safetensors").unlink()
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "bundle file missing",
-              str(bundle / "mlp.safetensors"))
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path)),
+        capsys,
+        "bundle file missing",
+        str(bundle / "mlp.safetensors"),
+    )
 
 
 def test_altered_file(copy_bundle, run, tmp_path, capsys):
@@ -391,8 +456,9 @@ def test_altered_file(copy_bundle, run, tmp_path, capsys):
     data = bytearray((bundle / "arrays.safetensors").read_bytes())
     data[-5] ^= 0x01
     (bundle / "arrays.safetensors").write_bytes(bytes(data))
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "arrays.safetensors"),
-              "sha256")
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "arrays.safetensors"), "sha256"
+    )
 
 
 def test_other_format_version(copy_bundle, run, tmp_path, capsys):
@@ -400,8 +466,9 @@ def test_other_format_version(copy_bundle, run, tmp_path, capsys):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["format_version"] = 2
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "manifest.json"),
-              "format version 2")
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, str(bundle / "manifest.json"), "format version 2"
+    )
 
 
 def test_corrupt_file_with_a_matching_digest(copy_bundle, run, tmp_path, capsys):
@@ -412,8 +479,9 @@ def test_corrupt_file_with_a_matching_digest(copy_bundle, run, tmp_path, capsys)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"]["arrays.safetensors"] = hashlib.sha256(b"not safetensors at all").hexdigest()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "cannot read",
-              str(bundle / "arrays.safetensors"))
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "cannot read", str(bundle / "arrays.safetensors")
+    )
 
 
 def test_layout_cannot_be_changed(copy_bundle, run, tmp_path, capsys):
@@ -430,11 +498,16 @@ def test_missing_backbone_weights_named(run, tmp_path, capsys):
     bundle = tmp_path / "copy"
     shutil.copytree(run.bundle, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["backbone_weights"] = {"file": "resnet18-f37072fd.pth", "sha256": "ab" * 32, "random_init": False,
-                                    "included": False}
+    manifest["backbone_weights"] = {
+        "file": "resnet18-f37072fd.pth",
+        "sha256": "ab" * 32,
+        "random_init": False,
+        "included": False,
+    }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "resnet18-f37072fd.pth",
-              "--backbone_weights")
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path)), capsys, "resnet18-f37072fd.pth", "--backbone_weights"
+    )
 
 
 def test_backbone_weights_found_as_in_training_and_checked(run, tmp_path, monkeypatch, capsys):
@@ -452,8 +525,12 @@ def test_backbone_weights_found_as_in_training_and_checked(run, tmp_path, monkey
     (bundle / "backbone.safetensors").unlink()
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["files"]["backbone.safetensors"]
-    manifest["backbone_weights"] = {"file": weights_file_name("R18"), "random_init": False, "included": False,
-                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    manifest["backbone_weights"] = {
+        "file": weights_file_name("R18"),
+        "random_init": False,
+        "included": False,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     image = run.ds / "texture" / "test" / "scratch" / "000.png"
     expected = pni.load_model(run.bundle, "cpu").predict(image)
@@ -466,14 +543,21 @@ def test_backbone_weights_found_as_in_training_and_checked(run, tmp_path, monkey
     assert pni.load_model(bundle, "cpu").predict(image).scores == expected.scores
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 for k, v in torch.load(weights, weights_only=True).items()}, other)
-    one_error(predict_cli.main(predict_argv(bundle, run, tmp_path, "--backbone_weights", str(other))), capsys,
-              str(other), "are not the ones")
+    one_error(
+        predict_cli.main(predict_argv(bundle, run, tmp_path, "--backbone_weights", str(other))),
+        capsys,
+        str(other),
+        "are not the ones",
+    )
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--map", "other"], "--map"),
-    (["--image_threshold", "median"], "--image_threshold"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--map", "other"], "--map"),
+        (["--image_threshold", "median"], "--image_threshold"),
+    ],
+)
 def test_bad_predict_flags(run, tmp_path, capsys, argv, fragment):
     try:
         code = predict_cli.main(predict_argv(run.bundle, run, tmp_path, *argv))
@@ -502,8 +586,12 @@ def test_only_good_training_images_train_and_export(run, tmp_path, capsys):
     assert manifest["calibration"]["good_images"]["count"] == 4
     assert manifest["calibration"]["defective_images"]["count"] == 0
     assert manifest["thresholds"]["nb_coor"]["image_best_f1"] is None
-    one_error(predict_cli.main(predict_argv(tmp_path / "bundle", run, tmp_path, "--image_threshold", "best_f1")),
-              capsys, "--image_threshold best_f1", "no such threshold")
+    one_error(
+        predict_cli.main(predict_argv(tmp_path / "bundle", run, tmp_path, "--image_threshold", "best_f1")),
+        capsys,
+        "--image_threshold best_f1",
+        "no such threshold",
+    )
 
 
 def test_test_folder_without_ground_truth_gives_image_level_results(run, tmp_path, capsys):
@@ -546,8 +634,7 @@ def test_export_keeps_a_folder_with_a_foreign_manifest(run, tmp_path, capsys):
     (foreign / "manifest.json").write_text('{"name": "someone else\'s project", "version": 3}\n')
     (foreign / "notes.txt").write_bytes(b"keep me\n")
     before = snapshot(foreign)
-    one_error(export_model.main(run.argv("--output", str(foreign))), capsys, str(foreign),
-              "not a PNI model bundle")
+    one_error(export_model.main(run.argv("--output", str(foreign))), capsys, str(foreign), "not a PNI model bundle")
     assert snapshot(foreign) == before
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no temporary folder left
 
@@ -563,8 +650,11 @@ def test_export_checks_its_output_before_scoring(run, tmp_path, capsys, monkeypa
     (tmp_path / "file").write_text("x")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "manifest.json").write_text("{}")
-    output = {"foreign": tmp_path / "foreign", "under_a_file": tmp_path / "file" / "bundle",
-              "a_file": tmp_path / "file"}[where]
+    output = {
+        "foreign": tmp_path / "foreign",
+        "under_a_file": tmp_path / "file" / "bundle",
+        "a_file": tmp_path / "file",
+    }[where]
     one_error(export_model.main(run.argv("--output", str(output))), capsys, "--output")
 
 
@@ -603,13 +693,33 @@ def test_colliding_input_names_get_their_own_files_and_rows(run, tmp_path):
     (inputs / "x").mkdir(parents=True)
     (inputs / "y").mkdir()
     sources = sorted((run.ds / "texture" / "test").rglob("*.png"))
-    targets = [inputs / "a.png", inputs / "a.jpg", inputs / "x" / "a.png", inputs / "y" / "a.png",
-               inputs / "x__a.png", inputs / "a_nb.png"]
+    targets = [
+        inputs / "a.png",
+        inputs / "a.jpg",
+        inputs / "x" / "a.png",
+        inputs / "y" / "a.png",
+        inputs / "x__a.png",
+        inputs / "a_nb.png",
+    ]
     for source, target in zip(sources, targets):
         Image.open(source).convert("RGB").save(target)
     out = tmp_path / "out"
-    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(out),
-                             "--save_maps", "--accelerator", "cpu"]) == 0
+    assert (
+        predict_cli.main(
+            [
+                "--model",
+                str(run.bundle),
+                "--input",
+                str(inputs),
+                "--output",
+                str(out),
+                "--save_maps",
+                "--accelerator",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "predictions.csv")
     assert sorted(r["path"] for r in rows) == sorted(str(t) for t in targets)
     names = [r["name"] for r in rows]
@@ -618,8 +728,12 @@ def test_colliding_input_names_get_their_own_files_and_rows(run, tmp_path):
     assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(names)
     assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(f"{n}_{m}.npy" for n in names for m in MAPS)
     again = tmp_path / "again"
-    assert predict_cli.main(["--model", str(run.bundle), "--input", str(inputs), "--output", str(again),
-                             "--accelerator", "cpu"]) == 0
+    assert (
+        predict_cli.main(
+            ["--model", str(run.bundle), "--input", str(inputs), "--output", str(again), "--accelerator", "cpu"]
+        )
+        == 0
+    )
     assert [r["name"] for r in read_csv(again / "predictions.csv")] == names  # deterministic
 
 
@@ -635,14 +749,17 @@ def test_threshold_flags_must_be_positive_finite_scores(run, tmp_path, capsys, f
         pni.load_model(run.bundle, "cpu", **{flag[2:]: float(value)})
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda m: m.update(backbone_weights=None), '"backbone_weights"'),
-    (lambda m: m["backbone_weights"].update(sha256=12), '"backbone_weights"'),
-    (lambda m: m["thresholds"]["nb_coor"]["image"].pop("value"), '"nb_coor" -> "image"'),
-    (lambda m: m["thresholds"]["coor"]["pixel"].update(value="high"), '"coor" -> "pixel"'),
-    (lambda m: m["thresholds"]["nb"]["image_best_f1"].update(value=0), '"nb" -> "image_best_f1"'),
-    (lambda m: m["thresholds"]["nb_coor"]["heatmap"].pop("low"), '"nb_coor" -> "heatmap"'),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda m: m.update(backbone_weights=None), '"backbone_weights"'),
+        (lambda m: m["backbone_weights"].update(sha256=12), '"backbone_weights"'),
+        (lambda m: m["thresholds"]["nb_coor"]["image"].pop("value"), '"nb_coor" -> "image"'),
+        (lambda m: m["thresholds"]["coor"]["pixel"].update(value="high"), '"coor" -> "pixel"'),
+        (lambda m: m["thresholds"]["nb"]["image_best_f1"].update(value=0), '"nb" -> "image_best_f1"'),
+        (lambda m: m["thresholds"]["nb_coor"]["heatmap"].pop("low"), '"nb_coor" -> "heatmap"'),
+    ],
+)
 def test_hand_edited_manifest_is_refused_naming_the_key(copy_bundle, run, tmp_path, capsys, edit, fragment):
     bundle = copy_bundle()
     manifest = json.loads((bundle / "manifest.json").read_text())

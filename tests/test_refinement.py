@@ -1,4 +1,5 @@
 """Refinement model (METHOD section 7): key layout, loading, 16-bit PNGs, training, inference, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -7,14 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pni.errors import PNIError
 from PIL import Image
 
-from pni.refinement import (RavelRefinementDataset, RefinementNet, SyntheticRefinementDataset,
-                            load_refinement_checkpoint, load_refinement_state_dict,
-                            make_synthetic_triples, read_map, read_png16,
-                            refine_ravel_folder, refinement_loss, save_state_dict, train_step, write_png16)
+from pni.errors import PNIError
+from pni.refinement import (
+    RavelRefinementDataset,
+    RefinementNet,
+    SyntheticRefinementDataset,
+    load_refinement_checkpoint,
+    load_refinement_state_dict,
+    make_synthetic_triples,
+    read_map,
+    read_png16,
+    refine_ravel_folder,
+    refinement_loss,
+    save_state_dict,
+    train_step,
+    write_png16,
+)
 from pni.refinement.cli import main
 from pni.refinement.data import round_to_uint16
 
@@ -108,6 +119,7 @@ def test_png16_round_trip(tmp_path):
     assert m.dtype == np.float32 and m.min() == 0.0 and m.max() == 1.0
     assert np.array_equal(round_to_uint16(m), ramp)
     from PIL import Image  # Pillow agrees on the stored values
+
     assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")).astype(np.uint16), ramp)
 
 
@@ -117,8 +129,11 @@ def test_key_layout_and_original_checkpoint_loads(tmp_path):
     assert "encoder1.original_model.features.denseblock4.denselayer24.conv2.weight" in keys
     assert "encoder2.original_model.features.conv0.weight" in keys
     assert not any(k.startswith("encoder2.original_model.features.denseblock") for k in keys)
-    for k in ("decoder.features.decoder_conv0.weight", "decoder.features.decoder_up5.convB.weight",
-              "decoder.features.decoder_conv_final.bias"):
+    for k in (
+        "decoder.features.decoder_conv0.weight",
+        "decoder.features.decoder_up5.convB.weight",
+        "decoder.features.decoder_conv_final.bias",
+    ):
         assert k in keys
     assert src.state_dict()["decoder.features.decoder_conv0.weight"].shape == (768, 2208, 1, 1)
     assert src.state_dict()["decoder.features.decoder_conv_final.weight"].shape == (1, 24, 1, 1)
@@ -234,12 +249,14 @@ def test_aligned_input_size_320(tmp_path):
     # downsampling 50 -> 320 is not a multiple: pixel-centre nearest, floor((j + 0.5) * 50 / 320)
     amap = np.arange(50 * 50, dtype=np.float32).reshape(50, 50) / 2500
     from pni.refinement.data import prepare_map
+
     got = prepare_map(amap, 320)[0].numpy()
     src = [int((j + 0.5) * 50 / 320) for j in range(320)]
     np.testing.assert_array_equal(got, amap[np.ix_(src, src)])
 
 
 # ----------------------------------------------------------------------------- --geometry original
+
 
 def _pil_nearest(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.NEAREST))
@@ -254,8 +271,9 @@ def _spec_reference(folder: Path, i: int, net: torch.nn.Module) -> tuple[np.ndar
     """METHOD section 7's ``--geometry original`` steps for sample ``i``, written out one by one:
     the written (_pred, _gt) arrays and the model inputs."""
     rgb = np.asarray(Image.open(folder / f"image{i:05d}.png").convert("RGB").resize((320, 320), Image.BILINEAR))
-    image = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
-             - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    image = (
+        torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)
+    ) / torch.tensor(STD).view(3, 1, 1)
     map320 = _pil_nearest(np.asarray(Image.open(folder / f"{i:05d}_pred.png")), 320).astype(np.float32) / 65535
     mask320 = (_pil_nearest(np.asarray(Image.open(folder / f"{i:05d}_gt.png")), 320) > 0).astype(np.float32)
     centre = torch.from_numpy(map320[11:-11, 11:-11].copy())[None, None]  # 298 px
@@ -264,12 +282,12 @@ def _spec_reference(folder: Path, i: int, net: torch.nn.Module) -> tuple[np.ndar
     with torch.no_grad():
         pred = net(image[None], z)[0, 0].numpy()
     z = z[0, 0].numpy()
-    z16, p16 = _codes(z), _codes(pred)                           # step 2
-    z240 = _pil_nearest(z16, 240)                                # step 3
+    z16, p16 = _codes(z), _codes(pred)  # step 2
+    z240 = _pil_nearest(z16, 240)  # step 3
     p240 = _pil_nearest(p16, 256)[8:-8, 8:-8]
     assert z240.shape == p240.shape == (240, 240)
-    refined = (np.float32(0.1) * p240.astype(np.float32) + np.float32(0.9) * z240.astype(np.float32))
-    out = _pil_nearest(refined.astype(np.uint16), 480)           # step 4
+    refined = np.float32(0.1) * p240.astype(np.float32) + np.float32(0.9) * z240.astype(np.float32)
+    out = _pil_nearest(refined.astype(np.uint16), 480)  # step 4
     gt = _pil_nearest(_pil_nearest((65535 * mask320).astype(np.uint16), 240), 480)
     return out, gt, {"image": image, "amap": z, "mask": mask320}
 
@@ -287,8 +305,9 @@ def _bilinear_align_corners(a: np.ndarray, size: int) -> np.ndarray:
             fx = x * (n - 1) / (size - 1)
             x0 = min(int(fx), n - 2)
             wx = fx - x0
-            out[y, x] = ((1 - wy) * ((1 - wx) * a[y0, x0] + wx * a[y0, x0 + 1])
-                         + wy * ((1 - wx) * a[y0 + 1, x0] + wx * a[y0 + 1, x0 + 1]))
+            out[y, x] = (1 - wy) * ((1 - wx) * a[y0, x0] + wx * a[y0, x0 + 1]) + wy * (
+                (1 - wx) * a[y0 + 1, x0] + wx * a[y0 + 1, x0 + 1]
+            )
     return out
 
 
@@ -303,13 +322,19 @@ def ravel256(tmp_path_factory) -> Path:
         Image.fromarray(rng.integers(3000, 41001, (256, 256)).astype(np.uint16)).save(folder / f"{i:05d}_pred.png")
         mask = np.zeros((256, 256), np.uint16)
         if i < 2:
-            mask[40 + 60 * i:120 + 60 * i, 30:200] = 65535
-            mask[150:153, 10 + i:250] = 65535
+            mask[40 + 60 * i : 120 + 60 * i, 30:200] = 65535
+            mask[150:153, 10 + i : 250] = 65535
         Image.fromarray(mask).save(folder / f"{i:05d}_gt.png")
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"image{i:05d}.png")
     with open(folder / "index.csv", "w", newline="") as fh:
-        csv.writer(fh).writerows([["index", "category", "defect_type", "stem"], [0, "c", "bad", "a"],
-                                  [1, "c", "bad", "b"], [2, "c", "good", "c"]])
+        csv.writer(fh).writerows(
+            [
+                ["index", "category", "defect_type", "stem"],
+                [0, "c", "bad", "a"],
+                [1, "c", "bad", "b"],
+                [2, "c", "good", "c"],
+            ]
+        )
     return folder
 
 
@@ -350,16 +375,41 @@ def test_geometry_original_cli_and_size_check(ravel256, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
     torch.manual_seed(3)
     save_state_dict(_randomised(RefinementNet()), ckpt)
-    rc = main(["--input_data_path", str(ravel256), "--output_data_path", str(tmp_path / "o"), "--checkpoint_path",
-               str(ckpt), "--geometry", "original", "--accelerator", "cpu", "--no_progress"])
+    rc = main(
+        [
+            "--input_data_path",
+            str(ravel256),
+            "--output_data_path",
+            str(tmp_path / "o"),
+            "--checkpoint_path",
+            str(ckpt),
+            "--geometry",
+            "original",
+            "--accelerator",
+            "cpu",
+            "--no_progress",
+        ]
+    )
     assert rc == 0
     for i in range(3):
         want_gt = _spec_reference(ravel256, i, _ElementwiseNet())[1]  # the mask does not depend on the net
         np.testing.assert_array_equal(read_png16(tmp_path / "o" / f"{i:05d}_gt.png"), want_gt)
         assert read_png16(tmp_path / "o" / f"{i:05d}_pred.png").shape == (480, 480)
     capsys.readouterr()
-    rc = main(["--input_data_path", str(ravel256), "--output_data_path", str(tmp_path / "o2"), "--checkpoint_path",
-               str(ckpt), "--geometry", "original", "--image_size", "256"])
+    rc = main(
+        [
+            "--input_data_path",
+            str(ravel256),
+            "--output_data_path",
+            str(tmp_path / "o2"),
+            "--checkpoint_path",
+            str(ckpt),
+            "--geometry",
+            "original",
+            "--image_size",
+            "256",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--image_size must be 320" in err
 
@@ -382,7 +432,9 @@ def test_synthetic_triples_from_normal_images(tmp_path):
     assert defective and all(t[1][t[2] > 0].mean() > t[1][t[2] == 0].mean() for t in defective)
     ds = SyntheticRefinementDataset(folder, SIZE, per_image=2, seed=0, fresh=False)
     again = SyntheticRefinementDataset(folder, SIZE, per_image=2, seed=0, fresh=False)
-    assert len(ds) == 4 and torch.equal(ds[1]["amap"], again[1]["amap"]) and torch.equal(ds[1]["mask"], again[1]["mask"])
+    assert (
+        len(ds) == 4 and torch.equal(ds[1]["amap"], again[1]["amap"]) and torch.equal(ds[1]["mask"], again[1]["mask"])
+    )
     assert not torch.equal(ds[1]["amap"], ds[3]["amap"])  # same normal image, another defect
     other = SyntheticRefinementDataset(folder, SIZE, per_image=2, seed=1, fresh=False)
     assert not torch.equal(ds[1]["amap"], other[1]["amap"])
@@ -392,35 +444,81 @@ def test_synthetic_triples_from_normal_images(tmp_path):
 def test_cli_train_then_refine(ravel, tmp_path, capsys):
     ckpt, out = tmp_path / "ref.pt", tmp_path / "out"
     with pytest.warns(UserWarning, match="ImageNet weights"):  # no weights offline: random encoders
-        rc = main(["--train", "--train_data", "ravel", "--train_data_path", str(ravel), "--input_data_path",
-                   str(ravel), "--output_data_path", str(out), "--checkpoint_path", str(ckpt), "--num_epochs", "1",
-                   "--batch_size", "2", "--image_size", str(SIZE), "--accelerator", "cpu", "--devices", "1",
-                   "--no_progress"])
+        rc = main(
+            [
+                "--train",
+                "--train_data",
+                "ravel",
+                "--train_data_path",
+                str(ravel),
+                "--input_data_path",
+                str(ravel),
+                "--output_data_path",
+                str(out),
+                "--checkpoint_path",
+                str(ckpt),
+                "--num_epochs",
+                "1",
+                "--batch_size",
+                "2",
+                "--image_size",
+                str(SIZE),
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+                "--no_progress",
+            ]
+        )
     assert rc == 0 and ckpt.is_file()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ravel.iterdir())
-    rc = main(["--input_data_path", str(ravel), "--output_data_path", str(tmp_path / "o2"),
-               "--checkpoint_path", str(ckpt), "--image_size", str(SIZE), "--category", "cat_a", "--no_progress"])
+    rc = main(
+        [
+            "--input_data_path",
+            str(ravel),
+            "--output_data_path",
+            str(tmp_path / "o2"),
+            "--checkpoint_path",
+            str(ckpt),
+            "--image_size",
+            str(SIZE),
+            "--category",
+            "cat_a",
+            "--no_progress",
+        ]
+    )
     assert rc == 0 and len(list((tmp_path / "o2").glob("*_pred.png"))) == 2
 
 
 def test_cli_errors_are_one_line(ravel, tmp_path, capsys):
-    rc = main(["--input_data_path", str(ravel), "--output_data_path", str(tmp_path / "o"),
-               "--checkpoint_path", str(tmp_path / "missing.pt")])
+    rc = main(
+        [
+            "--input_data_path",
+            str(ravel),
+            "--output_data_path",
+            str(tmp_path / "o"),
+            "--checkpoint_path",
+            str(tmp_path / "missing.pt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "missing.pt" in err
     assert main(["--image_size", "100"]) == 2
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--samples_per_image", "-1"], "--samples_per_image"),
-    (["--num_workers", "-2"], "--num_workers"),
-    (["--learning_rate", "0"], "--learning_rate"),
-    (["--input_data_path", "IN", "--output_data_path", "OUT", "--blend_weight", "1.5"], "--blend_weight"),
-    (["--output_data_path", "OUT"], "--input_data_path and --output_data_path"),  # refining needs an input
-    (["--input_data_path", "IN", "--output_data_path", "IN"], "--output_data_path must differ"),
-    (["--input_data_path", "IN", "--output_data_path", "FILE/out"], "--output_data_path"),
-    (["--checkpoint_path", "FILE/ref.pt"], "--checkpoint_path"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--samples_per_image", "-1"], "--samples_per_image"),
+        (["--num_workers", "-2"], "--num_workers"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--input_data_path", "IN", "--output_data_path", "OUT", "--blend_weight", "1.5"], "--blend_weight"),
+        (["--output_data_path", "OUT"], "--input_data_path and --output_data_path"),  # refining needs an input
+        (["--input_data_path", "IN", "--output_data_path", "IN"], "--output_data_path must differ"),
+        (["--input_data_path", "IN", "--output_data_path", "FILE/out"], "--output_data_path"),
+        (["--checkpoint_path", "FILE/ref.pt"], "--checkpoint_path"),
+    ],
+)
 def test_refinement_flags_checked_before_any_work(ravel, tmp_path, capsys, monkeypatch, flags, named):
     """Each bad flag: exit 2, one line naming it, before a model is built (so nothing trains for
     an epoch first) and with nothing written."""
@@ -431,10 +529,26 @@ def test_refinement_flags_checked_before_any_work(ravel, tmp_path, capsys, monke
 
     monkeypatch.setattr(refinement_model, "build_fresh_model", no_model)
     (tmp_path / "FILE").write_text("a file in the way")
-    subs = {"IN": str(ravel), "OUT": str(tmp_path / "out"), "FILE/out": str(tmp_path / "FILE" / "out"),
-            "FILE/ref.pt": str(tmp_path / "FILE" / "ref.pt")}
-    argv = ["--train", "--train_data", "ravel", "--train_data_path", str(ravel), "--checkpoint_path",
-            str(tmp_path / "ref.pt"), "--image_size", str(SIZE), "--accelerator", "cpu", "--no_progress"]
+    subs = {
+        "IN": str(ravel),
+        "OUT": str(tmp_path / "out"),
+        "FILE/out": str(tmp_path / "FILE" / "out"),
+        "FILE/ref.pt": str(tmp_path / "FILE" / "ref.pt"),
+    }
+    argv = [
+        "--train",
+        "--train_data",
+        "ravel",
+        "--train_data_path",
+        str(ravel),
+        "--checkpoint_path",
+        str(tmp_path / "ref.pt"),
+        "--image_size",
+        str(SIZE),
+        "--accelerator",
+        "cpu",
+        "--no_progress",
+    ]
     rc = main(argv + [subs.get(f, f) for f in flags])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
@@ -467,8 +581,11 @@ def test_imagenet_backbone_weights_with_old_torchvision_keys(tmp_path):
     model = RefinementNet()
     feats = model.encoder1.original_model.features.state_dict()
     # torchvision's released file uses 'norm.1'-style names inside dense layers, plus a classifier
-    state = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", f"features.{k}"): v + 1.0
-             for k, v in feats.items() if v.is_floating_point()}
+    state = {
+        re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", f"features.{k}"): v + 1.0
+        for k, v in feats.items()
+        if v.is_floating_point()
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in state
     state["classifier.weight"] = torch.zeros(1000, 2208)
     torch.save(state, tmp_path / "densenet161-test.pth")

@@ -5,6 +5,7 @@ Everything goes through the real entry points (``train_coreset_distribution.main
 ``analysis_code`` scripts; a subprocess where exit codes, stderr or a SIGKILL matter). One
 tiny trained run (module fixture) provides the artefacts that most cases reuse.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MAPS, REPO, TINY, TRAIN, load_cli
 from PIL import Image
 
 import train_coreset_distribution as tcd
-from helpers import MAPS, REPO, TINY, TRAIN, load_cli
 from pni import coreset as cs
 from pni.config import parse_args
 from pni.data.synthetic import make_dataset
@@ -32,8 +33,20 @@ CAT = "texture"
 
 
 def argv_for(dataset: Path, emb_root: Path, project: Path, *extra: str) -> list[str]:
-    return ["--dataset_path", str(dataset), "--category", CAT, "--project_root_path", str(project),
-            "--embedding_root_path", str(emb_root)] + TINY + list(extra)
+    return (
+        [
+            "--dataset_path",
+            str(dataset),
+            "--category",
+            CAT,
+            "--project_root_path",
+            str(project),
+            "--embedding_root_path",
+            str(emb_root),
+        ]
+        + TINY
+        + list(extra)
+    )
 
 
 def emb_dir(emb_root: Path, backbone: str = "R18") -> Path:
@@ -58,8 +71,9 @@ class Trained:
         self.emb_root = root
         self.project = root / "result"
 
-    def argv(self, *extra: str, dataset: Path | None = None, emb_root: Path | None = None,
-             project: Path | None = None) -> list[str]:
+    def argv(
+        self, *extra: str, dataset: Path | None = None, emb_root: Path | None = None, project: Path | None = None
+    ) -> list[str]:
         return argv_for(dataset or self.ds, emb_root or self.emb_root, project or self.project, *extra)
 
     @property
@@ -126,8 +140,12 @@ def assert_same_results(dir_a: Path, dir_b: Path) -> None:
 
 def test_missing_dataset_folder(trained, tmp_path, capsys):
     project = tmp_path / "result"
-    fails(trained.argv(*TRAIN, dataset=tmp_path / "nope", emb_root=tmp_path, project=project), capsys,
-          "dataset folder not found", str(tmp_path / "nope"))
+    fails(
+        trained.argv(*TRAIN, dataset=tmp_path / "nope", emb_root=tmp_path, project=project),
+        capsys,
+        "dataset folder not found",
+        str(tmp_path / "nope"),
+    )
     assert not project.exists() and not (tmp_path / "embeddings_layer2+layer3").exists()
 
 
@@ -141,8 +159,12 @@ def test_empty_training_folder(trained, tmp_path, capsys):
     cat = trained.copy_dataset(tmp_path / "ds")
     for p in (cat / "train" / "good").iterdir():
         p.unlink()
-    fails(trained.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "no training images in", str(cat / "train" / "good"))
+    fails(
+        trained.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "no training images in",
+        str(cat / "train" / "good"),
+    )
     assert not (tmp_path / "embeddings_layer2+layer3").exists() and not (tmp_path / "r").exists()
 
 
@@ -150,12 +172,20 @@ def test_image_without_mask_and_mask_without_image(trained, tmp_path, capsys):
     cat = trained.copy_dataset(tmp_path / "ds")
     mask = cat / "ground_truth" / "hole" / "000_mask.png"
     mask.rename(tmp_path / "away.png")
-    fails(trained.argv(dataset=tmp_path / "ds", project=tmp_path / "r"), capsys,
-          "has no mask", str(cat / "test" / "hole" / "000.png"))
+    fails(
+        trained.argv(dataset=tmp_path / "ds", project=tmp_path / "r"),
+        capsys,
+        "has no mask",
+        str(cat / "test" / "hole" / "000.png"),
+    )
     (tmp_path / "away.png").rename(mask)
     shutil.copy(mask, cat / "ground_truth" / "hole" / "007_mask.png")
-    fails(trained.argv(dataset=tmp_path / "ds", project=tmp_path / "r"), capsys,
-          "has no test image", str(cat / "ground_truth" / "hole" / "007_mask.png"))
+    fails(
+        trained.argv(dataset=tmp_path / "ds", project=tmp_path / "r"),
+        capsys,
+        "has no test image",
+        str(cat / "ground_truth" / "hole" / "007_mask.png"),
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -163,8 +193,12 @@ def test_corrupt_training_png(trained, tmp_path, capsys):
     cat = trained.copy_dataset(tmp_path / "ds")
     bad = cat / "train" / "good" / "002.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
-    fails(trained.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "cannot read image", str(bad))
+    fails(
+        trained.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "cannot read image",
+        str(bad),
+    )
     emb = emb_dir(tmp_path)
     assert not any(emb.glob("*.faiss")) and not any(emb.glob(".*"))  # nothing half-written, no scratch left
     assert not (tmp_path / "r").exists()
@@ -178,8 +212,13 @@ def test_truncated_test_png_leaves_no_result_folder(trained, tmp_path, capsys, w
     bad = cat / "test" / "scratch" / "000.png"
     bad.write_bytes(bad.read_bytes()[:300])
     project = tmp_path / "r"
-    fails(trained.argv("--num_workers", workers, dataset=tmp_path / "ds", project=project), capsys,
-          "cannot read image", str(bad), "truncated")
+    fails(
+        trained.argv("--num_workers", workers, dataset=tmp_path / "ds", project=project),
+        capsys,
+        "cannot read image",
+        str(bad),
+        "truncated",
+    )
     assert list(logs_dir(project).iterdir()) == []
     assert not (project / "score_result.csv").exists()
 
@@ -189,8 +228,13 @@ def test_mask_of_other_size(trained, tmp_path, capsys):
     mask = cat / "ground_truth" / "stain" / "000_mask.png"
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(mask)
     project = tmp_path / "r"
-    fails(trained.argv(dataset=tmp_path / "ds", project=project), capsys,
-          str(mask), "48x32", str(cat / "test" / "stain" / "000.png"))
+    fails(
+        trained.argv(dataset=tmp_path / "ds", project=project),
+        capsys,
+        str(mask),
+        "48x32",
+        str(cat / "test" / "stain" / "000.png"),
+    )
     assert not project.exists()  # found from the file headers, before any stage
 
 
@@ -219,11 +263,14 @@ def test_grayscale_16bit_and_rgba_images_are_accepted(trained, tmp_path, capsys)
 # ---------------------------------------------------------------- artefacts and flags
 
 
-@pytest.mark.parametrize("extra,fragments", [
-    (["--imagesize", "32", "--resize", "32"], ["--imagesize 32 (saved: 64)", "--train_coreset"]),
-    (["--target_embed_dimension", "16"], ["--target_embed_dimension 16 (saved: 32)"]),
-    (["--dist_padding", "1"], ["neighbourhood model", "--dist_padding 1 (saved: 2)"]),
-])
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--imagesize", "32", "--resize", "32"], ["--imagesize 32 (saved: 64)", "--train_coreset"]),
+        (["--target_embed_dimension", "16"], ["--target_embed_dimension 16 (saved: 32)"]),
+        (["--dist_padding", "1"], ["neighbourhood model", "--dist_padding 1 (saved: 2)"]),
+    ],
+)
 def test_artefacts_made_with_other_settings_are_refused(trained, tmp_path, capsys, extra, fragments):
     project = tmp_path / "r"
     if extra[0] == "--dist_padding":
@@ -242,20 +289,38 @@ def test_shape_checks_without_settings_files(trained, tmp_path, capsys):
     for p in emb.glob("*.json"):
         p.unlink()
     project = tmp_path / "r"
-    fails(trained.argv("--target_embed_dimension", "16", emb_root=tmp_path, project=project), capsys,
-          "32-dim features", "--target_embed_dimension is 16", str(emb))
-    fails(trained.argv("--imagesize", "32", "--resize", "32", emb_root=tmp_path, project=project), capsys,
-          "best_model_dp2_dcs16_n3.pt", "--imagesize 32 (saved: 64)")  # the checkpoint's own record
+    fails(
+        trained.argv("--target_embed_dimension", "16", emb_root=tmp_path, project=project),
+        capsys,
+        "32-dim features",
+        "--target_embed_dimension is 16",
+        str(emb),
+    )
+    fails(
+        trained.argv("--imagesize", "32", "--resize", "32", emb_root=tmp_path, project=project),
+        capsys,
+        "best_model_dp2_dcs16_n3.pt",
+        "--imagesize 32 (saved: 64)",
+    )  # the checkpoint's own record
     # an original-style checkpoint (argparse Namespace, no image size): the grid check remains
     ckpt = emb / "best_model_dp2_dcs16_n3.pt"
     state = torch.load(ckpt, weights_only=True)
-    original_args = argparse.Namespace(**{k: v for k, v in state["settings"].items()
-                                          if k not in ("imagesize", "resize", "coreset_digest")})
+    original_args = argparse.Namespace(
+        **{k: v for k, v in state["settings"].items() if k not in ("imagesize", "resize", "coreset_digest")}
+    )
     torch.save({"model": state["model"], "args": original_args, "train_loss": 1.0, "val_loss": 1.0}, ckpt)
-    fails(trained.argv("--imagesize", "48", "--resize", "48", emb_root=tmp_path, project=project), capsys,
-          "cover 64 grid positions", "--imagesize 48", "6x6")
-    fails(trained.argv("--imagesize", "32", "--resize", "32", emb_root=tmp_path, project=project), capsys,
-          "--imagesize 32 gives a 4x4 grid, too small for --patchsize 5")
+    fails(
+        trained.argv("--imagesize", "48", "--resize", "48", emb_root=tmp_path, project=project),
+        capsys,
+        "cover 64 grid positions",
+        "--imagesize 48",
+        "6x6",
+    )
+    fails(
+        trained.argv("--imagesize", "32", "--resize", "32", emb_root=tmp_path, project=project),
+        capsys,
+        "--imagesize 32 gives a 4x4 grid, too small for --patchsize 5",
+    )
     assert not project.exists()  # refused before any output folder is made
 
 
@@ -275,20 +340,27 @@ def test_replaced_coreset_file_is_refused(trained, tmp_path, capsys):
     path = emb / "embedding_coreset_index_25.faiss"
     vectors = cs.index_vectors(cs.load_index(path))
     cs.save_index(cs.build_index(vectors[::-1].copy()), path)
-    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "coreset files", str(emb), "--train_coreset")
+    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys, "coreset files", str(emb), "--train_coreset")
     # the other stages record which coresets they were made from
     coreset_json = emb / "coreset_settings.json"
     coreset_json.unlink()
-    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "position priors", "other coresets", "--train_coor_dist")
+    fails(
+        trained.argv(emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "position priors",
+        "other coresets",
+        "--train_coor_dist",
+    )
 
 
-@pytest.mark.parametrize("name,flag", [
-    ("dist_coreset_index_16.faiss", "--train_coreset"),
-    ("best_model_dp2_dcs16_n3.pt", "--train_nb_dist"),
-    ("coor_model_sp25_with_edge.npy", "--train_coor_dist"),
-])
+@pytest.mark.parametrize(
+    "name,flag",
+    [
+        ("dist_coreset_index_16.faiss", "--train_coreset"),
+        ("best_model_dp2_dcs16_n3.pt", "--train_nb_dist"),
+        ("coor_model_sp25_with_edge.npy", "--train_coor_dist"),
+    ],
+)
 def test_missing_artefact_without_train_flag(trained, tmp_path, capsys, name, flag):
     emb = trained.copy_artefacts(tmp_path)
     (emb / name).unlink()
@@ -304,11 +376,19 @@ def test_no_artefacts_at_all(trained, tmp_path, capsys):
 def test_corrupt_artefacts(trained, tmp_path, capsys):
     emb = trained.copy_artefacts(tmp_path)
     (emb / "best_model_dp2_dcs16_n3.pt").write_bytes(b"not a checkpoint")
-    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "cannot read neighbourhood model", "best_model_dp2_dcs16_n3.pt")
+    fails(
+        trained.argv(emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "cannot read neighbourhood model",
+        "best_model_dp2_dcs16_n3.pt",
+    )
     (emb / "embedding_coreset_index_25.faiss").write_bytes(b"garbage")
-    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "cannot read coreset", "embedding_coreset_index_25.faiss")
+    fails(
+        trained.argv(emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "cannot read coreset",
+        "embedding_coreset_index_25.faiss",
+    )
 
 
 def test_empty_position_prior_is_one_line(trained, tmp_path, capsys):
@@ -316,17 +396,33 @@ def test_empty_position_prior_is_one_line(trained, tmp_path, capsys):
     priors = sorted(emb.glob("*.npy"))
     assert priors
     priors[0].write_bytes(b"")  # numpy raises EOFError for an empty .npy
-    fails(trained.argv(emb_root=tmp_path, project=tmp_path / "r"), capsys,
-          "cannot read position prior", priors[0].name, "empty")
+    fails(
+        trained.argv(emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "cannot read position prior",
+        priors[0].name,
+        "empty",
+    )
 
 
 def test_unwritable_output_folders(trained, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    fails(trained.argv(project=blocker / "result"), capsys,
-          "cannot create output folder", str(blocker / "result"), "--project_root_path", "is a file")
-    fails(trained.argv(*TRAIN, emb_root=blocker / "emb"), capsys,
-          "cannot create output folder", str(blocker / "emb"), "--embedding_root_path")
+    fails(
+        trained.argv(project=blocker / "result"),
+        capsys,
+        "cannot create output folder",
+        str(blocker / "result"),
+        "--project_root_path",
+        "is a file",
+    )
+    fails(
+        trained.argv(*TRAIN, emb_root=blocker / "emb"),
+        capsys,
+        "cannot create output folder",
+        str(blocker / "emb"),
+        "--embedding_root_path",
+    )
     assert blocker.read_text() == "not a folder"
 
 
@@ -338,13 +434,16 @@ def test_score_table_with_foreign_header_is_refused_before_scoring(trained, tmp_
     assert not logs_dir(project).exists() or list(logs_dir(project).iterdir()) == []
 
 
-@pytest.mark.parametrize("argv,fragments", [
-    (["--imagesize", "96", "--resize", "64"], ["--imagesize (96) must not exceed --resize (64)"]),
-    (["--random_init", "--backbone_weights", "w.pth"], ["--random_init", "--backbone_weights"]),
-    (["--patchsize", "4"], ["--patchsize"]),
-    (["--backbone", "VGG"], ["--backbone"]),
-    (["--num_layers", "1"], ["--num_layers", ">= 2"]),  # the MLP has an input and an output layer
-])
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["--imagesize", "96", "--resize", "64"], ["--imagesize (96) must not exceed --resize (64)"]),
+        (["--random_init", "--backbone_weights", "w.pth"], ["--random_init", "--backbone_weights"]),
+        (["--patchsize", "4"], ["--patchsize"]),
+        (["--backbone", "VGG"], ["--backbone"]),
+        (["--num_layers", "1"], ["--num_layers", ">= 2"]),  # the MLP has an input and an output layer
+    ],
+)
 def test_conflicting_or_bad_flags_are_one_line(argv, fragments, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
@@ -360,11 +459,18 @@ def test_cli_in_a_subprocess_prints_one_line_and_exit_code_2(tmp_path, capsys):
     argv = ["--dataset_path", str(tmp_path / "nope"), "--embedding_root_path", str(tmp_path)] + TINY
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("PNI_DEBUG", None)
-    proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: dataset folder not found: {tmp_path / 'nope'} "
-                                                "(set --dataset_path)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: dataset folder not found: {tmp_path / 'nope'} (set --dataset_path)"
+    ]
     assert tcd.main(argv + ["--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: dataset folder not found")
@@ -376,11 +482,29 @@ def test_cli_in_a_subprocess_prints_one_line_and_exit_code_2(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def ravel_folder(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("ravel")
-    assert load_cli("calc_ensemble_score").main([
-        "--project_root_path", str(trained.project), "--ensemble_root_path", str(out / "ens"),
-        "--category", CAT, "--backbone_list", "R18", "--version_num", "1"]) == 0
-    assert load_cli("convert_result_format").main([
-        "--before_result_root_dir", str(out / "ens"), "--after_result_root_dir", str(out / "ravel")]) == 0
+    assert (
+        load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(trained.project),
+                "--ensemble_root_path",
+                str(out / "ens"),
+                "--category",
+                CAT,
+                "--backbone_list",
+                "R18",
+                "--version_num",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        load_cli("convert_result_format").main(
+            ["--before_result_root_dir", str(out / "ens"), "--after_result_root_dir", str(out / "ravel")]
+        )
+        == 0
+    )
     return out / "ravel"
 
 
@@ -388,13 +512,21 @@ def test_ravel_folder_with_a_missing_file(ravel_folder, tmp_path, capsys):
     rav = tmp_path / "ravel"
     shutil.copytree(ravel_folder, rav)
     (rav / "00002_gt.png").unlink()
-    fails(["--project_root_path", str(rav), "--calc_pro"], capsys, str(rav / "00002_gt.png"),
-          main=load_cli("analysis_amap").main)
+    fails(
+        ["--project_root_path", str(rav), "--calc_pro"],
+        capsys,
+        str(rav / "00002_gt.png"),
+        main=load_cli("analysis_amap").main,
+    )
     assert not (rav / "score_result.csv").exists()
     shutil.copy(ravel_folder / "00002_gt.png", rav / "00002_gt.png")
     (rav / "image00003.png").unlink()  # only needed for --visualize: checked before any picture is drawn
-    fails(["--project_root_path", str(rav), "--visualize"], capsys, str(rav / "image00003.png"),
-          main=load_cli("analysis_amap").main)
+    fails(
+        ["--project_root_path", str(rav), "--visualize"],
+        capsys,
+        str(rav / "image00003.png"),
+        main=load_cli("analysis_amap").main,
+    )
     assert not (rav / "viz").exists() and not (rav / "score_result.csv").exists()
     assert load_cli("analysis_amap").main(["--project_root_path", str(rav)]) == 0
 
@@ -402,24 +534,70 @@ def test_ravel_folder_with_a_missing_file(ravel_folder, tmp_path, capsys):
 def test_ensemble_and_convert_errors_write_nothing(trained, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    fails(["--project_root_path", str(trained.project), "--ensemble_root_path", str(blocker / "ens"),
-           "--category", CAT, "--backbone_list", "R18"], capsys, str(blocker), main=load_cli("calc_ensemble_score").main)
-    fails(["--project_root_path", str(trained.project), "--ensemble_root_path", str(tmp_path / "ens"),
-           "--category", CAT, "--backbone_list", "R18", "R34"], capsys, "R34",
-          main=load_cli("calc_ensemble_score").main)
+    fails(
+        [
+            "--project_root_path",
+            str(trained.project),
+            "--ensemble_root_path",
+            str(blocker / "ens"),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "R18",
+        ],
+        capsys,
+        str(blocker),
+        main=load_cli("calc_ensemble_score").main,
+    )
+    fails(
+        [
+            "--project_root_path",
+            str(trained.project),
+            "--ensemble_root_path",
+            str(tmp_path / "ens"),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "R18",
+            "R34",
+        ],
+        capsys,
+        "R34",
+        main=load_cli("calc_ensemble_score").main,
+    )
     assert not (tmp_path / "ens").exists()
     ens = tmp_path / "ens"
-    assert load_cli("calc_ensemble_score").main([
-        "--project_root_path", str(trained.project), "--ensemble_root_path", str(ens),
-        "--category", CAT, "--backbone_list", "R18"]) == 0
+    assert (
+        load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(trained.project),
+                "--ensemble_root_path",
+                str(ens),
+                "--category",
+                CAT,
+                "--backbone_list",
+                "R18",
+            ]
+        )
+        == 0
+    )
     missing = ens / CAT / "test" / "stain" / "000.png"
     missing.rename(tmp_path / "away.png")
-    fails(["--before_result_root_dir", str(ens), "--after_result_root_dir", str(tmp_path / "ravel")], capsys,
-          str(missing), main=load_cli("convert_result_format").main)
+    fails(
+        ["--before_result_root_dir", str(ens), "--after_result_root_dir", str(tmp_path / "ravel")],
+        capsys,
+        str(missing),
+        main=load_cli("convert_result_format").main,
+    )
     assert not (tmp_path / "ravel").exists()
     (tmp_path / "away.png").rename(missing)
-    fails(["--before_result_root_dir", str(ens), "--after_result_root_dir", str(blocker / "ravel")], capsys,
-          str(blocker), main=load_cli("convert_result_format").main)
+    fails(
+        ["--before_result_root_dir", str(ens), "--after_result_root_dir", str(blocker / "ravel")],
+        capsys,
+        str(blocker),
+        main=load_cli("convert_result_format").main,
+    )
 
 
 # ---------------------------------------------------------------- interruptions
@@ -442,8 +620,13 @@ def test_stage_interrupted_in_process_is_never_trusted(trained, tmp_path, capsys
     monkeypatch.undo()
     assert not any(p.name.startswith(".") for p in emb.iterdir())
     for seed in ("22", "23"):
-        fails(trained.argv("--seed", seed, emb_root=tmp_path, project=tmp_path / "r"), capsys,
-              "coresets", "incomplete", "--train_coreset")
+        fails(
+            trained.argv("--seed", seed, emb_root=tmp_path, project=tmp_path / "r"),
+            capsys,
+            "coresets",
+            "incomplete",
+            "--train_coreset",
+        )
 
 
 def test_killed_run_can_be_rerun_with_the_same_results(trained, tmp_path, capsys):
@@ -452,8 +635,14 @@ def test_killed_run_can_be_rerun_with_the_same_results(trained, tmp_path, capsys
     project = tmp_path / "r"
     argv = trained.argv(*TRAIN, emb_root=tmp_path, project=project)
     env = {**os.environ, "PNI_TEST_KILL_AT": "nb_checkpoint", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_coreset_distribution.py")] + argv,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "PNI_TEST_KILL_AT=nb_checkpoint" in proc.stdout
     emb = emb_dir(tmp_path)
@@ -461,8 +650,9 @@ def test_killed_run_can_be_rerun_with_the_same_results(trained, tmp_path, capsys
     assert any(p.name.startswith(".scratch-") for p in emb.iterdir())  # removed by the re-run
     assert not logs_dir(project).exists()
     # without --train_nb_dist the half-trained model is refused, whatever else is there
-    fails(trained.argv(emb_root=tmp_path, project=project), capsys, "neighbourhood model", "incomplete",
-          "--train_nb_dist")
+    fails(
+        trained.argv(emb_root=tmp_path, project=project), capsys, "neighbourhood model", "incomplete", "--train_nb_dist"
+    )
     assert tcd.main(argv) == 0
     capsys.readouterr()
     assert [p.name for p in logs_dir(project).iterdir()] == ["version_0"]
@@ -476,15 +666,32 @@ def test_killed_test_stage_leaves_no_version_folder(trained, tmp_path, capsys):
     ensemble ignores; the next run publishes a complete version folder."""
     project = tmp_path / "r"
     env = {**os.environ, "PNI_TEST_KILL_AT": "test_sample", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")]
-                          + trained.argv(project=project), capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_coreset_distribution.py")] + trained.argv(project=project),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     left = list(logs_dir(project).iterdir())
     assert len(left) == 1 and left[0].name.startswith(".version_0.partial-")
-    fails(["--project_root_path", str(project), "--ensemble_root_path", str(tmp_path / "ens"),
-           "--category", CAT, "--backbone_list", "R18"], capsys, "no test run found",
-          main=load_cli("calc_ensemble_score").main)
+    fails(
+        [
+            "--project_root_path",
+            str(project),
+            "--ensemble_root_path",
+            str(tmp_path / "ens"),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "R18",
+        ],
+        capsys,
+        "no test run found",
+        main=load_cli("calc_ensemble_score").main,
+    )
     assert tcd.main(trained.argv(project=project)) == 0
     capsys.readouterr()
     assert [p.name for p in logs_dir(project).iterdir()] == ["version_0"]  # the killed run's folder removed
@@ -501,8 +708,11 @@ def test_same_seed_same_maps_and_scores(trained, tmp_path, capsys):
     assert_same_results(logs_dir(trained.project) / "version_0", logs_dir(project) / "version_0")
     assert score_rows(project) == score_rows(trained.project)[:1]
     a, b = trained.emb, emb_dir(tmp_path)
-    for name in ("embedding_coreset_index_25.faiss", "embedding_coreset_index_25_with_edge.faiss",
-                 "dist_coreset_index_16.faiss"):
+    for name in (
+        "embedding_coreset_index_25.faiss",
+        "embedding_coreset_index_25_with_edge.faiss",
+        "dist_coreset_index_16.faiss",
+    ):
         assert np.array_equal(cs.index_vectors(cs.load_index(a / name)), cs.index_vectors(cs.load_index(b / name)))
     for name in ("coor_model_sp25.npy", "coor_model_sp25_with_edge.npy"):
         assert np.array_equal(np.load(a / name), np.load(b / name))
@@ -560,6 +770,7 @@ def test_reading_results_never_unpickles(trained, ravel_folder, monkeypatch, tmp
 
 def test_checkpoint_refuses_pickled_code(tmp_path, capsys):
     """A checkpoint that would run code when unpickled is refused with one line, not run."""
+
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))

@@ -7,6 +7,7 @@ Everything goes through the real entry points (a subprocess where exit codes, si
 several processes matter). One tiny run trained from a weights file (module fixture)
 provides the artefacts and results that most cases reuse.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import REPO, TRAIN, load_cli, tiny_flags
 from PIL import Image
 from scipy import ndimage
 
 import train_coreset_distribution as tcd
-from helpers import REPO, TRAIN, load_cli, tiny_flags
 from pni.data.datasets import build_datasets
 from pni.data.synthetic import make_dataset
 from pni.errors import PNIError
@@ -65,11 +66,29 @@ class Run:
     def emb(self) -> Path:
         return self.root / "embeddings_layer2+layer3" / CAT / "R18"
 
-    def argv(self, *extra: str, dataset: Path | None = None, emb_root: Path | None = None,
-             project: Path | None = None, weights: bool = True) -> list[str]:
-        return (["--dataset_path", str(dataset or self.ds), "--category", CAT,
-                 "--embedding_root_path", str(emb_root or self.root), "--project_root_path", str(project or self.project)]
-                + TINY + (["--backbone_weights", str(self.weights)] if weights else []) + list(extra))
+    def argv(
+        self,
+        *extra: str,
+        dataset: Path | None = None,
+        emb_root: Path | None = None,
+        project: Path | None = None,
+        weights: bool = True,
+    ) -> list[str]:
+        return (
+            [
+                "--dataset_path",
+                str(dataset or self.ds),
+                "--category",
+                CAT,
+                "--embedding_root_path",
+                str(emb_root or self.root),
+                "--project_root_path",
+                str(project or self.project),
+            ]
+            + TINY
+            + (["--backbone_weights", str(self.weights)] if weights else [])
+            + list(extra)
+        )
 
     def copy_artefacts(self, dest_root: Path) -> Path:
         dest = dest_root / "embeddings_layer2+layer3" / CAT / "R18"
@@ -134,28 +153,85 @@ def test_ensemble_refuses_path_like_names(run, tmp_path, capsys):
     project = tmp_path / "project"
     shutil.copytree(run.project, project)
     ens = tmp_path / "deep" / "ens"
-    one_error(ensemble, ["--project_root_path", str(project), "--ensemble_root_path", str(ens),
-                         "--category", str(project / CAT), "--backbone_list", "R18"], capsys, "--category")
-    one_error(ensemble, ["--project_root_path", str(project), "--ensemble_root_path", str(ens),
-                         "--category", CAT, "--backbone_list", "../R18"], capsys, "--backbone_list")
+    one_error(
+        ensemble,
+        [
+            "--project_root_path",
+            str(project),
+            "--ensemble_root_path",
+            str(ens),
+            "--category",
+            str(project / CAT),
+            "--backbone_list",
+            "R18",
+        ],
+        capsys,
+        "--category",
+    )
+    one_error(
+        ensemble,
+        [
+            "--project_root_path",
+            str(project),
+            "--ensemble_root_path",
+            str(ens),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "../R18",
+        ],
+        capsys,
+        "--backbone_list",
+    )
     table = project / CAT / "R18" / "anomaly" / "lightning_logs" / "version_0" / "image_scores.csv"
     rows = list(csv.reader(table.open(newline="")))
     rows[1][1] = "../../../escape"
     with table.open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
     before = tree(tmp_path)
-    one_error(ensemble, ["--project_root_path", str(project), "--ensemble_root_path", str(ens),
-                         "--category", CAT, "--backbone_list", "R18"], capsys, str(table), "stem", "escape")
+    one_error(
+        ensemble,
+        [
+            "--project_root_path",
+            str(project),
+            "--ensemble_root_path",
+            str(ens),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "R18",
+        ],
+        capsys,
+        str(table),
+        "stem",
+        "escape",
+    )
     assert tree(tmp_path) == before and not ens.exists()
 
 
 def test_ravel_index_with_path_like_category(run, tmp_path, capsys):
-    assert load_cli("calc_ensemble_score").main([
-        "--project_root_path", str(run.project), "--ensemble_root_path", str(tmp_path / "ens"),
-        "--category", CAT, "--backbone_list", "R18"]) == 0
+    assert (
+        load_cli("calc_ensemble_score").main(
+            [
+                "--project_root_path",
+                str(run.project),
+                "--ensemble_root_path",
+                str(tmp_path / "ens"),
+                "--category",
+                CAT,
+                "--backbone_list",
+                "R18",
+            ]
+        )
+        == 0
+    )
     rav = tmp_path / "a" / "ravel"
-    assert load_cli("convert_result_format").main([
-        "--before_result_root_dir", str(tmp_path / "ens"), "--after_result_root_dir", str(rav)]) == 0
+    assert (
+        load_cli("convert_result_format").main(
+            ["--before_result_root_dir", str(tmp_path / "ens"), "--after_result_root_dir", str(rav)]
+        )
+        == 0
+    )
     capsys.readouterr()
     index = rav / "index.csv"
     rows = list(csv.reader(index.open(newline="")))
@@ -164,8 +240,14 @@ def test_ravel_index_with_path_like_category(run, tmp_path, capsys):
     with index.open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
     before = tree(tmp_path)
-    one_error(load_cli("analysis_amap").main, ["--project_root_path", str(rav), "--visualize"], capsys,
-              str(index), "category", "../../x")
+    one_error(
+        load_cli("analysis_amap").main,
+        ["--project_root_path", str(rav), "--visualize"],
+        capsys,
+        str(index),
+        "category",
+        "../../x",
+    )
     assert tree(tmp_path) == before
 
 
@@ -184,8 +266,12 @@ for i in range(300):
 
 def test_two_processes_appending_keep_every_row(tmp_path):
     table, go = tmp_path / "score_result.csv", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(table), who, str(go)], env=env(),
-                              stderr=subprocess.PIPE, text=True) for who in "ab"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", APPENDER, str(table), who, str(go)], env=env(), stderr=subprocess.PIPE, text=True
+        )
+        for who in "ab"
+    ]
     go.touch()
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -209,8 +295,9 @@ def test_flag_typo_keeps_the_trained_model(run, tmp_path, capsys):
         typos.append(["--accelerator", "gpu"])
     for typo in typos:
         for stages in (["--train_nb_dist"], TRAIN):
-            one_error(tcd.main, run.argv(*stages, *typo, emb_root=tmp_path, project=tmp_path / "r"), capsys,
-                      typo[0], typo[1])
+            one_error(
+                tcd.main, run.argv(*stages, *typo, emb_root=tmp_path, project=tmp_path / "r"), capsys, typo[0], typo[1]
+            )
             assert tree(emb) == before  # byte for byte, settings records included
     assert not (tmp_path / "r").exists()
     assert tcd.main(run.argv(emb_root=tmp_path, project=tmp_path / "r")) == 0  # still accepted
@@ -264,15 +351,29 @@ def test_artefacts_of_other_weights_dtype_or_training_images_are_refused(run, tm
     argv = run.argv(project=project)
     argv[argv.index("--backbone_weights") + 1] = str(other)
     one_error(tcd.main, argv, capsys, "--backbone_weights", "other weights", str(run.emb))
-    one_error(tcd.main, run.argv("--random_init", project=project, weights=False), capsys,
-              "--backbone_weights (other weights: random_init", "--random_init True (saved: False)")
-    one_error(tcd.main, run.argv("--feature_bank_dtype", "float16", project=project), capsys,
-              "--feature_bank_dtype float16 (saved: float32)")
+    one_error(
+        tcd.main,
+        run.argv("--random_init", project=project, weights=False),
+        capsys,
+        "--backbone_weights (other weights: random_init",
+        "--random_init True (saved: False)",
+    )
+    one_error(
+        tcd.main,
+        run.argv("--feature_bank_dtype", "float16", project=project),
+        capsys,
+        "--feature_bank_dtype float16 (saved: float32)",
+    )
     cat = run.copy_dataset(tmp_path / "ds")
     image = cat / "train" / "good" / "001.png"
     Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image, compress_level=0)  # other size
-    one_error(tcd.main, run.argv(dataset=tmp_path / "ds", project=project), capsys,
-              "--dataset_path (other training images", "--train_coreset")
+    one_error(
+        tcd.main,
+        run.argv(dataset=tmp_path / "ds", project=project),
+        capsys,
+        "--dataset_path (other training images",
+        "--train_coreset",
+    )
     assert not project.exists()
 
 
@@ -303,9 +404,20 @@ def test_one_class_test_set_writes_nan_with_one_note_and_keeps_the_maps(run, tmp
     n_images = 1 if keep == "good" else 3
     assert len(list(sample.glob("*_amap_nb_coor.npy"))) == n_images
     # the ensemble of that run: the same single note, the same nan columns
-    code, out, err = call(load_cli("calc_ensemble_score").main, [
-        "--project_root_path", str(project), "--ensemble_root_path", str(tmp_path / "ens"), "--category", CAT,
-        "--backbone_list", "R18"], capsys)
+    code, out, err = call(
+        load_cli("calc_ensemble_score").main,
+        [
+            "--project_root_path",
+            str(project),
+            "--ensemble_root_path",
+            str(tmp_path / "ens"),
+            "--category",
+            CAT,
+            "--backbone_list",
+            "R18",
+        ],
+        capsys,
+    )
     assert code == 0, err
     notes = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(notes) == 1 and f"category {CAT} has" in notes[0] and "written as nan" in notes[0], err
@@ -322,8 +434,13 @@ def test_empty_test_set_is_refused_before_training(run, tmp_path, capsys):
         for p in folder.iterdir():
             p.unlink()
     shutil.rmtree(cat / "ground_truth")
-    one_error(tcd.main, run.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"),
-              capsys, "no test images", str(cat / "test"))
+    one_error(
+        tcd.main,
+        run.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "no test images",
+        str(cat / "test"),
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
@@ -334,8 +451,14 @@ def test_non_finite_map_is_one_line_naming_the_image(tmp_path):
     maps = {m: torch.zeros(8, 8) for m in ("nb", "coor", "patchcore", "nb_coor")}
     maps["coor"][3, 3] = float("nan")
     result = ImageScores(maps=maps, image={m: 0.0 for m in maps})
-    meta = {"image": torch.zeros(3, 8, 8), "mask": torch.zeros(1, 8, 8), "defect_type": "hole", "stem": "007",
-            "label": 1, "path": "/data/hole/007.png"}
+    meta = {
+        "image": torch.zeros(3, 8, 8),
+        "mask": torch.zeros(1, 8, 8),
+        "defect_type": "hole",
+        "stem": "007",
+        "label": 1,
+        "path": "/data/hole/007.png",
+    }
     with pytest.raises(PNIError, match=r"the coor map of /data/hole/007.png has NaN"):
         ResultCollector(tmp_path)(meta, result)
     assert list(tmp_path.iterdir()) == []
@@ -352,8 +475,9 @@ def test_blur_wider_than_the_image_is_refused_and_normal_blurs_match_scipy(run, 
         gaussian_blur(torch.zeros(1, 16, 16), 1e6)
     maps = torch.from_numpy(np.random.default_rng(0).random((2, 16, 12), dtype=np.float32))
     for sigma in (0.7, 4.0, 16.0):  # 16: the kernel (radius 64) is wider than the map
-        reference = np.stack([ndimage.gaussian_filter(m.astype(np.float64), sigma, mode="reflect", truncate=4.0)
-                              for m in maps.numpy()])
+        reference = np.stack(
+            [ndimage.gaussian_filter(m.astype(np.float64), sigma, mode="reflect", truncate=4.0) for m in maps.numpy()]
+        )
         assert np.allclose(gaussian_blur(maps, sigma).numpy(), reference, atol=1e-5), sigma
 
 
@@ -369,8 +493,13 @@ with atomic_path(sys.argv[1]) as tmp:
 
 
 def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "settings.json")], env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "settings.json")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (left,) = [p for p in tmp_path.iterdir()]
     assert left.name.startswith(".settings.tmp-") and left.read_text() == "half of it"
@@ -385,19 +514,27 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
 # ---------------------------------------------------------------- 9. Ctrl-C
 
 
-@pytest.mark.parametrize("point,stages", [  # stage 3 is our own loop: KeyboardInterrupt reaches run_cli as is
-    ("feature_batch", TRAIN),                 # stage 1, inside Lightning's predict loop
-    ("nb_checkpoint", ["--train_nb_dist"]),   # stage 2, inside trainer.fit
-    ("test_sample", []),                      # stage 4, inside trainer.test
-])
+@pytest.mark.parametrize(
+    "point,stages",
+    [  # stage 3 is our own loop: KeyboardInterrupt reaches run_cli as is
+        ("feature_batch", TRAIN),  # stage 1, inside Lightning's predict loop
+        ("nb_checkpoint", ["--train_nb_dist"]),  # stage 2, inside trainer.fit
+        ("test_sample", []),  # stage 4, inside trainer.test
+    ],
+)
 def test_ctrl_c_exits_130_with_one_line_at_every_stage(run, tmp_path, point, stages):
     if stages != TRAIN:
         run.copy_artefacts(tmp_path)
     project = tmp_path / "r"
-    proc = subprocess.run([sys.executable, str(REPO / "train_coreset_distribution.py")]
-                          + run.argv(*stages, emb_root=tmp_path, project=project),
-                          env=env(PNI_TEST_KILL_AT=point, PNI_TEST_SIGNAL="SIGINT"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_coreset_distribution.py")]
+        + run.argv(*stages, emb_root=tmp_path, project=project),
+        env=env(PNI_TEST_KILL_AT=point, PNI_TEST_SIGNAL="SIGINT"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert f"PNI_TEST_KILL_AT={point}" in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -423,8 +560,15 @@ def test_interruptible_gives_back_the_keyboard_interrupt_lightning_swallows():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def trainer():
-        return pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
 
     loader = torch.utils.data.DataLoader(torch.zeros(4, 2), batch_size=2)
     handler = signal.getsignal(signal.SIGINT)
@@ -450,23 +594,49 @@ def test_input_and_flag_problems_are_found_before_training(run, tmp_path, capsys
     cat = run.copy_dataset(tmp_path / "ds")
     mask = cat / "ground_truth" / "stain" / "000_mask.png"
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(mask)
-    one_error(tcd.main, run.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=emb_root, project=tmp_path / "r"),
-              capsys, str(mask), "48x32", "64x64")
+    one_error(
+        tcd.main,
+        run.argv(*TRAIN, dataset=tmp_path / "ds", emb_root=emb_root, project=tmp_path / "r"),
+        capsys,
+        str(mask),
+        "48x32",
+        "64x64",
+    )
     assert not emb_root.exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    one_error(tcd.main, run.argv(*TRAIN, emb_root=emb_root, project=blocker / "r"), capsys,
-              "cannot create output folder", "--project_root_path", "is a file")
+    one_error(
+        tcd.main,
+        run.argv(*TRAIN, emb_root=emb_root, project=blocker / "r"),
+        capsys,
+        "cannot create output folder",
+        "--project_root_path",
+        "is a file",
+    )
     assert not emb_root.exists()
-    one_error(tcd.main, run.argv(*TRAIN, "--backbone_weights", str(tmp_path / "none.pth"), emb_root=emb_root,
-                                 project=tmp_path / "r"), capsys, "--backbone_weights", "none.pth")
+    one_error(
+        tcd.main,
+        run.argv(*TRAIN, "--backbone_weights", str(tmp_path / "none.pth"), emb_root=emb_root, project=tmp_path / "r"),
+        capsys,
+        "--backbone_weights",
+        "none.pth",
+    )
     assert not emb_root.exists()  # not even an empty artefact folder
-    one_error(tcd.main, run.argv(*TRAIN, "--anomaly_nn", "1000", emb_root=emb_root, project=tmp_path / "r"),
-              capsys, "--anomaly_nn 1000", "64 entries")
+    one_error(
+        tcd.main,
+        run.argv(*TRAIN, "--anomaly_nn", "1000", emb_root=emb_root, project=tmp_path / "r"),
+        capsys,
+        "--anomaly_nn 1000",
+        "64 entries",
+    )
     assert nothing_trained()
     run.copy_artefacts(tmp_path)
-    one_error(tcd.main, run.argv("--train_nb_dist", "--anomaly_nn", "65", emb_root=tmp_path,
-                                 project=tmp_path / "r"), capsys, "--anomaly_nn 65")
+    one_error(
+        tcd.main,
+        run.argv("--train_nb_dist", "--anomaly_nn", "65", emb_root=tmp_path, project=tmp_path / "r"),
+        capsys,
+        "--anomaly_nn 65",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -474,21 +644,26 @@ def test_input_and_flag_problems_are_found_before_training(run, tmp_path, capsys
 
 
 def test_analysis_size_mismatch_names_both_sizes(tmp_path, capsys):
-    from pni.ravel import write_png16
     from pni.io import write_csv
+    from pni.ravel import write_png16
 
     write_png16(tmp_path / "00000_pred.png", np.zeros((32, 32), np.uint16))
     write_png16(tmp_path / "00000_gt.png", np.zeros((32, 32), np.uint16))
     write_png16(tmp_path / "00001_pred.png", np.zeros((24, 32), np.uint16))
     write_png16(tmp_path / "00001_gt.png", np.zeros((24, 32), np.uint16))
-    write_csv(tmp_path / "index.csv", ("index", "category", "defect_type", "stem"),
-              [(0, "c", "good", "a"), (1, "c", "bad", "b")])
+    write_csv(
+        tmp_path / "index.csv",
+        ("index", "category", "defect_type", "stem"),
+        [(0, "c", "good", "a"), (1, "c", "bad", "b")],
+    )
     analyse = load_cli("analysis_amap").main
-    one_error(analyse, ["--project_root_path", str(tmp_path)], capsys, "00001_pred.png is 32x24",
-              "00000_pred.png is 32x32")
+    one_error(
+        analyse, ["--project_root_path", str(tmp_path)], capsys, "00001_pred.png is 32x24", "00000_pred.png is 32x32"
+    )
     write_png16(tmp_path / "00001_pred.png", np.zeros((32, 32), np.uint16))
-    one_error(analyse, ["--project_root_path", str(tmp_path)], capsys, "00001_gt.png is 32x24",
-              "00001_pred.png is 32x32")
+    one_error(
+        analyse, ["--project_root_path", str(tmp_path)], capsys, "00001_gt.png is 32x24", "00001_pred.png is 32x32"
+    )
 
 
 def test_refused_pickle_is_one_short_line(tmp_path):
@@ -513,8 +688,12 @@ def test_refused_pickle_is_one_short_line(tmp_path):
 
 def test_product_files_do_not_point_outside_the_repository():
     files = ["README.md", "Makefile", "pyproject.toml", *map(str, Path(REPO).glob("*.py"))]
-    files += [str(p) for d in ("pni", "analysis_code", "scripts", "docs") for p in (REPO / d).rglob("*")
-              if p.suffix in (".py", ".sh", ".md")]
+    files += [
+        str(p)
+        for d in ("pni", "analysis_code", "scripts", "docs")
+        for p in (REPO / d).rglob("*")
+        if p.suffix in (".py", ".sh", ".md")
+    ]
     offenders = [f for f in files if "../shared/" in (REPO / f).read_text()]
     assert offenders == []
     assert (REPO / "docs" / "METHOD.md").is_file()

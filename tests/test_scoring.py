@@ -1,4 +1,5 @@
 """Scoring (METHOD section 5): the vectorised code against a naive loop-by-loop reference."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from reference import bilinear_resize, bilinear_weights, full_size_maps, naive_m, naive_scores, pymp_split
 from scipy.ndimage import gaussian_filter
 
 from pni.errors import PNIError
@@ -21,14 +23,13 @@ from pni.scoring import (
     interior_indices,
     kth_smallest,
     nearest_ids,
-    parent_share,
     pad_interior,
     pairwise_distances,
+    parent_share,
     resize_and_blur,
     score_batch,
     score_image,
 )
-from reference import bilinear_resize, bilinear_weights, full_size_maps, naive_m, naive_scores, pymp_split
 
 R = C = 6
 E, K1, K2, D, PS = 8, 21, 26, 11, 3  # patchsize 3 -> pp = 1; no size divisible by 3 or 8
@@ -82,8 +83,7 @@ def run_both(inputs, cfg: ScoringConfig):
 def assert_matches(got, want):
     coarse, image = want
     for name in MAP_NAMES:
-        np.testing.assert_allclose(got.coarse[name].numpy(), coarse[name], rtol=0, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(got.coarse[name].numpy(), coarse[name], rtol=0, atol=1e-5, err_msg=name)
         assert got.image[name] == pytest.approx(image[name], abs=1e-5), name
 
 
@@ -131,8 +131,7 @@ def test_lost_writes_change_the_maps():
     m = naive_m(emb1, dcs)
     serial, _ = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, replace(CFG, mask_workers=1))
     for workers in (3, 8):
-        lost, _ = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2,
-                               replace(CFG, mask_workers=workers))
+        lost, _ = naive_scores(feat, logits, emb1, emb2, dcs, m, prior1, prior2, replace(CFG, mask_workers=workers))
         for name in ("coor", "nb", "nb_coor"):
             assert np.abs(lost[name] - serial[name]).max() > 0.1, (name, workers)
     # ours, at the same inputs: the worker count moves the three masked maps, not patchcore
@@ -232,10 +231,20 @@ def one_position(emb1, dcs, m, logits, prior1, variant="original", workers=8):
     col = lambda v: torch.tensor(v, dtype=torch.float64)[:, None]  # noqa: E731
     prior = torch.tensor([prior1], dtype=torch.float64)
     art = ScoringArtefacts(col(emb1), col(emb1), col(dcs), torch.tensor(m), prior, prior)
-    cfg = ScoringConfig(anomaly_nn=1, patchsize=1, prob_gamma=1.0, softmax_coor_gamma=1.0, variant=variant,
-                        mask_workers=workers, imagesize=4, blursigma=0.5, chunk_size=None)
-    got = score_image(torch.zeros(1, 1, 1, dtype=torch.float64), torch.tensor([[logits]], dtype=torch.float64)[0],
-                      art, cfg)
+    cfg = ScoringConfig(
+        anomaly_nn=1,
+        patchsize=1,
+        prob_gamma=1.0,
+        softmax_coor_gamma=1.0,
+        variant=variant,
+        mask_workers=workers,
+        imagesize=4,
+        blursigma=0.5,
+        chunk_size=None,
+    )
+    got = score_image(
+        torch.zeros(1, 1, 1, dtype=torch.float64), torch.tensor([[logits]], dtype=torch.float64)[0], art, cfg
+    )
     return {name: got.coarse[name].item() for name in MAP_NAMES}
 
 
@@ -243,8 +252,7 @@ def test_original_mask_uses_ranks_not_ids():
     # One feature; embedding entries at distances [3, 1, 2] with nearest distribution ids m = [0, 1, 2];
     # distribution entries ranked [2, 0, 1] (distances [2, 3, 1]); only entry 2 (rank 0) is
     # allowed: softmax([0, 0, 20] / 2) = [4.5e-5, 4.5e-5, 1.0] against 0.5 / 3.
-    case = dict(emb1=[3.0, 1.0, 2.0], dcs=[2.0, 3.0, 1.0], m=[0, 1, 2], logits=[0.0, 0.0, 20.0],
-                prior1=[1.0, 1.0, 1.0])
+    case = dict(emb1=[3.0, 1.0, 2.0], dcs=[2.0, 3.0, 1.0], m=[0, 1, 2], logits=[0.0, 0.0, 20.0], prior1=[1.0, 1.0, 1.0])
     # paper: entry k allowed where m(k) = k is -> entry 2 (d = 2.0).
     assert one_position(**case, variant="paper")["nb"] == pytest.approx(2.0)
     # original, serial: sorted column k allowed where rank m(k) = k is -> column 0 (d = 1.0).
@@ -255,8 +263,7 @@ def test_original_lost_writes_by_hand():
     # Neighbourhood: D = 3 distribution entries, 2 workers -> the parent writes ids 0 and 1.
     # Entries' nearest distribution ids m = [2, 1, 0]; all allowed (softmax 1/3 > 0.5/3). Sorted
     # column 0 has m(0) = 2, never written -> False; column 1 (m = 1) written -> 2nd nearest distance.
-    case = dict(emb1=[1.0, 2.0, 4.0], dcs=[1.0, 2.0, 3.0], m=[2, 1, 0], logits=[0.0, 0.0, 0.0],
-                prior1=[1.0, 1.0, 1.0])
+    case = dict(emb1=[1.0, 2.0, 4.0], dcs=[1.0, 2.0, 3.0], m=[2, 1, 0], logits=[0.0, 0.0, 0.0], prior1=[1.0, 1.0, 1.0])
     assert one_position(**case, workers=2)["nb"] == pytest.approx(2.0)
     assert one_position(**case, workers=1)["nb"] == pytest.approx(1.0)
     # Position: K = 5 entries, 2 workers -> only the 3 nearest can be allowed (threshold 1/5).
@@ -264,8 +271,12 @@ def test_original_lost_writes_by_hand():
     # written -> the farthest entry (d 9.0) is the fallback. One distribution entry, allowed,
     # nearest to every entry: nb is the nearest distance, 0.1; nb_coor the mean of nb and position.
     emb1, nb_case = [0.1, 7.0, 9.0, 7.5, 0.5], dict(dcs=[0.1], m=[0] * 5, logits=[0.0])
-    for prior, variant, workers, want in (([0, 0, 0, .5, .5], "original", 2, 0.5), ([0, 0, 0, 1, 0], "original", 2, 9.0),
-                                          ([0, 0, 0, 1, 0], "original", 1, 7.5), ([0, 0, 0, 1, 0], "paper", 2, 7.5)):
+    for prior, variant, workers, want in (
+        ([0, 0, 0, 0.5, 0.5], "original", 2, 0.5),
+        ([0, 0, 0, 1, 0], "original", 2, 9.0),
+        ([0, 0, 0, 1, 0], "original", 1, 7.5),
+        ([0, 0, 0, 1, 0], "paper", 2, 7.5),
+    ):
         got = one_position(emb1, prior1=prior, variant=variant, workers=workers, **nb_case)
         assert got["coor"] == pytest.approx(want), (prior, variant, workers)
         assert got["nb"] == pytest.approx(0.1) and got["nb_coor"] == pytest.approx(0.5 * (0.1 + want))
@@ -275,8 +286,7 @@ def test_original_lost_writes_by_hand():
 def test_chunk_size_and_batch_invariance():
     inputs = make_inputs(4)
     feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
-    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2),
-                                 chunk_size=3)
+    art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2), chunk_size=3)
     ref = score_image(_t(feat), _t(logits), art, CFG)
     for chunk in (1, 5, 17, 10_000):
         got = score_image(_t(feat), _t(logits), art, replace(CFG, chunk_size=chunk))
@@ -329,8 +339,7 @@ def test_float32_runs_and_is_close():
     assert art.to(dtype=torch.float32).embedding_to_distribution.dtype == torch.long
     for name in MAP_NAMES:
         assert got32.maps[name].dtype == torch.float32
-        torch.testing.assert_close(got32.coarse[name].double(), got64.coarse[name],
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(got32.coarse[name].double(), got64.coarse[name], rtol=0, atol=1e-4)
 
 
 def test_pairwise_distances_equals_cdist():
@@ -342,8 +351,7 @@ def test_pairwise_distances_equals_cdist():
         torch.testing.assert_close(pairwise_distances(x, y, chunk), want, rtol=0, atol=1e-10)
     same = pairwise_distances(y, y)
     assert not torch.isnan(same).any()
-    torch.testing.assert_close(same.diagonal(), torch.zeros(13, dtype=torch.float64),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(same.diagonal(), torch.zeros(13, dtype=torch.float64), rtol=0, atol=1e-6)
     assert nearest_ids(x, y, 4).tolist() == want.argmin(1).tolist()
 
 
@@ -362,10 +370,12 @@ def test_resize_and_blur_equals_reference():
     maps = torch.rand(3, 5, 7, dtype=torch.float64)
     got = resize_and_blur(maps, 12, 1.0)
     assert got.shape == (3, 12, 12)
-    np.testing.assert_allclose(resize_and_blur(maps, 12, 0.0).numpy(), bilinear_resize(maps.numpy(), (12, 12)),
-                               rtol=0, atol=1e-12)
-    want = [gaussian_filter(bilinear_resize(m, (12, 12)), sigma=1.0, mode="reflect", truncate=4.0)
-            for m in maps.numpy()]
+    np.testing.assert_allclose(
+        resize_and_blur(maps, 12, 0.0).numpy(), bilinear_resize(maps.numpy(), (12, 12)), rtol=0, atol=1e-12
+    )
+    want = [
+        gaussian_filter(bilinear_resize(m, (12, 12)), sigma=1.0, mode="reflect", truncate=4.0) for m in maps.numpy()
+    ]
     np.testing.assert_allclose(got.numpy(), np.stack(want), rtol=0, atol=1e-12)
 
 
@@ -433,16 +443,22 @@ def test_vectorised_equals_the_original_loops_under_real_pymp(tmp_path):
 
     feat, logits, emb1, emb2, dcs, prior1, prior2 = make_inputs(1)
     inner = interior_indices(R, C, PP).numpy()
-    arrays = dict(feat=feat.reshape(P, E), inner=inner, logits=logits, emb1=emb1, emb2=emb2, dcs=dcs,
-                  prior1=prior1, prior2=prior2)
+    arrays = dict(
+        feat=feat.reshape(P, E), inner=inner, logits=logits, emb1=emb1, emb2=emb2, dcs=dcs, prior1=prior1, prior2=prior2
+    )
     for name, value in arrays.items():
         np.save(tmp_path / f"{name}.npy", value)
     keys = ("prob_gamma", "softmax_temperature_alpha", "softmax_nb_gamma", "softmax_coor_gamma")
     (tmp_path / "config.json").write_text(json.dumps({k: getattr(CFG, k) for k in keys}))
     oracle = Path(__file__).parent / "oracles" / "pymp_original_masks.py"
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(oracle), str(tmp_path), "1", "3", "8"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(oracle), str(tmp_path), "1", "3", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
 
     art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2))

@@ -5,23 +5,24 @@ sizes and output folders overridden through the scripts' environment variables, 
 under tmp_path), and the command lines of every script checked with a stand-in interpreter
 that only records its arguments.
 """
+
 import csv
 import os
 import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, tiny_flags
+
 from pni.data.synthetic import make_dataset
 
 SCRIPTS = REPO / "scripts"
 TINY = " ".join(tiny_flags(backbone=None, num_epochs=1))  # the scripts give --backbone
 TRAIN_FLAGS = ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
-MVTEC = ("bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush "
-         "transistor wood zipper").split()
-VISA = ("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 "
-        "pipe_fryum").split()
+MVTEC = (
+    "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper"
+).split()
+VISA = ("candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum").split()
 ENSEMBLE = ["WR101", "RNX101", "DN201"]
 
 
@@ -29,8 +30,7 @@ def run_script(name, timeout=900, **env):
     full = dict(os.environ)  # conftest's MPLCONFIGDIR / TORCH_HOME go along
     full.setdefault("MPLBACKEND", "Agg")
     full.update({k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", str(SCRIPTS / name)], env=full, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPTS / name)], env=full, capture_output=True, text=True, timeout=timeout)
 
 
 def read_rows(path):
@@ -45,8 +45,15 @@ def read_rows(path):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripts")
     make_dataset(root / "ds", num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
-    env = dict(PYTHON=sys.executable, DATASET_PATH=root / "ds", RESULT_ROOT=root / "result",
-               EMBEDDING_ROOT=root, CATEGORIES="texture", BACKBONES="R18", EXTRA_ARGS=TINY)
+    env = dict(
+        PYTHON=sys.executable,
+        DATASET_PATH=root / "ds",
+        RESULT_ROOT=root / "result",
+        EMBEDDING_ROOT=root,
+        CATEGORIES="texture",
+        BACKBONES="R18",
+        EXTRA_ARGS=TINY,
+    )
     proc = run_script("evaluate_amap_on_MVTecAD_WR101.sh", **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, env, proc
@@ -86,9 +93,16 @@ def test_skip_train_reuses_saved_artefacts(tiny):
 
 
 def test_missing_dataset_stops_before_anything(tmp_path):
-    proc = run_script("evaluate_amap_on_MVTecAD_WR101.sh", PYTHON=sys.executable,
-                      DATASET_PATH=tmp_path / "nowhere", RESULT_ROOT=tmp_path / "result",
-                      EMBEDDING_ROOT=tmp_path, CATEGORIES="texture", BACKBONES="R18", EXTRA_ARGS=TINY)
+    proc = run_script(
+        "evaluate_amap_on_MVTecAD_WR101.sh",
+        PYTHON=sys.executable,
+        DATASET_PATH=tmp_path / "nowhere",
+        RESULT_ROOT=tmp_path / "result",
+        EMBEDDING_ROOT=tmp_path,
+        CATEGORIES="texture",
+        BACKBONES="R18",
+        EXTRA_ARGS=TINY,
+    )
     assert proc.returncode != 0
     assert "nowhere" in proc.stderr
     assert not (tmp_path / "result").exists()
@@ -103,14 +117,21 @@ def recorder(tmp_path):
     when they match the regular expression in FAIL_ON."""
     log = tmp_path / "calls.log"
     stub = tmp_path / "python"
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "$CALL_LOG"\n'
-                    'if [[ -n "${FAIL_ON:-}" && "$*" =~ $FAIL_ON ]]; then exit 3; fi\n')
+    stub.write_text(
+        '#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "$CALL_LOG"\n'
+        'if [[ -n "${FAIL_ON:-}" && "$*" =~ $FAIL_ON ]]; then exit 3; fi\n'
+    )
     stub.chmod(0o755)
     (tmp_path / "ds").mkdir()
 
     def record(name, **env):
-        base = dict(PYTHON=stub, CALL_LOG=log, DATASET_PATH=tmp_path / "ds",
-                    RESULT_ROOT=tmp_path / "res", EMBEDDING_ROOT=tmp_path / "emb")
+        base = dict(
+            PYTHON=stub,
+            CALL_LOG=log,
+            DATASET_PATH=tmp_path / "ds",
+            RESULT_ROOT=tmp_path / "res",
+            EMBEDDING_ROOT=tmp_path / "emb",
+        )
         proc = run_script(name, timeout=300, **{**base, **env})
         calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
         log.unlink(missing_ok=True)
@@ -123,7 +144,7 @@ def flag(call, name):
     """Value of the last ``name`` flag (argparse's last-wins) and, for lists, all values."""
     i = len(call) - 1 - call[::-1].index(name)
     values = []
-    for v in call[i + 1:]:
+    for v in call[i + 1 :]:
         if v.startswith("--"):
             break
         values.append(v)
@@ -133,8 +154,7 @@ def flag(call, name):
 CASES = [
     ("evaluate_amap_on_MVTecAD_WR101.sh", "MVTec", MVTEC, ["WR101"], "23", True, False),
     ("evaluate_amap_on_MVTecAD_ensemble.sh", "MVTec", MVTEC, ENSEMBLE, "23", True, False),
-    ("evaluate_amap_on_MVTecAD_bottle_ensemble_pretrained.sh", "MVTec", ["bottle"], ENSEMBLE, "23",
-     False, False),
+    ("evaluate_amap_on_MVTecAD_bottle_ensemble_pretrained.sh", "MVTec", ["bottle"], ENSEMBLE, "23", False, False),
     ("evaluate_amap_on_BTAD_WR101.sh", "BTAD", ["01", "02", "03"], ["WR101"], "23", True, True),
     ("evaluate_amap_on_BTAD_ensemble.sh", "BTAD", ["01", "02", "03"], ENSEMBLE, "23", True, True),
     ("evaluate_amap_on_VisA_WR101.sh", "VisA", VISA, ["WR101"], "23", True, False),
@@ -143,13 +163,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,dataset,categories,backbones,seed,trains,btad", CASES)
-def test_script_command_lines(recorder, tmp_path, name, dataset, categories, backbones, seed, trains,
-                              btad):
+def test_script_command_lines(recorder, tmp_path, name, dataset, categories, backbones, seed, trains, btad):
     proc, calls = recorder(name)
     assert proc.returncode == 0, proc.stderr
     train = [c for c in calls if c[0] == "train_coreset_distribution.py"]
-    assert [(flag(c, "--backbone")[0], flag(c, "--category")[0]) for c in train] == \
-        [(b, c) for b in backbones for c in categories]
+    assert [(flag(c, "--backbone")[0], flag(c, "--category")[0]) for c in train] == [
+        (b, c) for b in backbones for c in categories
+    ]
     for c in train:
         assert flag(c, "--dataset_category") == [dataset]
         assert flag(c, "--seed") == [seed]
@@ -157,7 +177,7 @@ def test_script_command_lines(recorder, tmp_path, name, dataset, categories, bac
         assert flag(c, "--project_root_path") == [str(tmp_path / "res")]
         assert flag(c, "--embedding_root_path") == [str(tmp_path / "emb")]
         assert all((f in c) == trains for f in TRAIN_FLAGS)
-    ens, conv, ana = calls[len(train):]
+    ens, conv, ana = calls[len(train) :]
     assert ens[0] == "analysis_code/calc_ensemble_score.py"
     assert flag(ens, "--backbone_list") == backbones and flag(ens, "--category") == categories
     assert flag(ens, "--ensemble_root_path") == [str(tmp_path / "res" / "ensemble_result")]
@@ -169,8 +189,13 @@ def test_script_command_lines(recorder, tmp_path, name, dataset, categories, bac
 
 
 def test_overrides_skip_train_and_extra_args(recorder):
-    proc, calls = recorder("evaluate_amap_on_BTAD_WR101.sh", SKIP_TRAIN="1", CATEGORIES="02",
-                           BACKBONES="R18 R34", EXTRA_ARGS="--backbone R50 --resize 64")
+    proc, calls = recorder(
+        "evaluate_amap_on_BTAD_WR101.sh",
+        SKIP_TRAIN="1",
+        CATEGORIES="02",
+        BACKBONES="R18 R34",
+        EXTRA_ARGS="--backbone R50 --resize 64",
+    )
     assert proc.returncode == 0, proc.stderr
     train = calls[:2]
     assert all(f not in c for c in train for f in TRAIN_FLAGS)

@@ -1,4 +1,5 @@
 """The built-in synthetic dataset (pni.data.synthetic)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,7 +99,8 @@ def test_board_component_sits_at_a_normal_place_unless_moved(tmp_path: Path) -> 
 
     seen = set()
     for path in sorted((root / "board" / "train" / "good").glob("*.png")) + sorted(
-            (root / "board" / "test" / "good").glob("*.png")):
+        (root / "board" / "test" / "good").glob("*.png")
+    ):
         spot = _darkest_spot(path)
         assert nearest(spot, normal) <= 3 / 128, path  # jitter 1/64 of the side, plus the box
         seen.add(int(np.abs(normal - spot).max(axis=1).argmin()))

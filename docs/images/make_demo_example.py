@@ -5,6 +5,7 @@
 One row per defect type (its first test image): the image, the ground truth, the nb_coor heat
 map and the heat map with the predicted region, as analysis_amap.py --visualize drew them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-ROWS = (("texture", "scratch"), ("layered", "misplaced"), ("layered", "shifted"),
-        ("stripes", "inconsistent"), ("board", "moved"))
+ROWS = (
+    ("texture", "scratch"),
+    ("layered", "misplaced"),
+    ("layered", "shifted"),
+    ("stripes", "inconsistent"),
+    ("board", "moved"),
+)
 COLUMNS = ("", "_img_with_gt", "_amap", "_heatmap_on_img_with_mask")  # suffixes in viz/<category>/
 SIDE, GAP, LABEL_WIDTH = 128, 4, 100
 

@@ -3,6 +3,7 @@
 Names are imported lazily so that ``python -m pni.data.synthetic`` does not pay for
 importing torch.
 """
+
 from __future__ import annotations
 
 import importlib

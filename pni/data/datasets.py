@@ -4,6 +4,7 @@ Listing never decodes images, so callers can inspect the samples cheaply; decodi
 the transforms happen in :class:`AnomalyDataset`. Masks are paired with images by file
 stem, never by sort order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -92,8 +93,10 @@ class AnomalyDataset(Dataset):
 
 
 def _size_mismatch(s: Sample, mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
-    return (f"mask {s.mask_path} is {mask_size[0]}x{mask_size[1]} but image {s.image_path} is "
-            f"{image_size[0]}x{image_size[1]}")
+    return (
+        f"mask {s.mask_path} is {mask_size[0]}x{mask_size[1]} but image {s.image_path} is "
+        f"{image_size[0]}x{image_size[1]}"
+    )
 
 
 def _header_size(path: str) -> tuple[int, int]:

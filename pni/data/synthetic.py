@@ -21,6 +21,7 @@ part of PNI:
 Usage: ``python -m pni.data.synthetic --output_path DIR`` or :func:`make_dataset`.
 The same settings and seed give byte-identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -258,8 +259,9 @@ def _board_image(rng: np.random.Generator, src: dict[str, Array], size: int, def
 
 
 def _generator(category: str) -> Callable[..., tuple[Array, Array]]:
-    return {"texture": _texture_image, "layered": _layered_image, "stripes": _stripes_image,
-            "board": _board_image}[category]
+    return {"texture": _texture_image, "layered": _layered_image, "stripes": _stripes_image, "board": _board_image}[
+        category
+    ]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -398,7 +400,9 @@ def make_dataset(
             continue
         cat_root = root / cat
         # One stream per (category, split, type): changing one count leaves the others alone.
-        _write_split(cat_root, cat, "train", "good", num_train, np.random.default_rng([seed, ci, 0, 0]), src, image_size)
+        _write_split(
+            cat_root, cat, "train", "good", num_train, np.random.default_rng([seed, ci, 0, 0]), src, image_size
+        )
         for ti, defect in enumerate(("good",) + CATEGORIES[cat]):
             rng = np.random.default_rng([seed, ci, 1, ti])
             _write_split(cat_root, cat, "test", defect, num_test_per_type, rng, src, image_size)

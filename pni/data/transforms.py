@@ -4,6 +4,7 @@ Images: resize the shorter side to ``resize`` (bilinear), centre-crop ``imagesiz
 ImageNet normalisation. Masks: any value > 0 is a defect; the same geometry, then a pixel
 is defective only where the resized mask is exactly 1 (see :func:`mask_transform`).
 """
+
 from __future__ import annotations
 
 import os
@@ -173,7 +174,7 @@ class CropGeometry:
     size: int
 
     @classmethod
-    def of(cls, width: int, height: int, resize: int, size: int) -> "CropGeometry":
+    def of(cls, width: int, height: int, resize: int, size: int) -> CropGeometry:
         """The geometry of torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a
         ``width x height`` image (their rounding rules)."""
         short, long = (width, height) if width <= height else (height, width)
@@ -181,8 +182,9 @@ class CropGeometry:
         new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
         if new_w < size or new_h < size:
             raise PNIError(f"image of {width}x{height} resized to {new_w}x{new_h} is smaller than the {size} px crop")
-        return cls(width, height, new_w, new_h, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0)),
-                   size)
+        return cls(
+            width, height, new_w, new_h, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0)), size
+        )
 
     def _axis(self, n_in: int, n_resized: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per input pixel along one axis: the two crop pixels it interpolates between, the

@@ -1,10 +1,11 @@
 """Command line of ``pixelwise_refinement.py``: refine a ravel folder, or train then refine."""
+
 from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pni import console
 from pni.cli import ArgumentParser, parse_devices, run_cli
@@ -19,45 +20,74 @@ from .infer import check_refine_paths
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         description="Pixel-wise refinement of anomaly maps in a ravel folder (PNI, docs/METHOD.md section 7). "
-                    "Without --train: load --checkpoint_path and refine --input_data_path into "
-                    "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "
-                    "normal images), write --checkpoint_path, then refine if --output_data_path is given.")
-    p.add_argument("--category", nargs="+", default=["all"],
-                   help="categories to process, from the folder's index.csv (default: all)")
+        "Without --train: load --checkpoint_path and refine --input_data_path into "
+        "--output_data_path. With --train: train (from a ravel folder or synthetic defects on "
+        "normal images), write --checkpoint_path, then refine if --output_data_path is given."
+    )
+    p.add_argument(
+        "--category",
+        nargs="+",
+        default=["all"],
+        help="categories to process, from the folder's index.csv (default: all)",
+    )
     p.add_argument("--input_data_path", default=None, help="ravel folder to refine")
     p.add_argument("--output_data_path", default=None, help="ravel folder to write (must differ from input)")
-    p.add_argument("--blend_weight", type=float, default=0.1,
-                   help="output = blend*refined + (1-blend)*map (default 0.1)")
-    p.add_argument("--geometry", choices=GEOMETRIES, default="aligned",
-                   help="aligned (default): the output lines up with image and mask, at the ravel size; "
-                        "original: the original code's crop, zoom and resizes (480 px output in the zoomed "
-                        "frame, masks rewritten to match; needs --image_size 320)")
+    p.add_argument(
+        "--blend_weight", type=float, default=0.1, help="output = blend*refined + (1-blend)*map (default 0.1)"
+    )
+    p.add_argument(
+        "--geometry",
+        choices=GEOMETRIES,
+        default="aligned",
+        help="aligned (default): the output lines up with image and mask, at the ravel size; "
+        "original: the original code's crop, zoom and resizes (480 px output in the zoomed "
+        "frame, masks rewritten to match; needs --image_size 320)",
+    )
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (default auto)")
     p.add_argument("--devices", default="auto", help="Lightning devices for training; inference uses one")
-    p.add_argument("--checkpoint_path", default="./refinement_model.pt",
-                   help="weights to load (inference) or to write (training)")
+    p.add_argument(
+        "--checkpoint_path", default="./refinement_model.pt", help="weights to load (inference) or to write (training)"
+    )
     p.add_argument("--train", action="store_true", help="train the refinement model")
-    p.add_argument("--train_data", choices=("ravel", "synthetic"), default="ravel",
-                   help="training data: a ravel folder or synthetic defects on --normal_image_dir")
-    p.add_argument("--train_data_path", default=None,
-                   help="ravel folder to train on (default: --input_data_path)")
-    p.add_argument("--normal_image_dir", nargs="+", default=None,
-                   help="folder(s) of normal images for --train_data synthetic (searched recursively)")
-    p.add_argument("--samples_per_image", type=int, default=4,
-                   help="synthetic samples per normal image per epoch (default 4)")
+    p.add_argument(
+        "--train_data",
+        choices=("ravel", "synthetic"),
+        default="ravel",
+        help="training data: a ravel folder or synthetic defects on --normal_image_dir",
+    )
+    p.add_argument("--train_data_path", default=None, help="ravel folder to train on (default: --input_data_path)")
+    p.add_argument(
+        "--normal_image_dir",
+        nargs="+",
+        default=None,
+        help="folder(s) of normal images for --train_data synthetic (searched recursively)",
+    )
+    p.add_argument(
+        "--samples_per_image", type=int, default=4, help="synthetic samples per normal image per epoch (default 4)"
+    )
     p.add_argument("--num_epochs", type=int, default=10)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=INPUT_SIZE,
-                   help=f"model input size (multiple of 32; {INPUT_SIZE} with --geometry original)")
-    p.add_argument("--backbone_weights", default=None,
-                   help="DenseNet-161 ImageNet weights for a fresh model (default: torch hub cache if present)")
+    p.add_argument(
+        "--image_size",
+        type=int,
+        default=INPUT_SIZE,
+        help=f"model input size (multiple of 32; {INPUT_SIZE} with --geometry original)",
+    )
+    p.add_argument(
+        "--backbone_weights",
+        default=None,
+        help="DenseNet-161 ImageNet weights for a fresh model (default: torch hub cache if present)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--verbose", action="store_true",
-                   help="show everything: third-party warnings and Lightning's own output and progress bars")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show everything: third-party warnings and Lightning's own output and progress bars",
+    )
     return p
 
 
@@ -102,31 +132,53 @@ def run(args: argparse.Namespace) -> None:
         if args.train_data == "synthetic":
             if not args.normal_image_dir:
                 raise PNIError("--train_data synthetic needs --normal_image_dir")
-            dataset = SyntheticRefinementDataset(args.normal_image_dir, args.image_size, args.samples_per_image,
-                                                 args.seed, args.geometry)
+            dataset = SyntheticRefinementDataset(
+                args.normal_image_dir, args.image_size, args.samples_per_image, args.seed, args.geometry
+            )
         else:
             path = args.train_data_path or args.input_data_path
             if not path:
                 raise PNIError("--train_data ravel needs --train_data_path or --input_data_path")
             if args.output_data_path and not args.train_data_path:
-                warnings.warn("training on the ravel folder that is then refined: its masks are the test "
-                              "labels, so scores of the output are optimistic")
+                warnings.warn(
+                    "training on the ravel folder that is then refined: its masks are the test "
+                    "labels, so scores of the output are optimistic",
+                    stacklevel=2,
+                )
             dataset = RavelRefinementDataset(path, args.image_size, args.category, args.geometry)
         model = build_fresh_model(args.backbone_weights)
         with Progress(f"refinement: training for {args.num_epochs} epoch(s) on {len(dataset)} samples") as bar:
-            model = fit_refinement(model, dataset, args.checkpoint_path, args.num_epochs, args.learning_rate,
-                                   args.batch_size, args.accelerator, devices, args.num_workers,
-                                   None if args.no_progress else bar)
+            model = fit_refinement(
+                model,
+                dataset,
+                args.checkpoint_path,
+                args.num_epochs,
+                args.learning_rate,
+                args.batch_size,
+                args.accelerator,
+                devices,
+                args.num_workers,
+                None if args.no_progress else bar,
+            )
         print(f"wrote {args.checkpoint_path}")
         if not args.output_data_path:
             return
     else:
         model = load_refinement_checkpoint(args.checkpoint_path)
     with Progress(f"refinement: refining the maps of {args.input_data_path}") as bar:
-        n = refine_ravel_folder(model, args.input_data_path, args.output_data_path, args.category,
-                                args.blend_weight, args.image_size, args.geometry,
-                                select_device(args.accelerator, devices), args.batch_size, args.num_workers,
-                                None if args.no_progress else bar)
+        n = refine_ravel_folder(
+            model,
+            args.input_data_path,
+            args.output_data_path,
+            args.category,
+            args.blend_weight,
+            args.image_size,
+            args.geometry,
+            select_device(args.accelerator, devices),
+            args.batch_size,
+            args.num_workers,
+            None if args.no_progress else bar,
+        )
     print(f"refined {n} maps -> {args.output_data_path}")
 
 

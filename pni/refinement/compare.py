@@ -3,12 +3,13 @@
 ``python -m pni.refinement.compare BEFORE_DIR AFTER_DIR`` reads each folder's
 ``score_result.csv`` (written by ``analysis_code/analysis_amap.py``).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.console import print_table
@@ -60,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("after")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    return run_cli(lambda: print_table(f"{args.before} -> {args.after} (%)",
-                                       compare_table(Path(args.before), Path(args.after))), args.debug)
+    return run_cli(
+        lambda: print_table(f"{args.before} -> {args.after} (%)", compare_table(Path(args.before), Path(args.after))),
+        args.debug,
+    )
 
 
 if __name__ == "__main__":

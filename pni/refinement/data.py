@@ -13,11 +13,12 @@ Model inputs are resized to ``image_size`` (320) according to the geometry:
   16-bit PNGs); the model input map is then zoomed (centre ``[11:-11]`` back to 320 px), so it
   no longer lines up with image and mask, which are not zoomed.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # ----------------------------------------------------------------------------- file IO
 
+
 def read_map(path: str | os.PathLike) -> np.ndarray:
     """Read a map/mask PNG as float32 (H,W) in [0,1] (16-bit / 65535; 8-bit files count x257)."""
     return read_png16(path).astype(np.float32) / np.float32(65535.0)
@@ -51,8 +53,10 @@ def round_to_uint16(amap: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- ravel folders
 
-def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | None = None,
-                       require_gt: bool = True) -> list[Entry]:
+
+def list_ravel_entries(
+    folder: str | os.PathLike, categories: Sequence[str] | None = None, require_gt: bool = True
+) -> list[Entry]:
     """Entries of a ravel folder, filtered by category (None / ['all'] = every entry).
 
     Uses ``index.csv``; without it, entries come from the ``*_pred.png`` files and a
@@ -73,8 +77,9 @@ def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | No
             known = {e.category for e in entries}
             unknown = sorted(wanted - known)
             if unknown:
-                raise PNIError(f"--category {' '.join(unknown)}: not in {folder / 'index.csv'} "
-                               f"(has {' '.join(sorted(known))})")
+                raise PNIError(
+                    f"--category {' '.join(unknown)}: not in {folder / 'index.csv'} (has {' '.join(sorted(known))})"
+                )
             entries = [e for e in entries if e.category in wanted]
     if not entries:
         raise PNIError(f"{folder}: no ravel samples found")
@@ -87,6 +92,7 @@ def list_ravel_entries(folder: str | os.PathLike, categories: Sequence[str] | No
 
 
 # ----------------------------------------------------------------------------- tensors
+
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
     """(3,H,W) float in [0,1] -> ImageNet-normalised."""
@@ -104,8 +110,9 @@ def image_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """(H,W,3) uint8 RGB -> (3,size,size) float32, bilinear (antialiased), ImageNet-normalised."""
     t = _uint8_to_tensor(image)
     if t.shape[-2:] != (size, size):
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0].clamp_(0.0, 1.0)
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(
+            0.0, 1.0
+        )
     return _normalise(t)
 
 
@@ -149,9 +156,14 @@ class RavelRefinementDataset(Dataset):
     index int). S = ``image_size``.
     """
 
-    def __init__(self, folder: str | os.PathLike, image_size: int = 320,
-                 categories: Sequence[str] | None = None, geometry: str = "aligned",
-                 require_gt: bool = True) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        image_size: int = 320,
+        categories: Sequence[str] | None = None,
+        geometry: str = "aligned",
+        require_gt: bool = True,
+    ) -> None:
         check_geometry(geometry, image_size)
         self.folder = Path(folder)
         self.entries = list_ravel_entries(folder, categories, require_gt=require_gt)
@@ -165,8 +177,7 @@ class RavelRefinementDataset(Dataset):
         image = read_rgb(image_path(self.folder, e.index))
         amap = read_map(pred_path(self.folder, e.index))
         gt_file = gt_path(self.folder, e.index)  # any non-zero mask value is defect, as everywhere
-        mask = (read_map(gt_file) > 0).astype(np.float32) if gt_file.is_file() \
-            else np.zeros(amap.shape, np.float32)
+        mask = (read_map(gt_file) > 0).astype(np.float32) if gt_file.is_file() else np.zeros(amap.shape, np.float32)
         return {
             "image": prepare_image(image, self.image_size, self.geometry),
             "amap": prepare_map(amap, self.image_size, self.geometry),
@@ -177,14 +188,16 @@ class RavelRefinementDataset(Dataset):
 
 # ----------------------------------------------------------------------------- synthetic defects
 
+
 def _low_freq_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """(h,w) smooth noise in [0,1]: a random cells x cells grid upsampled bicubically."""
     grid = rng.random((cells, cells)).astype(np.float32)
     return np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
 
 
-def _blob_masks(rng: np.random.Generator, h: int, w: int, n: int, min_r: float, max_r: float,
-                irregular: bool = True) -> np.ndarray:
+def _blob_masks(
+    rng: np.random.Generator, h: int, w: int, n: int, min_r: float, max_r: float, irregular: bool = True
+) -> np.ndarray:
     """(h,w) float32 union of ``n`` irregular elliptic blobs, returned as soft fields in [0,1]."""
     if n == 0:
         return np.zeros((h, w), np.float32)
@@ -216,8 +229,9 @@ def _scratch_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (dist <= thick).astype(np.float32)
 
 
-def synthesize_defect(image: np.ndarray, rng: np.random.Generator,
-                      p_normal: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_defect(
+    image: np.ndarray, rng: np.random.Generator, p_normal: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
     """Paste a random synthetic defect (blobs or a scratch) into a normal image.
 
     image: (H,W,3) uint8 RGB -> (defective image (H,W,3) uint8, mask (H,W) float32 {0,1}).
@@ -231,15 +245,14 @@ def synthesize_defect(image: np.ndarray, rng: np.random.Generator,
     else:
         mask = _scratch_mask(rng, h, w)
     if mask.sum() == 0:  # tiny blob fell through the threshold: force one pixel region
-        mask[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2] = 1.0
+        mask[h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2] = 1.0
     img = image.astype(np.float32)
     kind = rng.random()
     if kind < 0.4:  # foreign colour with texture
         colour = rng.uniform(0, 255, 3).astype(np.float32)
         tex = colour[None, None] + rng.normal(0, 20, (h, w, 1)).astype(np.float32)
     elif kind < 0.7:  # content from elsewhere in the image
-        tex = np.roll(img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))),
-                      axis=(0, 1))
+        tex = np.roll(img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))), axis=(0, 1))
     else:  # darkened / brightened surface
         tex = img * rng.uniform(0.2, 0.6) if rng.random() < 0.5 else img + rng.uniform(60, 140)
     alpha = cv2.GaussianBlur(mask, (0, 0), 1.0)[..., None] * rng.uniform(0.7, 1.0)
@@ -263,8 +276,13 @@ def imperfect_map(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if peak > 0:
         m = m / peak * rng.uniform(0.4, 1.0)
     fp = _blob_masks(rng, h, w, int(rng.integers(0, 4)), 0.02, 0.08, irregular=False)
-    amap = (m + fp * rng.uniform(0.1, 0.5) + _low_freq_noise(rng, h, w, 8) * rng.uniform(0.05, 0.25)
-            + rng.normal(0, 0.02, (h, w)).astype(np.float32) + rng.uniform(0.0, 0.15))
+    amap = (
+        m
+        + fp * rng.uniform(0.1, 0.5)
+        + _low_freq_noise(rng, h, w, 8) * rng.uniform(0.05, 0.25)
+        + rng.normal(0, 0.02, (h, w)).astype(np.float32)
+        + rng.uniform(0.0, 0.15)
+    )
     return np.clip(amap, 0.0, 1.0).astype(np.float32)
 
 
@@ -290,8 +308,9 @@ def load_normal_images(source: str | os.PathLike | Sequence) -> list:
     return items
 
 
-def make_synthetic_triple(image: np.ndarray | str | os.PathLike, rng: np.random.Generator,
-                          size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_synthetic_triple(
+    image: np.ndarray | str | os.PathLike, rng: np.random.Generator, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (image uint8 (S,S,3), map float32 (S,S), mask float32 (S,S)) from a normal image.
 
     ``image``: a path or an (H,W,3) uint8 RGB array; resized to ``size`` first if given.
@@ -305,8 +324,9 @@ def make_synthetic_triple(image: np.ndarray | str | os.PathLike, rng: np.random.
     return defective, imperfect_map(mask, rng), mask
 
 
-def make_synthetic_triples(images: Sequence, per_image: int = 1, seed: int = 0,
-                           size: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def make_synthetic_triples(
+    images: Sequence, per_image: int = 1, seed: int = 0, size: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image, map, mask) triples from normal images (paths or arrays); see ``make_synthetic_triple``."""
     rng = np.random.default_rng(seed)
     return [make_synthetic_triple(im, rng, size) for im in images for _ in range(per_image)]
@@ -322,8 +342,15 @@ class SyntheticRefinementDataset(Dataset):
     Items as ``RavelRefinementDataset`` (image, amap, mask, index).
     """
 
-    def __init__(self, images: str | os.PathLike | Sequence, image_size: int = 320,
-                 per_image: int = 4, seed: int = 0, geometry: str = "aligned", fresh: bool = True) -> None:
+    def __init__(
+        self,
+        images: str | os.PathLike | Sequence,
+        image_size: int = 320,
+        per_image: int = 4,
+        seed: int = 0,
+        geometry: str = "aligned",
+        fresh: bool = True,
+    ) -> None:
         check_geometry(geometry, image_size)
         self.images = load_normal_images(images)
         self.image_size, self.per_image, self.seed = image_size, per_image, seed

@@ -19,6 +19,7 @@ integers. (PIL's NEAREST on 32-bit or float images rounds differently at exact t
 26 of 240 rows and columns at 320 -> 240 px: resizing float maps with it would not give the
 original's files.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,11 +30,11 @@ from PIL import Image
 from pni.errors import PNIError
 
 GEOMETRIES = ("aligned", "original")
-INPUT_SIZE = 320   # the original's model input size
-ZOOM_CROP = 11     # map[11:-11, 11:-11]: 298 of 320 px
-BLEND_SIZE = 240   # z16 is resized to it
-PRED_SIZE = 256    # p16 is resized to it, then cropped ...
-PRED_CROP = 8      # ... [8:-8] to BLEND_SIZE
+INPUT_SIZE = 320  # the original's model input size
+ZOOM_CROP = 11  # map[11:-11, 11:-11]: 298 of 320 px
+BLEND_SIZE = 240  # z16 is resized to it
+PRED_SIZE = 256  # p16 is resized to it, then cropped ...
+PRED_CROP = 8  # ... [8:-8] to BLEND_SIZE
 OUTPUT_SIZE = 480  # written _pred.png / _gt.png size
 CODE_SCALE = 65535
 
@@ -43,8 +44,10 @@ def check_geometry(geometry: str, image_size: int) -> None:
     if geometry not in GEOMETRIES:
         raise PNIError(f"--geometry must be one of {', '.join(GEOMETRIES)}, got {geometry}")
     if geometry == "original" and image_size != INPUT_SIZE:
-        raise PNIError(f"--geometry original reproduces the original's fixed {INPUT_SIZE} px steps: "
-                       f"--image_size must be {INPUT_SIZE}, got {image_size}")
+        raise PNIError(
+            f"--geometry original reproduces the original's fixed {INPUT_SIZE} px steps: "
+            f"--image_size must be {INPUT_SIZE}, got {image_size}"
+        )
 
 
 def nearest_resize(array: np.ndarray, size: int) -> np.ndarray:
@@ -75,7 +78,7 @@ def zoom_map(amap: torch.Tensor, crop: int = ZOOM_CROP) -> torch.Tensor:
     if min(h, w) <= 2 * crop + 1:
         raise PNIError(f"a {h}x{w} map is too small to crop {crop} px from each side")
     lead = amap.shape[:-2]
-    centre = amap[..., crop:h - crop, crop:w - crop].reshape(-1, 1, h - 2 * crop, w - 2 * crop)
+    centre = amap[..., crop : h - crop, crop : w - crop].reshape(-1, 1, h - 2 * crop, w - 2 * crop)
     out = F.interpolate(centre, size=(h, w), mode="bilinear", align_corners=True)
     return out.reshape(*lead, h, w)
 
@@ -86,8 +89,9 @@ def to_codes(values: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, CODE_SCALE).astype(np.uint16)
 
 
-def original_outputs(zoomed: np.ndarray, pred: np.ndarray, mask: np.ndarray,
-                     blend_weight: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def original_outputs(
+    zoomed: np.ndarray, pred: np.ndarray, mask: np.ndarray, blend_weight: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """Steps 2-4: the written ``(_pred, _gt)`` uint16 arrays, ``OUTPUT_SIZE`` square.
 
     zoomed, pred: (320,320) float32 model input map ``z`` and model output; mask: (320,320)

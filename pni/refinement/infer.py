@@ -8,12 +8,13 @@ zoomed map ``z``, the blend is taken in the zoomed frame at 240 px and ``_pred.p
 ``_gt.png`` are written at 480 px, whatever the ravel size.
 Either way images and ``index.csv`` (rows of the selected categories) are copied, file names kept.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from pni.errors import PNIError
 from pni.io import make_dir, write_csv, write_with
 from pni.ravel import INDEX_COLUMNS, INDEX_CSV, gt_path, image_path, pred_path, read_index, write_png16
 
-from .data import RavelRefinementDataset, round_to_uint16, read_map
+from .data import RavelRefinementDataset, read_map, round_to_uint16
 from .geometry import original_outputs
 from .model import RefinementNet
 
@@ -51,10 +52,19 @@ def check_refine_paths(input_path: str | os.PathLike, output_path: str | os.Path
 
 
 @torch.no_grad()
-def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, output_path: str | os.PathLike,
-                        categories: Sequence[str] | None = None, blend_weight: float = 0.1,
-                        image_size: int = 320, geometry: str = "aligned", device: torch.device | str = "cpu",
-                        batch_size: int = 8, num_workers: int = 0, progress: Progress | None = None) -> int:
+def refine_ravel_folder(
+    model: RefinementNet,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    categories: Sequence[str] | None = None,
+    blend_weight: float = 0.1,
+    image_size: int = 320,
+    geometry: str = "aligned",
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    progress: Progress | None = None,
+) -> int:
     """Write the refined ravel folder ``output_path``; returns the number of maps written.
     ``progress`` (optional) counts batches."""
     src, dst = Path(input_path), Path(output_path)
@@ -67,21 +77,22 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
     written = 0
     if progress:
         progress.add_total(len(loader))
-    for batch in (progress.track(loader) if progress else loader):
+    for batch in progress.track(loader) if progress else loader:
         refined = model(batch["image"].to(device), batch["amap"].to(device)).float().cpu()  # (B,1,S,S)
         for k, index in enumerate(batch["index"].tolist()):
             entry = dataset.entries[written + k]
             assert entry.index == index
             has_gt = gt_path(src, index).is_file()
             if geometry == "original":
-                pred16, gt16 = original_outputs(batch["amap"][k, 0].numpy(), refined[k, 0].numpy(),
-                                                batch["mask"][k, 0].numpy(), blend_weight)
+                pred16, gt16 = original_outputs(
+                    batch["amap"][k, 0].numpy(), refined[k, 0].numpy(), batch["mask"][k, 0].numpy(), blend_weight
+                )
                 write_png16(pred_path(dst, index), pred16)
                 if has_gt:
                     write_png16(gt_path(dst, index), gt16)
             else:
                 amap = read_map(pred_path(src, index))  # (H,W) at ravel size
-                full = F.interpolate(refined[k:k + 1], size=amap.shape, mode="bilinear", align_corners=False)
+                full = F.interpolate(refined[k : k + 1], size=amap.shape, mode="bilinear", align_corners=False)
                 out = blend_maps(full[0, 0].numpy(), amap, blend_weight)
                 write_png16(pred_path(dst, index), round_to_uint16(out))
                 if has_gt:
@@ -89,6 +100,7 @@ def refine_ravel_folder(model: RefinementNet, input_path: str | os.PathLike, out
             copy_file(image_path(src, index), image_path(dst, index))
         written += len(batch["index"])
     if read_index(src) is not None:  # carry index.csv over, limited to the refined entries
-        write_csv(dst / INDEX_CSV, INDEX_COLUMNS,
-                  [(e.index, e.category, e.defect_type, e.stem) for e in dataset.entries])
+        write_csv(
+            dst / INDEX_CSV, INDEX_COLUMNS, [(e.index, e.category, e.defect_type, e.stem) for e in dataset.entries]
+        )
     return written

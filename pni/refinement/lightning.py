@@ -1,4 +1,5 @@
 """Thin Lightning glue for training the refinement model (loss and model live elsewhere)."""
+
 from __future__ import annotations
 
 import os
@@ -45,21 +46,42 @@ class SaveStateDict(pl.Callback):
             save_state_dict(pl_module.model, self.path)
 
 
-def fit_refinement(model: RefinementNet, dataset: Dataset, checkpoint_path: str | os.PathLike,
-                   num_epochs: int = 1, learning_rate: float = 1e-4, batch_size: int = 8,
-                   accelerator: str = "auto", devices: Devices = "auto", num_workers: int = 0,
-                   progress: Progress | None = None) -> RefinementNet:
+def fit_refinement(
+    model: RefinementNet,
+    dataset: Dataset,
+    checkpoint_path: str | os.PathLike,
+    num_epochs: int = 1,
+    learning_rate: float = 1e-4,
+    batch_size: int = 8,
+    accelerator: str = "auto",
+    devices: Devices = "auto",
+    num_workers: int = 0,
+    progress: Progress | None = None,
+) -> RefinementNet:
     """Train ``model`` on ``dataset`` with Lightning; the checkpoint is rewritten every epoch.
     ``progress`` counts training batches (None: no bar; see :mod:`pni.console`)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                        drop_last=len(dataset) > batch_size, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=len(dataset) > batch_size,
+        persistent_workers=False,
+    )
     module = RefinementModule(model, learning_rate)
     shown = trainer_progress(progress or None)
     callbacks = [SaveStateDict(checkpoint_path)] + shown.pop("callbacks", [])
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, max_epochs=num_epochs, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(loader))), callbacks=callbacks, **shown,
+        accelerator=accelerator,
+        devices=devices,
+        max_epochs=num_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(loader))),
+        callbacks=callbacks,
+        **shown,
     )
     interruptible(trainer.fit, module, loader)
     return module.model

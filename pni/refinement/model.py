@@ -25,14 +25,16 @@ State-dict key layout (identical to the original checkpoint's)::
 The original's encoder2 may hold a whole DenseNet-161 (and both encoders its classifier);
 those unused keys are ignored when loading (``load_refinement_state_dict``).
 """
+
 from __future__ import annotations
 
 import os
 import re
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +90,16 @@ class ImageEncoder(nn.Module):
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """(B,96,H/4,W/4) -> (B,2208,H/32,W/32): dense blocks 1-4, transitions, norm5, ReLU."""
         f = self.original_model.features
-        for name in ("denseblock1", "transition1", "denseblock2", "transition2",
-                     "denseblock3", "transition3", "denseblock4", "norm5"):
+        for name in (
+            "denseblock1",
+            "transition1",
+            "denseblock2",
+            "transition2",
+            "denseblock3",
+            "transition3",
+            "denseblock4",
+            "norm5",
+        ):
             x = getattr(f, name)(x)
         return F.relu(x)
 
@@ -127,7 +137,7 @@ class Decoder(nn.Module):
 
     def __init__(self, align_corners: bool = True) -> None:
         super().__init__()
-        layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["decoder_conv0"] = nn.Conv2d(ENCODER_CHANNELS, DECODER_CHANNELS, kernel_size=1)
         ch = DECODER_CHANNELS
         for i in range(1, NUM_UP_BLOCKS + 1):
@@ -173,7 +183,7 @@ _OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 _IGNORABLE_PREFIXES = ("encoder1.original_model.", "encoder2.original_model.")
 
 
-def _unwrap_state_dict(obj: Any, source: str) -> "OrderedDict[str, torch.Tensor]":
+def _unwrap_state_dict(obj: Any, source: str) -> OrderedDict[str, torch.Tensor]:
     """Accept a raw state dict or a dict with 'model'/'state_dict'; strip ``module.``."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -182,16 +192,17 @@ def _unwrap_state_dict(obj: Any, source: str) -> "OrderedDict[str, torch.Tensor]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PNIError(f"{source}: not a refinement state dict (nor a dict with 'model'/'state_dict')")
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k, v in obj.items():
         while k.startswith("module."):
-            k = k[len("module."):]
+            k = k[len("module.") :]
         out[k] = v
     return out
 
 
-def load_refinement_state_dict(model: RefinementNet, state: Mapping[str, torch.Tensor],
-                               source: str = "state dict") -> None:
+def load_refinement_state_dict(
+    model: RefinementNet, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
     """Load ``state`` (original key layout) into ``model``, strict on the keys it uses.
 
     Unused encoder keys (encoder2's dense blocks, classifiers) are ignored; other unknown
@@ -200,8 +211,11 @@ def load_refinement_state_dict(model: RefinementNet, state: Mapping[str, torch.T
     state = _unwrap_state_dict(state, source)
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIXES)]
-    bad_shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-                 for k in own if k in state and state[k].shape != own[k].shape]
+    bad_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     unexpected = [k for k in state if k not in own]
     if missing or bad_shape:
         parts = []
@@ -211,17 +225,17 @@ def load_refinement_state_dict(model: RefinementNet, state: Mapping[str, torch.T
             parts.append(f"{len(bad_shape)} shape mismatches (e.g. {'; '.join(bad_shape[:2])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        raise PNIError(f"{source}: not a refinement checkpoint in the expected layout: "
-                       + ", ".join(parts))
+        raise PNIError(f"{source}: not a refinement checkpoint in the expected layout: " + ", ".join(parts))
     strange = [k for k in unexpected if not k.startswith(_IGNORABLE_PREFIXES)]
     if strange:
-        warnings.warn(f"{source}: ignoring {len(strange)} unknown keys (e.g. {', '.join(strange[:3])})")
+        warnings.warn(f"{source}: ignoring {len(strange)} unknown keys (e.g. {', '.join(strange[:3])})", stacklevel=2)
     merged = {k: state.get(k, own[k]) for k in own}
     model.load_state_dict(merged, strict=True)
 
 
-def load_refinement_checkpoint(path: str | os.PathLike, model: RefinementNet | None = None,
-                               map_location: str | torch.device = "cpu") -> RefinementNet:
+def load_refinement_checkpoint(
+    path: str | os.PathLike, model: RefinementNet | None = None, map_location: str | torch.device = "cpu"
+) -> RefinementNet:
     """Build (or fill) a ``RefinementNet`` from a checkpoint file, loaded with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
@@ -233,7 +247,8 @@ def load_refinement_checkpoint(path: str | os.PathLike, model: RefinementNet | N
 
 
 _OLD_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def find_cached_densenet161() -> Path | None:
@@ -258,21 +273,18 @@ def load_imagenet_backbone(model: RefinementNet, weights_path: str | os.PathLike
     for k, v in raw.items():
         k = _OLD_DENSENET_KEY.sub(r"\1\2", k)
         if k.startswith("features."):
-            feats[k[len("features."):]] = v
+            feats[k[len("features.") :]] = v
     enc1 = model.encoder1.original_model.features
     try:
         enc1.load_state_dict(feats, strict=True)
     except RuntimeError as exc:
-        raise PNIError(f"{path}: not DenseNet-161 ImageNet weights "
-                       f"({str(exc).splitlines()[0]})") from exc
+        raise PNIError(f"{path}: not DenseNet-161 ImageNet weights ({str(exc).splitlines()[0]})") from exc
     stem_keys = model.encoder2.original_model.features.state_dict().keys()
     # strict=False only because old files lack BN ``num_batches_tracked`` (kept at its default)
-    model.encoder2.original_model.features.load_state_dict(
-        {k: feats[k] for k in stem_keys if k in feats}, strict=False)
+    model.encoder2.original_model.features.load_state_dict({k: feats[k] for k in stem_keys if k in feats}, strict=False)
 
 
-def build_fresh_model(backbone_weights: str | os.PathLike | None = None,
-                      use_hub_cache: bool = True) -> RefinementNet:
+def build_fresh_model(backbone_weights: str | os.PathLike | None = None, use_hub_cache: bool = True) -> RefinementNet:
     """A new ``RefinementNet`` with ImageNet encoders from ``backbone_weights`` or the hub cache.
 
     Without either, the encoders keep their random initialisation (a warning says so).
@@ -282,6 +294,9 @@ def build_fresh_model(backbone_weights: str | os.PathLike | None = None,
     if path is not None:
         load_imagenet_backbone(model, path)
     else:
-        warnings.warn("no DenseNet-161 ImageNet weights (--backbone_weights or torch hub cache "
-                      f"{Path(torch.hub.get_dir()) / 'checkpoints'}): encoders start from random init")
+        warnings.warn(
+            "no DenseNet-161 ImageNet weights (--backbone_weights or torch hub cache "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}): encoders start from random init",
+            stacklevel=2,
+        )
     return model

@@ -2,6 +2,7 @@
 
 No Lightning here; ``pni.refinement.lightning`` wraps these for multi-device training.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ from torch import nn
 from pni.cli import Devices
 from pni.errors import PNIError
 from pni.io import atomic_path
-
 
 
 def refinement_loss(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

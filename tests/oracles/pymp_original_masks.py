@@ -22,6 +22,7 @@ and the score ``-log(max(prob_sorted * mask))``.
 searches, with :class:`Serial` in place of ``pymp.Parallel`` (one process, every write
 kept: the semantics of ``--mask_workers 1``).
 """
+
 import json
 import sys
 
@@ -106,8 +107,11 @@ def main(folder, worker_counts):
     with open(f"{folder}/config.json") as fh:
         cfg = json.load(fh)
     x = feat[inner]
-    searches = {"with_edge": sorted_search(feat, emb2), "without_edge": sorted_search(x, emb1),
-                "distribution": sorted_search(x, dcs)[1]}
+    searches = {
+        "with_edge": sorted_search(feat, emb2),
+        "without_edge": sorted_search(x, emb1),
+        "distribution": sorted_search(x, dcs)[1],
+    }
     m = np.argmin(((emb1[:, None, :] - dcs[None, :, :]) ** 2).sum(-1), axis=1)
     for workers in worker_counts:
         coor, nb, pos = original_scores(searches, logits, m, prior1[inner], prior2, cfg, workers)
