@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
@@ -65,6 +66,8 @@ MISCLASSIFIED_CSV = "misclassified_sample_list.csv"
 MISCLASSIFIED_COLUMNS: tuple[str, ...] = ("category", "index", "defect_type", "stem", "kind", "score", "threshold")
 PRO_COLUMNS: tuple[str, ...] = ("AUPRO_MVTec", "AUPRO_PNI")
 THRESHOLD_COLUMNS: tuple[str, ...] = ("pixel_threshold", "image_threshold")
+# One row of score_result.csv: category (str), num_images (int), the metrics (float).
+ScoreRow = dict[str, Union[str, int, float]]
 
 
 def score_columns(calc_pro: bool) -> tuple[str, ...]:
@@ -178,12 +181,12 @@ def analyse_category(
     calc_pro: bool = False,
     max_steps: int = 2000,
     visualize: bool = False,
-) -> tuple[dict[str, object], list[list[object]]]:
+) -> tuple[ScoreRow, list[list[object]]]:
     """Metrics of one category (and its pictures); returns the row and misclassified images."""
     codes, masks = load_category(root, entries)
     labels = masks.reshape(len(masks), -1).any(axis=1)
     img_codes = codes.reshape(len(codes), -1).max(axis=1)
-    row: dict[str, object] = {"category": category, "num_images": len(entries)}
+    row: ScoreRow = {"category": category, "num_images": len(entries)}
 
     img_sw = metrics.sweep(labels, img_codes)
     row["I-AUROC"] = nan_on_error(metrics.auroc_from_sweep, img_sw, what=f"{category} I-AUROC")
@@ -215,7 +218,7 @@ def analyse_category(
     if np.isfinite(img_thr):
         predicted = img_codes >= img_thr
         for j in np.flatnonzero(predicted != labels):
-            e = entries[j]
+            e = entries[int(j)]
             misclassified.append(
                 [
                     category,
@@ -241,7 +244,7 @@ def _visualize_category(
     pix_thr: float,
     pix_sw: metrics.Sweep,
     img_sw: metrics.Sweep,
-    row: dict[str, object],
+    row: ScoreRow,
 ) -> None:
     out = root / "viz" / category
     for e, code, mask in zip(entries, codes, masks):
@@ -300,15 +303,15 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def average_row(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> dict[str, object]:
+def average_row(rows: Sequence[ScoreRow], columns: Sequence[str]) -> ScoreRow:
     """Mean of every metric column (NaN propagates); ``num_images`` is the total."""
-    avg: dict[str, object] = {"category": "average", "num_images": sum(int(r["num_images"]) for r in rows)}
+    avg: ScoreRow = {"category": "average", "num_images": sum(int(r["num_images"]) for r in rows)}
     for c in columns[2:]:
         avg[c] = float(np.mean([float(r[c]) for r in rows]))
     return avg
 
 
-def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+def format_table(rows: Sequence[ScoreRow], columns: Sequence[str]) -> str:
     """Plain-text table; scores in percent, thresholds as in ``score_result.csv``."""
     lines = [list(columns)]
     for r in rows:
@@ -335,7 +338,7 @@ def analyse(
     is_mvtec_small: bool = False,
     compare_with_patchcore: bool = False,
     quiet: bool = False,
-) -> list[dict[str, object]]:
+) -> list[ScoreRow]:
     """Analyse every category of a ravel folder; write ``score_result.csv`` (rows + average)."""
     root = Path(root)
     if max_steps < 1:
@@ -372,7 +375,7 @@ def patchcore_candidates(root: Path) -> list[Path]:
 
 def _compare_with_patchcore(
     root: Path,
-    ours: list[dict[str, object]],
+    ours: list[ScoreRow],
     columns: Sequence[str],
     calc_pro: bool,
     max_steps: int,

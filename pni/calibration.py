@@ -153,10 +153,7 @@ def calibrate(scores: CalibrationScores, target_fpr: float) -> dict[str, dict[st
         entry["pixel_best_f1"] = None
         if with_masks:
             gt = np.stack(
-                [
-                    np.zeros(maps[i].shape, bool) if scores.masks[i] is None else scores.masks[i]
-                    for i in range(len(maps))
-                ]
+                [np.zeros(amap.shape, bool) if mask is None else mask for amap, mask in zip(maps, scores.masks)]
             )
             cut = best_f1_cut(gt, np.stack(maps))
             entry["pixel_best_f1"] = {
@@ -183,6 +180,7 @@ def _pixel_stats(threshold: float, scores: CalibrationScores, m: str, with_masks
             normal += amap.size
             flagged_normal += int(above.sum())
         elif with_masks:
+            assert mask is not None  # with_masks: every defective image has one
             positive += int(mask.sum())
             normal += int((~mask).sum())
             flagged_positive += int((above & mask).sum())

@@ -7,12 +7,11 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
 from typing import Any, Callable, NoReturn, Union
 
 from pni.errors import PNIError
 
-Devices = Union[str, int, Sequence[int]]
+Devices = Union[str, int, list[int]]  # Lightning's Trainer(devices=...)
 
 # torch's DataLoader re-raises a worker's exception as ``type(exc)(message)`` where the
 # message is "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback ...\n
@@ -80,7 +79,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def parse_devices(devices: str | int | Sequence[int]) -> Devices:
+def parse_devices(devices: str | int | list[int]) -> Devices:
     """'auto' | '2' | '-1' | '0,1' | '[0, 1]' -> 'auto' | 2 | -1 | [0, 1] (Lightning's ``devices``);
     a count below 1 (other than -1, all devices) or a negative index is a PNIError."""
     if not isinstance(devices, str):

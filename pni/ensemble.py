@@ -192,6 +192,7 @@ def ensemble_category(
             if hi > lo:
                 maps /= hi - lo
             pixel = maps if pixel is None else pixel + maps
+        assert pixel is not None  # runs is never empty
         pixel /= len(runs)
         image /= len(runs)
         row[f"{family}_P-AUROC"] = metrics.pixel_auroc(gts, pixel) if pixel_ok else float("nan")

@@ -18,7 +18,7 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from filelock import FileLock
@@ -212,7 +212,7 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(fh, array, allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap_mode: Literal["r", "r+", "w+", "c"] | None = None) -> np.ndarray:
     """Load a ``.npy`` file without ever unpickling; an empty or truncated file raises
     ValueError (numpy raises EOFError for those), like any other unreadable content."""
     try:

@@ -150,7 +150,7 @@ def _descending_sums(scores: np.ndarray, ids: np.ndarray, id_weights: np.ndarray
         last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
         s_last = s[last]
         sorted_ids = ids[order]
-    tp = np.cumsum(sorted_ids > 0)[last]
+    tp = np.cumsum(sorted_ids > 0, dtype=np.int64)[last]
     fp = (last + 1) - tp
     ws = None
     if id_weights is not None:
@@ -184,12 +184,12 @@ def sweep(labels_or_masks, scores, with_pro: bool = False, regions: tuple[np.nda
     """
     if with_pro:
         masks, maps = _as_stack(labels_or_masks, scores)
-        regions, n_regions = regions if regions is not None else label_regions(masks)
-        sizes = np.bincount(regions.ravel(), minlength=n_regions + 1)
+        region_ids, n_regions = regions if regions is not None else label_regions(masks)
+        sizes = np.bincount(region_ids.ravel(), minlength=n_regions + 1)
         region_w = np.zeros(n_regions + 1)
         if n_regions:
             region_w[1:] = 1.0 / (sizes[1:] * n_regions)
-        thr, tp, fp, pro = _descending_sums(maps, regions, region_w)
+        thr, tp, fp, pro = _descending_sums(maps, region_ids, region_w)
         return Sweep(thr, tp, fp, int(tp[-1]), int(fp[-1]), pro, n_regions)
     y = np.ravel(np.asarray(labels_or_masks)).astype(bool)
     s = np.ravel(np.asarray(scores))

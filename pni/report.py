@@ -39,7 +39,7 @@ def run_variant(run: Path) -> dict[str, object]:
     return {"variant": settings.get("variant", "?"), "mask_workers": settings.get("mask_workers", "")}
 
 
-def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float]:
+def auroc_entry(rows: Sequence[dict], samples: Sequence[dict]) -> dict[str, float | None]:
     """I-AUROC and P-AUROC of every map family over the given images."""
     return auroc_scores(
         [int(r["label"]) for r in rows],

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import pni.data.synthetic as synthetic
 from pni.data import build_datasets, list_categories
-from pni.data.synthetic import CATEGORIES, main, make_dataset
+from pni.data.synthetic import CATEGORIES, CATEGORY_TABLE, main, make_dataset
 from pni.errors import PNIError
 
 SMALL = dict(num_train=2, num_test_per_type=2, image_size=64)
@@ -119,8 +123,71 @@ def test_cli_and_settings_guard(tmp_path: Path, capsys: pytest.CaptureFixture) -
     out = tmp_path / "cli"
     args = ["--output_path", str(out), "--num_train", "1", "--num_test_per_type", "1", "--image_size", "48"]
     assert main(args) == 0
+    assert capsys.readouterr().out == f"wrote synthetic dataset to {out}\n"
     assert main(args + ["--seed", "1"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: {out / 'texture'} already exists with other settings; use another --output_path or --overwrite\n"
+    )
     assert main(args + ["--seed", "1", "--overwrite"]) == 0
     with pytest.raises(PNIError):
         make_dataset(tmp_path / "x", image_size=8)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pni.data.synthetic", "--output_path", str(tmp_path / "out"), *flags]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    for flags, message in [
+        (("--image_size", "8"), "error: --image_size must be at least 32, got 8"),
+        (("--categories", "nope"), "error: argument --categories: invalid choice: 'nope'"),
+        (("--num_train", "x"), "error: argument --num_train: invalid int value: 'x'"),
+    ]:
+        proc = run(*flags)
+        assert proc.returncode == 2, flags
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "out" / "texture").exists()
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+_NUMBER_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six", 7: "Seven", 8: "Eight"}
+
+
+def test_docstring_and_readme_are_made_from_the_category_table(tmp_path: Path) -> None:
+    assert [spec.name for spec in CATEGORY_TABLE] == ["texture", "layered", "stripes", "board"]
+    assert CATEGORIES == {spec.name: tuple(spec.defects) for spec in CATEGORY_TABLE}
+    doc = synthetic.__doc__ or ""
+    # The number of categories is spelled out once, and right.
+    assert re.findall(r"(\w+) categories", doc) == [_NUMBER_WORDS[len(CATEGORY_TABLE)]]
+    assert "{" not in doc  # every placeholder filled
+    bullets = re.findall(r"^- ``(\w+)``: ", doc, flags=re.M)
+    assert bullets == list(CATEGORIES)
+    readme = (
+        make_dataset(tmp_path / "syn", categories=["stripes"], num_train=1, num_test_per_type=1) / "README.txt"
+    ).read_text()
+    section = readme.split("Categories\n----------\n", 1)[1]
+    assert re.findall(r"^(\w+) {2,}", section, flags=re.M) == list(CATEGORIES)  # every category, even unwritten ones
+    for spec in CATEGORY_TABLE:
+        doc_item = _flat(doc.split(f"- ``{spec.name}``: ", 1)[1].split("\n- ", 1)[0].split("\n\n", 1)[0])
+        readme_item = _flat(section.split(f"\n{spec.name} ", 1)[-1].split("\n\n", 1)[0])
+        for text in (spec.normal, spec.found_by):
+            assert _flat(text) in doc_item and _flat(text) in readme_item, (spec.name, text)
+        for name, what in spec.defects.items():
+            assert f"``{name}``, {_flat(what)}" in doc_item, (spec.name, name)
+            assert re.search(rf"(^| ){name}: +{re.escape(_flat(what))}\.", readme_item), (spec.name, name)
+        # No other category's defect types leak into this one's description.
+        others = {d for other in CATEGORY_TABLE if other is not spec for d in other.defects}
+        assert not {d for d in others if f"``{d}``" in doc_item or f"{d}:" in readme_item}
+
+
+def test_readme_demo_table_lists_the_same_categories_and_defect_types() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    demo = text.split("## The demo", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^ *\| `(\w+)` \|[^|\n]*\|([^|\n]*)\|$", demo, flags=re.M)
+    listed = {name: set(re.findall(r"`(\w+)`", defects)) for name, defects in rows}
+    assert listed == {name: set(defects) for name, defects in CATEGORIES.items()}

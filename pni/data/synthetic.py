@@ -1,22 +1,11 @@
 """A small built-in anomaly dataset in the MVTec AD layout, made offline.
 
 Everything is derived from scikit-image's bundled sample images (``skimage.data``:
-brick, grass, gravel), so nothing is downloaded. Three categories, each probing one
-part of PNI:
+brick, grass, gravel), so nothing is downloaded. {count_word} categories, each probing one
+part of PNI (this list and the dataset's ``README.txt`` are generated from
+:data:`CATEGORY_TABLE`):
 
-- ``texture``: plain gravel texture; local defects ``scratch``, ``hole``, ``stain``.
-- ``layered``: brick in the top half, grass in the bottom half; defects ``misplaced``
-  (a patch of one texture inside the other half) and ``shifted`` (the boundary a quarter
-  of the image too high or too low): locally normal, only a position prior can flag
-  them (``misplaced`` also has unusual seams).
-- ``stripes``: all-horizontal or all-vertical stripes (varying per image); defect
-  ``inconsistent`` (a square of the other orientation): locally normal and anywhere,
-  only the neighbourhood can flag it.
-- ``board``: a gravel plate with one dark round component, top-left or bottom-right of
-  the centre (two product variants); defect ``moved``: the component top-right or
-  bottom-left of the centre. Every local view of it occurs in training, at other
-  positions, and it stays far from the border (where zero padding makes features
-  position-aware): only a position prior can flag it.
+{category_list}
 
 Usage: ``python -m pni.data.synthetic --output_path DIR`` or :func:`make_dataset`.
 The same settings and seed give byte-identical files.
@@ -24,28 +13,131 @@ The same settings and seed give byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from pni.cli import ArgumentParser, exit_with, run_cli
 from pni.errors import PNIError
 from pni.io import atomic_path, load_json, save_json
 
 FORMAT_VERSION = 1
 SETTINGS_FILE = "synthetic.json"
+
+
+@dataclass(frozen=True)
+class CategorySpec:
+    """One category of the dataset, as users read about it.
+
+    ``normal``: what the normal images look like. ``defects``: each defect type (its
+    ``test/<type>`` folder) -> what it is, a phrase without the final full stop; their order is
+    the generation order (it seeds the random streams: do not reorder). ``found_by``: which
+    part of PNI can flag the defects, and why.
+    """
+
+    name: str
+    normal: str
+    defects: dict[str, str]
+    found_by: str
+
+
+# The one description of the categories: the module docstring, README.txt and CATEGORIES
+# are made from it.
+CATEGORY_TABLE: tuple[CategorySpec, ...] = (
+    CategorySpec(
+        name="texture",
+        normal="Random crops of the gravel texture (random flips, 90-degree rotations, +-8% brightness), "
+        "tinted sand colour.",
+        defects={
+            "hole": "a dark elliptical blob",
+            "scratch": "a thin (about 3 px at 128) straight line, bright or dark",
+            "stain": "an irregular blue, green or purple blob",
+        },
+        found_by="Local defects: any patch-level model should find them.",
+    ),
+    CategorySpec(
+        name="layered",
+        normal="Brick texture (red) in the top half, grass (green) in the bottom half; the boundary moves by "
+        "a few pixels between images.",
+        defects={
+            "misplaced": "a square patch of brick pasted inside the grass half, or of grass inside the brick half",
+            "shifted": "the brick/grass boundary sits a quarter of the image higher or lower than usual",
+        },
+        found_by="Every local view is normal, the boundary included: only the position (a position prior) "
+        "tells. The borders of a misplaced patch are seams never seen in training, so patch-level models "
+        "find those.",
+    ),
+    CategorySpec(
+        name="stripes",
+        normal="Sinusoidal stripes (period about a tenth of the image, random phase, gravel-modulated, "
+        "blue-grey). Each image is all horizontal or all vertical; training images alternate between the two.",
+        defects={"inconsistent": "a square region with the other orientation"},
+        found_by="Locally normal and anywhere in the image: only the neighbourhood tells.",
+    ),
+    CategorySpec(
+        name="board",
+        normal="A gravel plate (grey) with one dark, grainy round component (diameter about 16% of the image) "
+        "top-left or bottom-right of the centre: two product variants, each about half of the images.",
+        defects={"moved": "the component top-right or bottom-left of the centre, where it never is"},
+        found_by="Every local view of the image occurs in training, only at other positions, and the component "
+        "stays about 30% of the image away from the border (where zero padding makes features "
+        "position-aware): only the position tells.",
+    ),
+)
 # Category -> defect types (normal test images go to test/good).
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "texture": ("hole", "scratch", "stain"),
-    "layered": ("misplaced", "shifted"),
-    "stripes": ("inconsistent",),
-    "board": ("moved",),
-}
+CATEGORIES: dict[str, tuple[str, ...]] = {spec.name: tuple(spec.defects) for spec in CATEGORY_TABLE}
+
+_NUMBER_WORDS = ("No", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten")
+
+
+def _count_word(n: int) -> str:
+    """``4`` -> ``"Four"``, to start a sentence (digits beyond ten)."""
+    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
+
+
+def _docstring_categories(table: tuple[CategorySpec, ...]) -> str:
+    """The category list of the module docstring: one reST bullet per category."""
+    items = []
+    for spec in table:
+        defects = "; ".join(f"``{name}``, {what}" for name, what in spec.defects.items())
+        text = f"``{spec.name}``: {spec.normal} Defects: {defects}. {spec.found_by}"
+        items.append(textwrap.fill(text, width=88, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False))
+    return "\n".join(items)
+
+
+def _readme_categories(table: tuple[CategorySpec, ...] = CATEGORY_TABLE) -> str:
+    """The "Categories" section of the dataset's README.txt: name column, then the normal
+    images, each defect type and what finds the defects, wrapped at 80 columns."""
+    column = max(len(spec.name) for spec in table) + 2
+    indent = " " * column
+
+    def fill(text: str, first: str, rest: str) -> str:
+        return textwrap.fill(
+            text, width=80, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False, break_long_words=False
+        )
+
+    blocks = []
+    for spec in table:
+        lines = [fill(spec.normal, spec.name.ljust(column), indent)]
+        width = max(len(name) for name in spec.defects) + 2
+        for name, what in spec.defects.items():
+            lines.append(fill(f"{what}.", indent + f"{name}:".ljust(width), indent + " " * width))
+        lines.append(fill(spec.found_by, indent, indent))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+if __doc__:  # None under python -OO
+    __doc__ = __doc__.format(
+        count_word=_count_word(len(CATEGORY_TABLE)), category_list=_docstring_categories(CATEGORY_TABLE)
+    )
+
 _SOURCE_CROP = 256  # source pixels per crop side: the texture scale is the same at any image size
 
 _TEXTURE_TINT = np.array([0.86, 0.76, 0.60])
@@ -258,10 +350,14 @@ def _board_image(rng: np.random.Generator, src: dict[str, Array], size: int, def
     return img, disc if defect == "moved" else np.zeros((size, size), dtype=bool)
 
 
-def _generator(category: str) -> Callable[..., tuple[Array, Array]]:
-    return {"texture": _texture_image, "layered": _layered_image, "stripes": _stripes_image, "board": _board_image}[
-        category
-    ]
+# Category -> image generator ``(rng, sources, size, defect) -> (HxWx3 image, HxW mask)``;
+# stripes also takes ``vertical``.
+_GENERATORS: dict[str, Callable[..., tuple[Array, Array]]] = {
+    "texture": _texture_image,
+    "layered": _layered_image,
+    "stripes": _stripes_image,
+    "board": _board_image,
+}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -283,7 +379,7 @@ def _write_split(
     size: int,
 ) -> None:
     folder = cat_root / split / defect
-    gen = _generator(category)
+    gen = _GENERATORS[category]
     flip_start = int(rng.integers(0, 2))
     for i in range(count):
         if category == "stripes":  # alternate orientations so both are always seen
@@ -312,37 +408,7 @@ size away from the border, so centre crops (e.g. 112 of 128) keep them.
 
 Categories
 ----------
-texture  Random crops of the gravel texture (random flips, 90-degree rotations,
-         +-8% brightness), tinted sand colour.
-         scratch: a thin (about 3 px at 128) straight line, bright or dark.
-         hole:    a dark elliptical blob.
-         stain:   an irregular blue, green or purple blob.
-         Local defects: any patch-level model should find them.
-
-layered  Brick texture (red) in the top half, grass (green) in the bottom half;
-         the boundary moves by a few pixels between images.
-         misplaced: a square patch of brick pasted inside the grass half, or of
-         grass inside the brick half. Locally the patch looks normal; only the
-         position (a position prior) tells it is wrong; its borders are seams
-         never seen in training, so patch-level models find those.
-         shifted: the brick/grass boundary sits a quarter of the image higher or
-         lower than usual. Every local view, the boundary included, is normal:
-         only the position tells.
-
-stripes  Sinusoidal stripes (period about a tenth of the image, random phase,
-         gravel-modulated, blue-grey). Each image is all horizontal or all
-         vertical; training images alternate between the two.
-         inconsistent: a square region with the other orientation. Locally
-         normal and position-independent; only the neighbourhood tells.
-
-board    A gravel plate (grey) with one dark, grainy round component (diameter
-         about 16% of the image) top-left or bottom-right of the centre: two
-         product variants, each about half of the images.
-         moved: the component top-right or bottom-left of the centre, where it
-         never is. Every local view of the image occurs in training, only at
-         other positions, and the component stays about 30% of the image away
-         from the border: only the position tells.
-"""
+{categories}"""
 
 
 def make_dataset(
@@ -407,13 +473,14 @@ def make_dataset(
             rng = np.random.default_rng([seed, ci, 1, ti])
             _write_split(cat_root, cat, "test", defect, num_test_per_type, rng, src, image_size)
     with atomic_path(root / "README.txt") as tmp:
-        tmp.write_text(_README.format(**settings))
+        tmp.write_text(_README.format(categories=_readme_categories(), **settings))
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``python -m pni.data.synthetic --output_path DIR``."""
-    parser = argparse.ArgumentParser(description="Write PNI's built-in synthetic dataset (MVTec layout).")
+    """CLI entry point: ``python -m pni.data.synthetic --output_path DIR``; returns the exit code
+    (2 with one ``error: ...`` line on bad flags or settings)."""
+    parser = ArgumentParser(description="Write PNI's built-in synthetic dataset (MVTec layout).")
     parser.add_argument("--output_path", required=True, help="dataset root to write")
     parser.add_argument("--num_train", type=int, default=16, help="training images per category")
     parser.add_argument("--num_test_per_type", type=int, default=4, help="test images per type (and good)")
@@ -423,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace categories made with other settings")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> None:
         root = make_dataset(
             args.output_path,
             num_train=args.num_train,
@@ -433,14 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             categories=args.categories,
             overwrite=args.overwrite,
         )
-    except PNIError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote synthetic dataset to {root}")
-    return 0
+        print(f"wrote synthetic dataset to {root}")
+
+    return run_cli(work, debug=args.debug)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

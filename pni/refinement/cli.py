@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> None:
     if args.train:
         from .lightning import fit_refinement
 
+        dataset: SyntheticRefinementDataset | RavelRefinementDataset
         if args.train_data == "synthetic":
             if not args.normal_image_dir:
                 raise PNIError("--train_data synthetic needs --normal_image_dir")

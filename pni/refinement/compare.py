@@ -37,6 +37,8 @@ def _read(folder: Path) -> dict[str, dict[str, str]]:
 
 def _percent(value: str | None) -> str:
     """A table cell in %, or ``n/a`` where the metric was not computed (empty or non-numeric)."""
+    if value is None:
+        return "n/a"
     try:
         return f"{100 * float(value):.2f}"
     except (TypeError, ValueError):

@@ -270,7 +270,7 @@ def imperfect_map(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = mask.shape
     s = min(h, w)
     shift = rng.integers(-max(1, s // 40), max(1, s // 40) + 1, 2)
-    m = np.roll(mask.astype(np.float32), tuple(int(x) for x in shift), axis=(0, 1))
+    m: np.ndarray = np.roll(mask.astype(np.float32), tuple(int(x) for x in shift), axis=(0, 1))  # float32 throughout
     m = cv2.GaussianBlur(m, (0, 0), rng.uniform(0.01, 0.04) * s)
     peak = float(m.max())
     if peak > 0:

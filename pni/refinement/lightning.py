@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 
 import pytorch_lightning as pl
 import torch
@@ -41,7 +42,9 @@ class SaveStateDict(pl.Callback):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: RefinementModule) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, RefinementModule):
+            raise TypeError(f"SaveStateDict needs a RefinementModule, got {type(pl_module).__name__}")
         if trainer.is_global_zero:
             save_state_dict(pl_module.model, self.path)
 
@@ -60,6 +63,8 @@ def fit_refinement(
 ) -> RefinementNet:
     """Train ``model`` on ``dataset`` with Lightning; the checkpoint is rewritten every epoch.
     ``progress`` counts training batches (None: no bar; see :mod:`pni.console`)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"fit_refinement needs a dataset with a length, got {type(dataset).__name__}")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -63,16 +63,16 @@ class _OriginalModel(nn.Module):
 
 def _densenet161_stem() -> nn.Sequential:
     """DenseNet-161 stem (as torchvision builds it): (B,3,H,W) -> (B,96,H/4,W/4)."""
-    stem = nn.Sequential(
+    conv0 = nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(conv0.weight)
+    return nn.Sequential(
         OrderedDict(
-            conv0=nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=3, bias=False),
+            conv0=conv0,
             norm0=nn.BatchNorm2d(96),
             relu0=nn.ReLU(inplace=True),
             pool0=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         )
     )
-    nn.init.kaiming_normal_(stem.conv0.weight)
-    return stem
 
 
 class ImageEncoder(nn.Module):
@@ -85,7 +85,9 @@ class ImageEncoder(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) -> (B,96,H/4,W/4): conv0, norm0, relu0, pool0."""
         f = self.original_model.features
-        return f.pool0(f.relu0(f.norm0(f.conv0(x))))
+        for name in ("conv0", "norm0", "relu0", "pool0"):
+            x = getattr(f, name)(x)
+        return x
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """(B,96,H/4,W/4) -> (B,2208,H/32,W/32): dense blocks 1-4, transitions, norm5, ReLU."""
@@ -143,11 +145,13 @@ class Decoder(nn.Module):
         for i in range(1, NUM_UP_BLOCKS + 1):
             layers[f"decoder_up{i}"] = UpBlock(ch, align_corners)
             ch //= 2
-        layers["decoder_conv_final"] = nn.Conv2d(ch, 1, kernel_size=1)  # 24 -> 1
-        self.features = nn.Sequential(layers)
+        final = nn.Conv2d(ch, 1, kernel_size=1)  # 24 -> 1
         # Zero-init the last conv: a fresh model starts as the identity on the map.
-        nn.init.zeros_(self.features.decoder_conv_final.weight)
-        nn.init.zeros_(self.features.decoder_conv_final.bias)
+        nn.init.zeros_(final.weight)
+        assert final.bias is not None  # Conv2d(bias=True)
+        nn.init.zeros_(final.bias)
+        layers["decoder_conv_final"] = final
+        self.features = nn.Sequential(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
