@@ -1,7 +1,8 @@
 """``predict.py``'s file handling: input paths (files, folders, glob patterns) -> decoded
 images -> :class:`pni.predict.Predictor` on the Lightning device -> per-image overlays,
 masks and maps, and ``predictions.csv``, ``regions.csv``, ``errors.csv`` in the output folder
-(see README, "Use on your own images")."""
+(see README, "Use on your own images"). Lightning is needed here only: the Python API
+(:mod:`pni.predict`) runs without it."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from pni.cli import one_line
 from pni.config import PredictSettings, RuntimeSettings
+from pni.console import Progress
 from pni.data.datasets import IMAGE_EXTENSIONS
 from pni.data.transforms import load_image
 from pni.errors import PNIError
 from pni.io import CsvStream, check_output_dir, make_dir, save_npy, write_csv
+from pni.lightning import ScoringModule, interruptible
 from pni.model import PNIModel
 from pni.predict import Predictor, check_choices, load_model
 from pni.results import render_table
+from pni.runtime import build_trainer, images_per_batch, probe_extractor
 from pni.scoring import MAP_NAMES, ImageScores
 from pni.viz import save_jpeg, save_png
 
@@ -233,11 +237,6 @@ class PredictionWriter:
 def predict_files(settings: PredictSettings) -> int:
     """``predict.py``: predict every input image into ``settings.output``; returns the number
     of inputs that could not be read (reported on stderr and in ``errors.csv``)."""
-    # Lightning only here: the Python API (load_model) runs without it.
-    from pni.console import Progress
-    from pni.lightning import ScoringModule, interruptible
-    from pni.runtime import build_trainer, images_per_batch, probe_extractor
-
     check_choices(settings.map_name, settings.image_threshold, settings.pixel_threshold)
     check_output_dir(settings.output, "--output")
     paths, missing = expand_inputs(settings.inputs)
