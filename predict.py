@@ -9,12 +9,13 @@ from __future__ import annotations
 def main(argv: list[str] | None = None) -> int:
     from pni import console
     from pni.cli import run_cli
-    from pni.config import build_predict_parser
-    from pni.predict import predict_files
+    from pni.config import build_predict_parser, predict_settings_from_flags
+    from pni.predict_files import predict_files
 
     args = build_predict_parser().parse_args(argv)
     console.setup(args.verbose)
-    return run_cli(lambda: 1 if predict_files(args) else 0, debug=args.debug)
+    settings = predict_settings_from_flags(args)
+    return run_cli(lambda: 1 if predict_files(settings) else 0, debug=args.debug)
 
 
 if __name__ == "__main__":

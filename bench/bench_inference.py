@@ -26,7 +26,7 @@ import torch
 from common import add_device_flag, best, gemm_rate, machine, pick_device, sync
 from torch.utils.flop_counter import FlopCounterMode
 
-from pni.distributions import NeighbourhoodMLP
+from pni.distributions import NeighbourhoodMLP, window_count
 from pni.features import build_feature_extractor
 from pni.lightning import ScoringModule
 from pni.model import PNIModel
@@ -88,7 +88,7 @@ def main(argv=None):
     p_all, p_int = rows * cols, (rows - 2 * pp) * (cols - 2 * pp)
     k1 = max(args.dcs, int(0.01 * args.train_images * p_int))
     k2 = int(0.01 * args.train_images * p_all)
-    n_win = (2 * args.dist_padding + 1) ** 2 - 1
+    n_win = window_count(args.dist_padding)
     torch.manual_seed(0)
     mlp = NeighbourhoodMLP(n_win * args.dim, args.dcs, args.num_layers).eval().to(device)
     extractor.to(device)

@@ -51,45 +51,38 @@ class RandomImages(torch.utils.data.Dataset):
 
 
 def child(args) -> None:
+    from pni import bank as feature_bank
     from pni import pipeline
-    from pni.config import parse_args
-    from pni.features import build_feature_extractor
+    from pni.config import parse_args, settings_from_flags
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    flags = parse_args(
-        [
-            "--backbone",
-            args.backbone,
-            "--random_init",
-            "--resize",
-            str(args.imagesize),
-            "--imagesize",
-            str(args.imagesize),
-            "-p",
-            str(args.p),
-            "--dist_coreset_size",
-            str(args.dist_coreset_size),
-            "--accelerator",
-            args.device,
-            "--devices",
-            "1",
-            "--feature_bank_dtype",
-            args.dtype,
-            "--category",
-            "bench",
-        ]
+    settings = settings_from_flags(
+        parse_args(
+            [
+                "--backbone",
+                args.backbone,
+                "--random_init",
+                "--resize",
+                str(args.imagesize),
+                "--imagesize",
+                str(args.imagesize),
+                "-p",
+                str(args.p),
+                "--dist_coreset_size",
+                str(args.dist_coreset_size),
+                "--accelerator",
+                args.device,
+                "--devices",
+                "1",
+                "--feature_bank_dtype",
+                args.dtype,
+                "--category",
+                "bench",
+            ]
+        )
     )
-    flags.ddp = False
-    pipeline.IN_MEMORY_BANK_BYTES = 0 if args.bank == "memmap" else 1 << 62
-    extractor = build_feature_extractor(
-        flags.backbone,
-        flags.layer_index,
-        flags.pretrain_embed_dimension,
-        flags.target_embed_dimension,
-        flags.patchsize,
-        None,
-        True,
-    )
+    feature_bank.IN_MEMORY_BANK_BYTES = 0 if args.bank == "memmap" else 1 << 62
+    extractor = settings.features.build_extractor()
     data = RandomImages(args.images, args.imagesize)
     with torch.no_grad():
         grid = extractor(data[0]["image"][None]).shape[1:]
@@ -102,7 +95,7 @@ def child(args) -> None:
         base = rss_bytes()
         resettable = reset_peak_rss()
         t = time.perf_counter()
-        bank = pipeline.build_coresets(flags, extractor, data, out_dir, scratch)
+        bank = pipeline.build_coresets(settings, extractor, data, out_dir, scratch)
         seconds = time.perf_counter() - t
         peak = peak_rss_bytes()
         del bank

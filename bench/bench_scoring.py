@@ -40,6 +40,7 @@ import torch
 from common import ROOT, add_device_flag, best, machine, pick_device, sync, timeit
 
 from pni.coreset import build_index, use_gpu_index
+from pni.features import patch_padding
 from pni.memory import scoring_rows
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig, interior_indices, score_image
 
@@ -58,7 +59,7 @@ def make_artefacts(rows, cols, dim, k1, k2, dcs, patchsize, seed=0):
     entries, sparse normalised position priors that seldom allow a position's nearest entry
     (our shortcuts for that case rarely apply). float32 tensors."""
     g = torch.Generator().manual_seed(seed)
-    pp = (patchsize - 1) // 2
+    pp = patch_padding(patchsize)
     p, p_int = rows * cols, (rows - 2 * pp) * (cols - 2 * pp)
     centres = torch.rand(256, dim, generator=g) * 2.0  # non-negative, like pooled ReLU maps
 
@@ -99,7 +100,7 @@ class OriginalMethod:
         self.cfg = cfg
         rows, cols, dim = feat.shape
         self.shape = (rows, cols)
-        self.pp = (cfg.patchsize - 1) // 2
+        self.pp = patch_padding(cfg.patchsize)
         self.inner = interior_indices(rows, cols, self.pp).numpy()
         self.feat = np.ascontiguousarray(feat.reshape(-1, dim).numpy(), dtype=np.float32)
         self.logits = logits.double().numpy()
@@ -168,7 +169,7 @@ def main(argv=None):
     device = pick_device(args)
     faiss.omp_set_num_threads(torch.get_num_threads())
     print(f"machine: {machine(device)}")
-    pp = (args.patchsize - 1) // 2
+    pp = patch_padding(args.patchsize)
     rows, cols = args.rows, args.cols
     n_pos, n_int = rows * cols, (rows - 2 * pp) * (cols - 2 * pp)
     print(

@@ -36,9 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from pni import __version__
 from pni.artefacts import remove_stale
+from pni.config import FeatureSettings, NeighbourhoodSettings
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
-from pni.features import build_feature_extractor, hub_checkpoint_dir, weights_file_name
+from pni.features import hub_checkpoint_dir, weights_file_name
 from pni.io import check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag, set_default_mode
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
@@ -52,30 +53,76 @@ BACKBONE = "backbone.safetensors"
 _METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
 
 
-def model_settings(model: PNIModel) -> dict[str, Any]:
-    """Everything :func:`load_bundle` needs to rebuild ``model`` around its arrays."""
-    ext = model.extractor
-    scoring = dataclasses.asdict(model.config)
-    scoring.pop("chunk_size")  # chosen per device when scoring
+# FeatureSettings fields the manifest keeps under "backbone_weights" instead (where the
+# weights come from is decided when the bundle is loaded).
+WEIGHTS_SOURCE = ("backbone_weights", "random_init")
+
+
+def manifest_settings(
+    features: FeatureSettings, neighbourhood: NeighbourhoodSettings, scoring: ScoringConfig, classes: int
+) -> dict[str, Any]:
+    """The manifest's "features", "neighbourhood" and "scoring" sections: everything
+    :func:`load_bundle` needs to rebuild the model around its arrays (read back by
+    :func:`settings_from_manifest`). ``classes``: the MLP's output size (distribution coreset)."""
+    scoring_fields = dataclasses.asdict(scoring)
+    scoring_fields.pop("chunk_size")  # chosen per device when scoring
     return {
         "features": {
-            "backbone": ext.backbone_name,
-            "layers": list(ext.layers),
-            "pretrain_embed_dimension": ext.pretrain_embed_dimension,
-            "target_embed_dimension": ext.target_embed_dimension,
-            "patchsize": ext.patchsize,
-            "resize": model.resize,
-            "imagesize": model.imagesize,
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(features).items()
+            if k not in WEIGHTS_SOURCE
         },
         "neighbourhood": {
-            "dist_padding": model.dist_padding,
-            "window_layout": model.layout,
-            "dropped_slot": dropped_slot(model.dist_padding, model.layout),
-            "num_layers": len(model.mlp.hidden_layers) + 2,
-            "classes": model.mlp.last_layer[0].out_features,
+            "dist_padding": neighbourhood.dist_padding,
+            "window_layout": neighbourhood.variant,
+            "dropped_slot": neighbourhood.dropped_slot,
+            "num_layers": neighbourhood.num_layers,
+            "classes": classes,
         },
-        "scoring": scoring,
+        "scoring": scoring_fields,
     }
+
+
+def settings_from_manifest(
+    manifest: dict[str, Any], where: Path
+) -> tuple[FeatureSettings, NeighbourhoodSettings, ScoringConfig]:
+    """The settings of :func:`manifest_settings` read back from ``manifest`` (of file
+    ``where``); the features' weights source is left at its defaults. A missing or mistyped
+    setting raises KeyError or TypeError; an MLP window layout that is not its variant's, a
+    one-line PNIError."""
+    feats, nb = manifest["features"], manifest["neighbourhood"]
+    features = FeatureSettings(
+        feats["backbone"],
+        tuple(feats["layers"]),
+        feats["pretrain_embed_dimension"],
+        feats["target_embed_dimension"],
+        feats["patchsize"],
+        feats["resize"],
+        feats["imagesize"],
+    )
+    config = ScoringConfig(**manifest["scoring"], chunk_size=None)
+    if nb["window_layout"] != config.variant or nb["dropped_slot"] != dropped_slot(nb["dist_padding"], config.variant):
+        raise PNIError(
+            f"{where}: the MLP window layout ({nb['window_layout']}, slot "
+            f"{nb['dropped_slot']}) is not the one of variant {config.variant}"
+        )
+    return features, NeighbourhoodSettings(nb["dist_padding"], nb["num_layers"], nb["window_layout"]), config
+
+
+def model_settings(model: PNIModel) -> dict[str, Any]:
+    """The manifest sections of ``model`` (see :func:`manifest_settings`)."""
+    ext = model.extractor
+    features = FeatureSettings(
+        ext.backbone_name,
+        tuple(ext.layers),
+        ext.pretrain_embed_dimension,
+        ext.target_embed_dimension,
+        ext.patchsize,
+        model.resize,
+        model.imagesize,
+    )
+    neighbourhood = NeighbourhoodSettings(model.dist_padding, model.mlp.num_layers, model.layout)
+    return manifest_settings(features, neighbourhood, model.config, model.mlp.num_classes)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -319,42 +366,28 @@ def load_bundle(
     root = Path(path)
     manifest = read_manifest(root)
     try:
-        feats, nb, scoring = manifest["features"], manifest["neighbourhood"], manifest["scoring"]
-        config = ScoringConfig(**scoring, chunk_size=None)
-        if nb["window_layout"] != config.variant or nb["dropped_slot"] != dropped_slot(
-            nb["dist_padding"], config.variant
-        ):
-            raise PNIError(
-                f"{root / MANIFEST}: the MLP window layout ({nb['window_layout']}, slot "
-                f"{nb['dropped_slot']}) is not the one of variant {config.variant}"
-            )
+        features, neighbourhood, config = settings_from_manifest(manifest, root / MANIFEST)
         arrays = _tensors(root / ARRAYS, ARTEFACT_NAMES)
         mlp = mlp_from_state_dict(_tensors(root / MLP))
         included = bool(manifest["backbone_weights"].get("included"))
         weights = None if included else _backbone_weights(root, manifest, backbone_weights)
-        extractor = build_feature_extractor(
-            feats["backbone"],
-            feats["layers"],
-            feats["pretrain_embed_dimension"],
-            feats["target_embed_dimension"],
-            feats["patchsize"],
-            weights,
-            random_init=included,
-        )
+        extractor = dataclasses.replace(
+            features, backbone_weights=None if weights is None else str(weights), random_init=included
+        ).build_extractor()
         if included:
             try:
                 extractor.body.load_state_dict(_tensors(root / BACKBONE))
             except RuntimeError as exc:
                 raise PNIError(
-                    f"{root / BACKBONE} does not fit {feats['backbone']}: {str(exc).strip().splitlines()[0]}"
+                    f"{root / BACKBONE} does not fit {features.backbone}: {str(exc).strip().splitlines()[0]}"
                 ) from None
         model = PNIModel(
             extractor,
             mlp,
             ScoringArtefacts(**{n: arrays[n] for n in ARTEFACT_NAMES}),
             config,
-            nb["dist_padding"],
-            feats["resize"],
+            neighbourhood.dist_padding,
+            features.resize,
         )
     except (KeyError, TypeError) as exc:
         raise PNIError(f"{root / MANIFEST} lacks or mistypes a setting ({exc}); export the model again") from None
@@ -372,10 +405,8 @@ def _check_fit(model: PNIModel, root: Path) -> None:
         model.artefacts().check(rows, cols, dim)
     except PNIError as exc:
         raise PNIError(f"bundle {root}: {exc}") from None
-    n_in = ((2 * model.dist_padding + 1) ** 2 - 1) * dim
     mlp = model.mlp
-    if mlp.first_layer[0].in_features != n_in or mlp.last_layer[0].out_features != len(model.distribution_coreset):
+    if not mlp.fits(model.dist_padding, dim, model.artefacts().distribution_coreset.shape[0]):
         raise PNIError(
-            f"bundle {root}: the MLP (input {mlp.first_layer[0].in_features}, "
-            f"{mlp.last_layer[0].out_features} classes) does not fit its settings"
+            f"bundle {root}: the MLP (input {mlp.in_features}, {mlp.num_classes} classes) does not fit its settings"
         )

@@ -1,25 +1,37 @@
-"""Command-line flags of ``train_coreset_distribution.py`` (docs/METHOD.md, section 0).
+"""Command-line flags and the typed settings built from them once (docs/METHOD.md, section 0).
 
-Names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
+Flags: names and defaults are the original's; ``--accelerator``, ``--devices``, ``--strategy``,
 ``--backbone_weights``, ``--random_init``, ``--embedding_root_path``,
 ``--max_train_images``, ``--variant``, ``--mask_workers``, ``--debug`` and ``--verbose`` are ours.
 Every check that needs only the flags is made here, before anything is read or written.
+
+Settings: :func:`settings_from_flags` turns the parsed flags of ``train_coreset_distribution.py``
+into one frozen :class:`Settings` (groups: data, features, coreset, neighbourhood, MLP training,
+scoring, runtime, output, stages, console, seed); :func:`export_settings_from_flags` and
+:func:`predict_settings_from_flags` do the same for ``export_model.py`` and ``predict.py``.
+Everything past the CLI scripts takes these objects, never the parsed flags. Facts decided at
+run time (DDP, the digests of the backbone weights and the training images) are set with
+``dataclasses.replace``. :meth:`Settings.flags` is the flat ``{flag name: value}`` view that
+the artefacts' settings records and the test run's ``settings.json`` hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pni.cli import ArgumentParser, parse_devices
+from pni.cli import ArgumentParser, Devices, parse_devices
+from pni.distributions import dropped_slot, window_count
 from pni.errors import PNIError
-from pni.features import BACKBONES
+from pni.features import BACKBONES, PatchFeatureExtractor, build_feature_extractor, patch_padding
 from pni.io import is_single_name
-from pni.scoring import MAP_NAMES, VARIANTS
+from pni.scoring import MAP_NAMES, VARIANTS, ScoringConfig
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
 NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
@@ -240,16 +252,6 @@ def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParse
     return args
 
 
-def embedding_dir(args: argparse.Namespace) -> Path:
-    """Artefact folder of the original: ``[BTAD_|VisA_]embedding/embeddings_<layers>/<category>/<backbone>``."""
-    root = Path(args.embedding_root_path)
-    if args.dataset_category == "BTAD":
-        root = root / "BTAD_embedding"
-    elif args.dataset_category == "VisA":
-        root = root / "VisA_embedding"
-    return root / f"embeddings_{'+'.join(args.layer_index)}" / args.category / args.backbone
-
-
 _open_fraction = _checked("_open_fraction", float, lambda v: 0 < v < 1, "in (0, 1)")
 
 
@@ -332,3 +334,319 @@ def build_predict_parser() -> argparse.ArgumentParser:
         help="show everything: third-party warnings and Lightning's own output and progress bars",
     )
     return p
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The category to train and test on, and how its images are loaded."""
+
+    dataset_path: str
+    dataset_category: str
+    category: str
+    num_workers: int = 0
+    max_train_images: int | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What the patch features are: the backbone, its layers, the pooled sizes, the aggregation
+    window, and the image geometry they are taken at (resize, then centre crop to
+    ``imagesize``). ``backbone_weights`` / ``random_init``: where the weights come from."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    pretrain_embed_dimension: int
+    target_embed_dimension: int
+    patchsize: int
+    resize: int
+    imagesize: int
+    backbone_weights: str | None = None
+    random_init: bool = False
+
+    @property
+    def pad(self) -> int:
+        """Grid border without a full aggregation window (``(patchsize - 1) // 2``)."""
+        return patch_padding(self.patchsize)
+
+    def build_extractor(self) -> PatchFeatureExtractor:
+        """The feature extractor these settings describe (see :func:`pni.features.build_feature_extractor`)."""
+        return build_feature_extractor(
+            self.backbone,
+            self.layers,
+            self.pretrain_embed_dimension,
+            self.target_embed_dimension,
+            self.patchsize,
+            self.backbone_weights,
+            self.random_init,
+        )
+
+
+@dataclass(frozen=True)
+class CoresetSettings:
+    """Sizes of the embedding and distribution coresets, and how the training bank is stored."""
+
+    subsampling_percentage: float
+    dist_coreset_size: int
+    feature_bank_dtype: str = "float32"
+
+    @property
+    def file_names(self) -> dict[str, str]:
+        """The original's file names of the three coreset indexes."""
+        sp = int(self.subsampling_percentage * 100)
+        return {
+            "without_edge": f"embedding_coreset_index_{sp}.faiss",
+            "with_edge": f"embedding_coreset_index_{sp}_with_edge.faiss",
+            "distribution": f"dist_coreset_index_{self.dist_coreset_size}.faiss",
+        }
+
+
+@dataclass(frozen=True)
+class NeighbourhoodSettings:
+    """The neighbourhood MLP: window half-width ``dist_padding`` (dp), depth, and the window
+    layout of ``variant`` (which slot of the ``(2dp+1)^2`` window its input leaves out)."""
+
+    dist_padding: int
+    num_layers: int
+    variant: str = "original"
+
+    @property
+    def window_count(self) -> int:
+        """Features in one input window: ``(2dp+1)^2 - 1``."""
+        return window_count(self.dist_padding)
+
+    @property
+    def dropped_slot(self) -> int:
+        return dropped_slot(self.dist_padding, self.variant)
+
+    def input_size(self, feature_dim: int) -> int:
+        """The MLP's input width for ``feature_dim``-dim features."""
+        return self.window_count * feature_dim
+
+
+@dataclass(frozen=True)
+class MlpTrainingSettings:
+    """How the neighbourhood MLP is trained (Adam, StepLR with gamma 0.1)."""
+
+    num_epochs: int
+    learning_rate: float
+    step_size: int
+    dist_batchsize: int
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Lightning's accelerator, devices (the flag's text), strategy and precision; ``ddp``:
+    whether this run uses several processes (decided by :func:`pni.distributed.configure`)."""
+
+    accelerator: str = "auto"
+    devices: Devices = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    ddp: bool = False
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where the test results (``project_root_path``) and the trained artefacts go."""
+
+    project_root_path: str
+    embedding_root_path: str
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Which stages train (the others load their saved artefacts)."""
+
+    train_coreset: bool = False
+    train_nb_dist: bool = False
+    train_coor_dist: bool = False
+
+    @property
+    def training(self) -> bool:
+        return self.train_coreset or self.train_nb_dist or self.train_coor_dist
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """What is shown: tracebacks (``debug``), third-party output (``verbose``)."""
+
+    debug: bool = False
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class InputDigests:
+    """What decides the features besides the flags, recorded with every stage's settings
+    (set by the pipeline once the inputs are found)."""
+
+    backbone_weights_digest: str
+    training_set_digest: str
+
+
+# Settings fields whose flag has another name (Settings.flags).
+FLAG_NAMES = {"layers": "layer_index"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one ``train_coreset_distribution.py`` run is told (see :func:`settings_from_flags`)."""
+
+    data: DataSettings
+    features: FeatureSettings
+    coreset: CoresetSettings
+    neighbourhood: NeighbourhoodSettings
+    mlp_training: MlpTrainingSettings
+    scoring: ScoringConfig
+    runtime: RuntimeSettings
+    output: OutputSettings
+    stages: StageSettings
+    console: ConsoleSettings
+    seed: int
+    digests: InputDigests | None = None
+
+    def __post_init__(self) -> None:
+        shared = (
+            ("patchsize", self.features.patchsize, self.scoring.patchsize),
+            ("imagesize", self.features.imagesize, self.scoring.imagesize),
+            ("variant", self.neighbourhood.variant, self.scoring.variant),
+        )
+        for name, one, other in shared:
+            if one != other:
+                raise ValueError(f"settings disagree on {name}: {one!r} and {other!r} (scoring)")
+
+    def flags(self) -> dict[str, Any]:
+        """The flat ``{flag name: value}`` view (sequences as lists), with ``ddp`` and, once
+        set, the input digests: what the artefacts' settings records and ``settings.json`` hold."""
+        groups = (
+            self.data,
+            self.features,
+            self.coreset,
+            self.neighbourhood,
+            self.mlp_training,
+            self.runtime,
+            self.output,
+            self.stages,
+            self.console,
+        )
+        out: dict[str, Any] = {}
+        for group in groups:
+            for f in dataclasses.fields(group):
+                out[FLAG_NAMES.get(f.name, f.name)] = getattr(group, f.name)
+        out.update((k, v) for k, v in dataclasses.asdict(self.scoring).items() if k != "chunk_size")
+        out["seed"] = self.seed
+        if self.digests is not None:
+            out.update(dataclasses.asdict(self.digests))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @property
+    def embedding_dir(self) -> Path:
+        """Artefact folder of the original: ``[BTAD_|VisA_]embedding/embeddings_<layers>/<category>/<backbone>``."""
+        root = Path(self.output.embedding_root_path)
+        if self.data.dataset_category == "BTAD":
+            root = root / "BTAD_embedding"
+        elif self.data.dataset_category == "VisA":
+            root = root / "VisA_embedding"
+        return root / f"embeddings_{'+'.join(self.features.layers)}" / self.data.category / self.features.backbone
+
+
+def scoring_config(args: argparse.Namespace) -> ScoringConfig:
+    """The :class:`ScoringConfig` of parsed ``train_coreset_distribution.py`` flags
+    (``chunk_size`` is chosen per device by :class:`pni.model.PNIModel`)."""
+    return ScoringConfig(
+        anomaly_nn=args.anomaly_nn,
+        patchsize=args.patchsize,
+        prob_gamma=args.prob_gamma,
+        softmax_temperature_alpha=args.softmax_temperature_alpha,
+        softmax_nb_gamma=args.softmax_nb_gamma,
+        softmax_coor_gamma=args.softmax_coor_gamma,
+        variant=args.variant,
+        mask_workers=args.mask_workers,
+        imagesize=args.imagesize,
+        blursigma=args.blursigma,
+        chunk_size=None,
+    )
+
+
+def settings_from_flags(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` of flags parsed by :func:`parse_args` (extra flags, such as
+    ``export_model.py``'s, are ignored)."""
+    return Settings(
+        data=DataSettings(
+            args.dataset_path, args.dataset_category, args.category, args.num_workers, args.max_train_images
+        ),
+        features=FeatureSettings(
+            backbone=args.backbone,
+            layers=tuple(args.layer_index),
+            pretrain_embed_dimension=args.pretrain_embed_dimension,
+            target_embed_dimension=args.target_embed_dimension,
+            patchsize=args.patchsize,
+            resize=args.resize,
+            imagesize=args.imagesize,
+            backbone_weights=args.backbone_weights,
+            random_init=args.random_init,
+        ),
+        coreset=CoresetSettings(args.subsampling_percentage, args.dist_coreset_size, args.feature_bank_dtype),
+        neighbourhood=NeighbourhoodSettings(args.dist_padding, args.num_layers, args.variant),
+        mlp_training=MlpTrainingSettings(args.num_epochs, args.learning_rate, args.step_size, args.dist_batchsize),
+        scoring=scoring_config(args),
+        runtime=RuntimeSettings(args.accelerator, args.devices, args.strategy, args.precision),
+        output=OutputSettings(args.project_root_path, args.embedding_root_path),
+        stages=StageSettings(args.train_coreset, args.train_nb_dist, args.train_coor_dist),
+        console=ConsoleSettings(args.debug, args.verbose),
+        seed=args.seed,
+    )
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """``export_model.py``'s own flags: the bundle folder, whether it holds the backbone, the
+    calibration's target false-positive rate and good images."""
+
+    output: str
+    include_backbone: bool = False
+    target_fpr: float = 0.01
+    calibration_dir: tuple[str, ...] | None = None
+
+
+def export_settings_from_flags(args: argparse.Namespace) -> ExportSettings:
+    """The :class:`ExportSettings` of flags parsed with :func:`build_export_parser`."""
+    calibration = tuple(args.calibration_dir) if args.calibration_dir else None
+    return ExportSettings(args.output, args.include_backbone, args.target_fpr, calibration)
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """``predict.py``: the bundle, the inputs and output folder, the deciding map and
+    thresholds, what is written, and how images are decoded and scored."""
+
+    model: str
+    inputs: tuple[str, ...]
+    output: str
+    map_name: str = "nb_coor"
+    image_threshold: str = "fpr"
+    pixel_threshold: str = "fpr"
+    save_maps: bool = False
+    batch_size: int | None = None
+    num_workers: int = 0
+    accelerator: str = "auto"
+    backbone_weights: str | None = None
+
+
+def predict_settings_from_flags(args: argparse.Namespace) -> PredictSettings:
+    """The :class:`PredictSettings` of flags parsed with :func:`build_predict_parser`."""
+    return PredictSettings(
+        model=args.model,
+        inputs=tuple(args.input),
+        output=args.output,
+        map_name=args.map,
+        image_threshold=args.image_threshold,
+        pixel_threshold=args.pixel_threshold,
+        save_maps=args.save_maps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        accelerator=args.accelerator,
+        backbone_weights=args.backbone_weights,
+    )

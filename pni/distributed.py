@@ -19,33 +19,39 @@ not offered); the training artefacts must be on a file system every rank can rea
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 
-from pni.cli import parse_devices
+from pni.cli import Devices, parse_devices
+from pni.config import RuntimeSettings
 from pni.errors import PNIError
+from pni.io import load_npy
+
+T = TypeVar("T")
 
 ENV_RUN = "PNI_DDP_RUN"
 ENV_PREFIX = "PNI_DDP_"
 
 
-def _device_count(text: str) -> int | None:
+def _device_count(text: Devices) -> int | None:
     """Devices asked for by ``--devices`` (``None``: 'auto' / -1, Lightning decides)."""
     devices = parse_devices(text)
-    if devices in ("auto", -1):
-        return None
-    return len(devices) if isinstance(devices, list) else devices
+    if isinstance(devices, str) or devices == -1:
+        return None  # "auto"
+    return devices if isinstance(devices, int) else len(devices)
 
 
-def configure(args: argparse.Namespace) -> bool:
-    """Decide from ``--devices``/``--strategy`` whether this run uses several processes;
-    returns True for DDP. ``--devices N`` (N > 1) alone means ``--strategy ddp``; without
-    either, one device is used even where several are present."""
-    strategy = str(getattr(args, "strategy", "auto"))
-    count = _device_count(getattr(args, "devices", "auto"))
+def configure(runtime: RuntimeSettings) -> RuntimeSettings:
+    """Decide from ``--devices``/``--strategy`` whether this run uses several processes:
+    ``runtime`` with ``ddp`` set (and the strategy it implies). ``--devices N`` (N > 1) alone
+    means ``--strategy ddp``; without either, one device is used even where several are present."""
+    strategy = str(runtime.strategy)
+    count = _device_count(runtime.devices)
     if strategy.startswith("ddp"):
         if strategy not in ("ddp", "ddp_find_unused_parameters_true"):
             raise PNIError(f"--strategy {strategy} is not supported; use --strategy ddp (see pni/distributed.py)")
@@ -53,15 +59,15 @@ def configure(args: argparse.Namespace) -> bool:
     elif strategy == "auto":
         ddp = count is not None and count > 1
         if ddp:
-            args.strategy = "ddp"
+            strategy = "ddp"
     else:
         ddp = False  # a single-device strategy named by the user
     if ddp and not is_child():
         os.environ[ENV_RUN] = "1"
-    return ddp
+    return dataclasses.replace(runtime, strategy=strategy, ddp=ddp)
 
 
-def check_devices(accelerator: str, devices: str | int | list[int]) -> None:
+def check_devices(accelerator: str, devices: Devices) -> None:
     """Before any work: this machine has what ``--accelerator`` and ``--devices`` ask for
     (a one-line PNIError naming the flag otherwise)."""
     wanted = parse_devices(devices)
@@ -89,13 +95,13 @@ def check_devices(accelerator: str, devices: str | int | list[int]) -> None:
         )
 
 
-def devices_and_strategy(args: argparse.Namespace, ddp: bool) -> dict[str, Any]:
+def devices_and_strategy(runtime: RuntimeSettings) -> dict[str, Any]:
     """Trainer keywords for the stages that may run on several processes (MLP training and
     test scoring); without DDP, ``--devices auto`` means one device."""
-    devices = parse_devices(args.devices)
-    if not ddp and (devices == "auto" or devices == -1):
+    devices = parse_devices(runtime.devices)
+    if not runtime.ddp and (devices == "auto" or devices == -1):
         devices = 1
-    return {"devices": devices, "strategy": args.strategy}
+    return {"devices": devices, "strategy": runtime.strategy}
 
 
 def is_child() -> bool:
@@ -149,3 +155,27 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def gather_by_index(indices: Sequence[int], items: Sequence[T]) -> list[T]:
+    """Every rank's ``items`` (``items[j]`` belongs to dataset position ``indices[j]``), once
+    per position, in position order: the distributed sampler repeats a few positions to give
+    every rank as many. Without a process group, ``items`` sorted by index."""
+    merged: dict[int, T] = {}
+    for part in gather(list(zip(indices, items))):
+        for index, item in part:
+            merged.setdefault(int(index), item)
+    return [merged[i] for i in sorted(merged)]
+
+
+def share_bank(bank: np.ndarray | None) -> np.ndarray:
+    """Rank 0's memory-mapped feature bank ``bank``, opened read-only by the other ranks (its
+    path is handed over in the environment before they start; they pass ``None``)."""
+    if is_child():
+        return load_npy(shared("bank", lambda: ""), mmap_mode="r")
+    if not isinstance(bank, np.memmap) or bank.filename is None:
+        raise RuntimeError("the feature bank must be a memory map under DDP")
+    path = bank.filename
+    bank.flush()
+    shared("bank", lambda: str(path))
+    return bank

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,11 +30,16 @@ HIDDEN_WIDTH = 2048
 WINDOW_LAYOUTS = VARIANTS  # the MLP window layout is named after its scoring variant
 
 
+def window_count(dist_padding: int) -> int:
+    """Features in the MLP's input window: the ``(2dp+1)^2`` slots less the dropped one."""
+    return (2 * dist_padding + 1) ** 2 - 1
+
+
 def dropped_slot(dist_padding: int, layout: str = "original") -> int:
     """Row-major slot of the ``(2dp+1)^2`` window that the MLP input leaves out: the centre
     ``((2dp+1)^2 - 1) / 2`` (``paper``) or ``((2dp+1)^2 + 1) // 2``, the right-hand neighbour
     ``(0, +1)`` (``original``: the published code's off-by-one, in training and at test time)."""
-    n = (2 * dist_padding + 1) ** 2
+    n = window_count(dist_padding) + 1
     if layout == "paper":
         return (n - 1) // 2
     if layout == "original":
@@ -116,6 +121,23 @@ class NeighbourhoodMLP(nn.Module):
         self.first_layer = block(in_features)
         self.hidden_layers = nn.ModuleList([block(hidden) for _ in range(num_layers - 2)])
         self.last_layer = nn.Sequential(nn.Linear(hidden, num_classes))
+
+    @property
+    def in_features(self) -> int:
+        return cast(nn.Linear, self.first_layer[0]).in_features
+
+    @property
+    def num_classes(self) -> int:
+        return cast(nn.Linear, self.last_layer[0]).out_features
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden_layers) + 2
+
+    def fits(self, dist_padding: int, feature_dim: int, num_classes: int) -> bool:
+        """True when the MLP reads the windows of half-width ``dist_padding`` over
+        ``feature_dim``-dim features and predicts ``num_classes`` distribution entries."""
+        return self.in_features == window_count(dist_padding) * feature_dim and self.num_classes == num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.first_layer(x)

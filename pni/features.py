@@ -207,13 +207,19 @@ class PatchFeatureExtractor(nn.Module):
         return feats.reshape(images.shape[0], ref_h, ref_w, self.target_embed_dimension)
 
 
+def patch_padding(patchsize: int) -> int:
+    """Half-width of the ``patchsize x patchsize`` aggregation window: the zero padding of
+    :func:`local_patches`, and the grid border whose positions are not "interior"."""
+    return (patchsize - 1) // 2
+
+
 def local_patches(fmap: torch.Tensor, patchsize: int) -> torch.Tensor:
     """Every ``patchsize x patchsize`` neighbourhood (zero padding, stride 1).
 
     fmap ``(B, C, h, w)`` -> ``(B, h, w, C, patchsize, patchsize)``.
     """
     b, c, h, w = fmap.shape
-    pad = (patchsize - 1) // 2
+    pad = patch_padding(patchsize)
     unfolded = F.unfold(fmap, kernel_size=patchsize, padding=pad, stride=1)  # (B, C*ps*ps, h*w)
     return unfolded.reshape(b, c, patchsize, patchsize, h, w).permute(0, 4, 5, 1, 2, 3)
 

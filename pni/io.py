@@ -18,7 +18,7 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TextIO
 
 import numpy as np
 from filelock import FileLock
@@ -88,14 +88,9 @@ def set_default_mode(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
-
-    The temporary file keeps ``path``'s suffix (or ``suffix``) so that libraries which
-    infer the format from the extension (numpy, PIL, cv2) still work.
-    """
-    path = Path(path)
+def _temp_file_beside(path: Path, suffix: str | None = None) -> Path:
+    """A new empty hidden file ``.<stem>.tmp-<owner>-*<suffix>`` in ``path``'s folder (made
+    if needed, and cleared of those killed processes left), with the usual file mode."""
     make_dir(path.parent)
     if str(path.parent) not in _swept_folders:
         _swept_folders.add(str(path.parent))
@@ -108,6 +103,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     tmp_path = Path(tmp)
     set_default_mode(tmp_path)  # mkstemp makes 0600; artefacts get the usual mode
+    return tmp_path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    The temporary file keeps ``path``'s suffix (or ``suffix``) so that libraries which
+    infer the format from the extension (numpy, PIL, cv2) still work.
+    """
+    path = Path(path)
+    tmp_path = _temp_file_beside(path, suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -212,7 +219,7 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(fh, array, allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike, mmap_mode: Literal["r", "r+", "w+", "c"] | None = None) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap_mode: Literal["r+", "r", "w+", "c"] | None = None) -> np.ndarray:
     """Load a ``.npy`` file without ever unpickling; an empty or truncated file raises
     ValueError (numpy raises EOFError for those), like any other unreadable content."""
     try:
@@ -285,3 +292,35 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
             w = csv.writer(fh)
             w.writerow(list(header))
             w.writerows([list(r) for r in rows])
+
+
+class CsvStream:
+    """A CSV file written row by row: under a temporary name beside ``path`` (as
+    :func:`atomic_path` names them), renamed onto ``path`` by :meth:`close`, also after an
+    interruption, so ``path`` holds ``header`` and every row written, each complete. Closing
+    twice is harmless; usable as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, header: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.tmp = _temp_file_beside(self.path)
+        self._file: TextIO | None = open(self.tmp, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(list(header))
+
+    def write(self, row: Iterable[Any]) -> None:
+        """Append one row."""
+        self._writer.writerow(list(row))
+
+    def close(self) -> None:
+        """Rename the rows written so far onto ``path``."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> CsvStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

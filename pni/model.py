@@ -14,7 +14,6 @@ no way to pair a model with another layout.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Callable
 
@@ -23,30 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from pni.data.transforms import image_transform
-from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows
-from pni.features import PatchFeatureExtractor
+from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows, window_count
+from pni.features import PatchFeatureExtractor, patch_padding
 from pni.memory import rows_for, scoring_rows
 from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, interior_indices, score_image
 
 ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts) if f.init)
-
-
-def scoring_config(args: argparse.Namespace) -> ScoringConfig:
-    """The :class:`ScoringConfig` of parsed ``train_coreset_distribution.py`` flags
-    (``chunk_size`` is chosen per device by :class:`PNIModel`)."""
-    return ScoringConfig(
-        anomaly_nn=args.anomaly_nn,
-        patchsize=args.patchsize,
-        prob_gamma=args.prob_gamma,
-        softmax_temperature_alpha=args.softmax_temperature_alpha,
-        softmax_nb_gamma=args.softmax_nb_gamma,
-        softmax_coor_gamma=args.softmax_coor_gamma,
-        variant=args.variant,
-        mask_workers=args.mask_workers,
-        imagesize=args.imagesize,
-        blursigma=args.blursigma,
-        chunk_size=None,
-    )
 
 
 class PNIModel(nn.Module):
@@ -113,7 +94,7 @@ class PNIModel(nn.Module):
 
     @property
     def pad(self) -> int:
-        return (self.config.patchsize - 1) // 2
+        return patch_padding(self.config.patchsize)
 
     def artefacts(self) -> ScoringArtefacts:
         """The scoring artefacts, on the model's device: the same object from call to call
@@ -152,7 +133,7 @@ class PNIModel(nn.Module):
         positions = interior_indices(grid.shape[0], grid.shape[1], self.pad, grid.device)
         chunk = window_chunk
         if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
-            n_win = (2 * self.dist_padding + 1) ** 2 - 1
+            n_win = window_count(self.dist_padding)
             chunk = rows_for(
                 4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
                 fraction=0.125,

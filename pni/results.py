@@ -93,7 +93,9 @@ def write_image_scores(path: str | os.PathLike, rows: Sequence[Sequence]) -> Non
     write_csv(path, IMAGE_SCORE_COLUMNS, rows)
 
 
-def append_score_result(path: str | os.PathLike, settings: Mapping[str, object], scores: Mapping[str, float]) -> list:
+def append_score_result(
+    path: str | os.PathLike, settings: Mapping[str, object], scores: Mapping[str, float | None]
+) -> list:
     """Append one run's row to ``score_result.csv`` (header on creation); return the row."""
     row = [settings.get(c, "") for c in SETTING_COLUMNS] + [
         "" if scores[c] is None else f"{scores[c]:.6f}" for c in SCORE_COLUMNS
@@ -139,9 +141,9 @@ def auroc_scores(
     ``masks`` ``None`` (no pixel ground truth): P-AUROC ``None`` (written as an empty cell).
     An AUROC that the images cannot define (no normal or no defective image, no normal or no
     defective pixel) is NaN, announced by one warning line naming ``what``."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     gt = np.stack(masks) if masks is not None else None
-    image_ok, pixel_ok = defined_aurocs(labels, gt, what)
+    image_ok, pixel_ok = defined_aurocs(label_array, gt, what)
     out: dict[str, float | None] = {}
     for m in MAP_NAMES:
         if gt is None:
@@ -149,7 +151,7 @@ def auroc_scores(
         else:
             out[f"{m}_P-AUROC"] = pixel_auroc(gt, np.stack(maps[m])) if pixel_ok else float("nan")
         out[f"{m}_I-AUROC"] = (
-            image_auroc(labels, np.asarray(image_scores[m], dtype=np.float64)) if image_ok else float("nan")
+            image_auroc(label_array, np.asarray(image_scores[m], dtype=np.float64)) if image_ok else float("nan")
         )
     return out
 
@@ -181,6 +183,6 @@ def format_score_table(rows: Sequence[Mapping[str, object]], first: str = "categ
         lines.append(
             [str(r[first])]
             + label
-            + ["-" if r[c] in (None, "") else f"{100 * float(r[c]):.{digits}f}" for c in SCORE_COLUMNS]
+            + ["-" if r[c] in (None, "") else f"{100 * float(str(r[c])):.{digits}f}" for c in SCORE_COLUMNS]
         )
     return render_table(lines)

@@ -73,7 +73,7 @@ def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_siz
     coresets are prefixes of one greedy order over the interior features (of
     ``max(int(sp*N), dist_coreset_size)`` points), the with-edge one a greedy order over all."""
     from pni import pipeline
-    from pni.config import parse_args
+    from pni.config import parse_args, settings_from_flags
 
     n_img, rows, cols, dim, pad = 3, 6, 6, 5, 1
     table = np.random.default_rng(0).normal(size=(n_img * rows * cols, dim)).astype(np.float32)
@@ -83,24 +83,25 @@ def test_coreset_stage_sizes_prefix_and_interior_rows(tmp_path, dist_coreset_siz
     def extractor(images):  # (B, 3, R, C) -> (B, R, C, E): the table row of each position's id
         return torch.from_numpy(table)[images[:, 0].round().long()]
 
-    args = parse_args(
-        [
-            "--patchsize",
-            "3",
-            "-p",
-            "0.125",
-            "--dist_coreset_size",
-            str(dist_coreset_size),
-            "--target_embed_dimension",
-            str(dim),
-            "--accelerator",
-            "cpu",
-            "--devices",
-            "1",
-        ]
+    settings = settings_from_flags(
+        parse_args(
+            [
+                "--patchsize",
+                "3",
+                "-p",
+                "0.125",
+                "--dist_coreset_size",
+                str(dist_coreset_size),
+                "--target_embed_dimension",
+                str(dim),
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+            ]
+        )
     )
-    args.ddp = False
-    pipeline.build_coresets(args, extractor, train_ds, tmp_path, tmp_path)
+    pipeline.build_coresets(settings, extractor, train_ds, tmp_path, tmp_path)
 
     def positions(name):  # (image, row, col) of every saved vector
         index = cs.load_index(tmp_path / name)

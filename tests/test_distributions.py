@@ -150,39 +150,40 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
     import copy
 
     from pni import pipeline
-    from pni.config import parse_args
+    from pni.config import parse_args, settings_from_flags
     from pni.lightning import NeighbourhoodModule
 
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(4, 7, 7, 6)).astype(np.float32)  # 4 images, 5 x 5 interior positions
     distribution = bank[rng.integers(0, 4, 5), rng.integers(1, 6, 5), rng.integers(1, 6, 5)]
-    args = parse_args(
-        [
-            "--patchsize",
-            "3",
-            "--dist_padding",
-            "1",
-            "--dist_coreset_size",
-            "5",
-            "--num_layers",
-            "3",
-            "--num_epochs",
-            "4",
-            "--learning_rate",
-            "0.05",
-            "--step_size",
-            "10",
-            "--dist_batchsize",
-            "32",
-            "--target_embed_dimension",
-            "6",
-            "--accelerator",
-            "cpu",
-            "--devices",
-            "1",
-        ]
+    settings = settings_from_flags(
+        parse_args(
+            [
+                "--patchsize",
+                "3",
+                "--dist_padding",
+                "1",
+                "--dist_coreset_size",
+                "5",
+                "--num_layers",
+                "3",
+                "--num_epochs",
+                "4",
+                "--learning_rate",
+                "0.05",
+                "--step_size",
+                "10",
+                "--dist_batchsize",
+                "32",
+                "--target_embed_dimension",
+                "6",
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+            ]
+        )
     )
-    args.ddp = False
     recorded = []
 
     class Recording(NeighbourhoodModule):
@@ -207,7 +208,7 @@ def test_mlp_training_labels_split_best_weights_and_architecture(tmp_path, monke
             )
 
     monkeypatch.setattr(pipeline, "NeighbourhoodModule", Recording)
-    pipeline.train_neighbourhood(args, bank, {"distribution": distribution}, tmp_path)
+    pipeline.train_neighbourhood(settings, bank, {"distribution": distribution}, tmp_path)
     (module,) = recorded
 
     windows, labels = reference.neighbourhood_samples(bank, distribution, pad=1, dp=1, variant="original")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pni.config import parse_args
+from pni.config import parse_args, settings_from_flags
 from pni.data.synthetic import make_dataset
 from pni.pipeline import run
 
@@ -33,24 +33,26 @@ def demo_flags() -> list[str]:
 def board_scores(tmp_path_factory):
     root = tmp_path_factory.mktemp("board")
     make_dataset(root / "ds", num_train=16, num_test_per_type=8, categories=["board"])
-    args = parse_args(
-        ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
-        + demo_flags()
-        + [
-            "--dataset_path",
-            str(root / "ds"),
-            "--category",
-            "board",
-            "--project_root_path",
-            str(root / "result"),
-            "--embedding_root_path",
-            str(root),
-            "--random_init",
-            "--accelerator",
-            "cpu",
-        ]
+    settings = settings_from_flags(
+        parse_args(
+            ["--train_coreset", "--train_nb_dist", "--train_coor_dist"]
+            + demo_flags()
+            + [
+                "--dataset_path",
+                str(root / "ds"),
+                "--category",
+                "board",
+                "--project_root_path",
+                str(root / "result"),
+                "--embedding_root_path",
+                str(root),
+                "--random_init",
+                "--accelerator",
+                "cpu",
+            ]
+        )
     )
-    result = run(args)
+    result = run(settings)
     with open(Path(result["version_dir"]) / "image_scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     labels = np.array([int(r["label"]) for r in rows])

@@ -25,7 +25,7 @@ from PIL import Image
 
 import train_coreset_distribution as tcd
 from pni import coreset as cs
-from pni.config import parse_args
+from pni.config import parse_args, settings_from_flags
 from pni.data.synthetic import make_dataset
 from pni.errors import PNIError
 
@@ -745,7 +745,7 @@ def test_reading_results_never_unpickles(trained, ravel_folder, monkeypatch, tmp
     monkeypatch.setattr(pickle, "_Unpickler", RefusingUnpickler)
     monkeypatch.setattr(np, "load", np_load)
 
-    from pni import pipeline
+    from pni import artefacts
     from pni.analysis import analyse
     from pni.distributions import load_mlp_checkpoint
     from pni.results import read_sample
@@ -755,10 +755,10 @@ def test_reading_results_never_unpickles(trained, ravel_folder, monkeypatch, tmp
     for defect_type, stem, *_ in rows:
         sample = read_sample(version / "sample", defect_type, stem)
         assert sample["image"].shape == (64, 64, 3) and all(sample[m].shape == (64, 64) for m in MAPS)
-    args = parse_args(trained.argv())
-    coresets = pipeline.load_coresets(args, trained.emb)
-    pipeline.load_position_priors(args, trained.emb, coresets)
-    pipeline.load_neighbourhood_model(args, trained.emb, coresets)
+    settings = settings_from_flags(parse_args(trained.argv()))
+    coresets = artefacts.load_coresets(settings, trained.emb)
+    artefacts.load_position_priors(settings, trained.emb, coresets)
+    artefacts.load_neighbourhood_model(settings, trained.emb, coresets)
     assert "model" in load_mlp_checkpoint(trained.emb / "best_model_dp2_dcs16_n3.pt")
     rav = tmp_path / "ravel"
     shutil.copytree(ravel_folder, rav)

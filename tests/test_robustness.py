@@ -445,7 +445,7 @@ def test_empty_test_set_is_refused_before_training(run, tmp_path, capsys):
 
 
 def test_non_finite_map_is_one_line_naming_the_image(tmp_path):
-    from pni.pipeline import ResultCollector
+    from pni.collector import ResultCollector
     from pni.scoring import ImageScores
 
     maps = {m: torch.zeros(8, 8) for m in ("nb", "coor", "patchcore", "nb_coor")}

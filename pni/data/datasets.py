@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pni.data.transforms import _first_line, image_transform, load_image, load_mask, mask_transform
+from pni.data.transforms import first_line, image_transform, load_image, load_mask, mask_transform
 from pni.errors import PNIError
 from pni.io import check_name
 
@@ -107,7 +107,7 @@ def _header_size(path: str) -> tuple[int, int]:
     except FileNotFoundError as exc:
         raise PNIError(f"image file not found: {path}") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise PNIError(f"cannot read image {path}: {_first_line(exc)}") from exc
+        raise PNIError(f"cannot read image {path}: {first_line(exc)}") from exc
 
 
 def check_mask_sizes(samples: list[Sample]) -> None:

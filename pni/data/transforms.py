@@ -26,7 +26,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -42,7 +43,7 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError as exc:
         raise PNIError(f"image file not found: {path}") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise PNIError(f"cannot read image {path}: {_first_line(exc)}") from exc
+        raise PNIError(f"cannot read image {path}: {first_line(exc)}") from exc
 
 
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:
@@ -70,7 +71,7 @@ def to_rgb(img: Image.Image, name: str | os.PathLike = "image") -> Image.Image:
             img = img.convert("RGBA")
         return img.convert("RGB")  # alpha is dropped
     except (OSError, ValueError) as exc:
-        raise PNIError(f"cannot convert image {name} (mode {img.mode}) to RGB: {_first_line(exc)}") from exc
+        raise PNIError(f"cannot convert image {name} (mode {img.mode}) to RGB: {first_line(exc)}") from exc
 
 
 def load_mask(path: str | os.PathLike, binarize: bool = True) -> Image.Image:
@@ -97,7 +98,7 @@ def load_mask(path: str | os.PathLike, binarize: bool = True) -> Image.Image:
     try:
         return img.convert("L")
     except (OSError, ValueError) as exc:
-        raise PNIError(f"cannot convert mask {path} (mode {img.mode}) to grayscale: {_first_line(exc)}") from exc
+        raise PNIError(f"cannot convert mask {path} (mode {img.mode}) to grayscale: {first_line(exc)}") from exc
 
 
 def image_transform(resize: int = 512, imagesize: int = 480) -> Callable[[Image.Image], torch.Tensor]:
