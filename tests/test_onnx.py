@@ -38,7 +38,7 @@ from pni.deploy.onnx_export import (
     kth_smallest,
     position_select,
 )
-from pni.deploy.onnx_runtime import ONNX_FILE, OnnxScorer
+from pni.deploy.onnx_runtime import ONNX_DATA, ONNX_FILE, OnnxScorer
 from pni.errors import PNIError
 from pni.maps import MAP_NAMES
 from pni.model import ARTEFACT_NAMES, PNIModel
@@ -194,7 +194,6 @@ def compare(scored: list, reference: list) -> None:
 
 CASES = {
     "original-8": ("original", False, False, {}),
-    "original-1": ("original", False, False, {"mask_workers": 1}),
     "original-8-biting": ("original", True, False, {}),
     "original-1-biting": ("original", True, False, {"mask_workers": 1}),
     "original-3-biting-unordered": ("original", True, True, {"mask_workers": 3}),
@@ -267,6 +266,19 @@ def test_graph_file_holds_each_array_once(trained, tmp_path, variant):
     [graph_input] = proto.graph.input
     assert graph_input.type.tensor_type.shape.dim[0].dim_param  # a dynamic batch
     assert [o.name for o in proto.graph.output] == ["maps", "image_scores", "coarse_maps"]
+
+
+def test_graph_with_external_data(trained, tmp_path):
+    """Above 2 GB the initializers go to model.onnx.data (forced here on the tiny model)."""
+    model, _ = load_bundle(trained["paper"])
+    (tmp_path / "a").mkdir()
+    assert export_onnx(model, tmp_path / "a", external_data=True) == [ONNX_FILE, ONNX_DATA]
+    assert (tmp_path / "a" / ONNX_FILE).stat().st_size < 2**20 < (tmp_path / "a" / ONNX_DATA).stat().st_size
+    onnx.checker.check_model(str(tmp_path / "a" / ONNX_FILE))
+    images = trained["images"][:2]
+    compare(OnnxScorer(tmp_path / "a" / ONNX_FILE).score(images), model.score(torch.from_numpy(images)))
+    assert export_onnx(model, tmp_path / "a") == [ONNX_FILE]  # replaced by one file: no stale data left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [ONNX_FILE]
 
 
 # ---------------------------------------------------------------- masked selections, exactly
@@ -459,11 +471,23 @@ def _image(rng: np.random.Generator, width: int, height: int, mode: str) -> Imag
     ],
 )
 def test_input_array_is_torchvisions_tensor(width, height, resize, size, mode):
+    from torchvision import transforms as T
+
     img = _image(np.random.default_rng(width * height), width, height, mode)
-    got = np_images.input_array(np_images.to_rgb(img), resize, size)
-    want = torch_transforms.image_transform(resize, size)(torch_transforms.to_rgb(img)).numpy()
+    rgb = np_images.to_rgb(img)
+    got = np_images.input_array(rgb, resize, size)
+    torchvision_chain = T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean=np_images.IMAGENET_MEAN, std=np_images.IMAGENET_STD),
+        ]
+    )
+    want = torchvision_chain(rgb).numpy()
     assert got.dtype == np.float32 and got.shape == want.shape == (3, size, size)
     assert np.array_equal(got, want)
+    assert np.array_equal(torch_transforms.image_transform(resize, size)(torch_transforms.to_rgb(img)).numpy(), want)
 
 
 def test_input_array_refuses_other_modes():

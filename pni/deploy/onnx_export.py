@@ -387,10 +387,13 @@ def graph_metadata(model: PNIModel) -> dict[str, str]:
     }
 
 
-def export_onnx(model: PNIModel, folder: str | os.PathLike, opset: int = OPSET) -> list[str]:
-    """Write ``model`` as ``folder/model.onnx`` (plus ``model.onnx.data`` holding the
-    initializers when the graph would pass 2 GB); returns the names of the files written.
-    Each file appears under its name only when complete; ``onnx.checker`` is run on it."""
+def export_onnx(
+    model: PNIModel, folder: str | os.PathLike, opset: int = OPSET, external_data: bool | None = None
+) -> list[str]:
+    """Write ``model`` (on the CPU) as ``folder/model.onnx``, plus ``model.onnx.data`` holding
+    the initializers when ``external_data`` (``None``: when they would pass protobuf's 2 GB);
+    returns the names of the files written. Each file appears under its name only when
+    complete (the data first); ``onnx.checker`` has passed on it."""
     import onnx
 
     if opset < OPSET:
@@ -423,7 +426,9 @@ def export_onnx(model: PNIModel, folder: str | os.PathLike, opset: int = OPSET) 
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         proto.doc_string = "PNI model: preprocessed images -> maps, image scores, coarse maps"
-        external = proto.ByteSize() > PROTOBUF_LIMIT
+        if external_data is None:  # protobuf cannot even measure a message past 2 GB: add up the tensors
+            external_data = sum(len(t.raw_data) for t in proto.graph.initializer) > PROTOBUF_LIMIT
+        external = bool(external_data)
         final = tmp / ONNX_FILE
         onnx.save_model(
             proto,
@@ -438,6 +443,8 @@ def export_onnx(model: PNIModel, folder: str | os.PathLike, opset: int = OPSET) 
         names = [ONNX_DATA, ONNX_FILE] if external else [ONNX_FILE]
         for name in names:  # the data first: model.onnx never names a missing file
             os.replace(tmp / name, out / name)
+        if not external:
+            (out / ONNX_DATA).unlink(missing_ok=True)  # a previous export's, which nothing names now
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted(names)
