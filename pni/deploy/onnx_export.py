@@ -7,23 +7,27 @@ computes, for the model's variant and ``mask_workers``.
 backbone, the MLP, the six scoring arrays as buffers), written with operations ONNX has, and
 :func:`export_onnx` traces it with ``torch.onnx.export`` (the TorchScript exporter, without
 constant folding). Each array of the model is therefore ONE initializer, stored as it is in
-the bundle; what scoring derives from the arrays (the centred coresets and their squared
+the bundle (the original variant reads ``m(k)`` only through its rank columns, a vector of at
+most ``D`` ids); what scoring derives from the arrays (the centred coresets and their squared
 norms, the thresholded position priors) is computed in the graph from them, which
 onnxruntime folds once when it loads the model. The bank never meets a per-position
 constant: each coreset enters one matrix product with each image's features.
 
-Where :func:`pni.scoring.score_batch` takes data-dependent shortcuts, the graph computes the
-same values without them (docs: the module's functions say how, and why it is the same):
+Each mask chooses an entry from ``q = |y - c|^2 - 2 (x - c).(y - c)`` (the squared distance
+less ``|x - c|^2``, as scoring does); the chosen entry's distance is then computed directly as
+``|x - y|``, free of the expansion's cancellation. Where :func:`pni.scoring.score_batch`
+takes data-dependent shortcuts, the graph makes the same choices without them (each
+function below says why they are the same):
 
-- nearest allowed entry: ``min`` over ``where(allowed, q, inf)``; nothing allowed -> the
-  farthest entry (``max``);
+- nearest allowed entry: ``argmin`` over ``where(allowed, q, inf)``; nothing allowed -> the
+  farthest entry (``argmax``);
 - the lost-write rank cut (``keep = ceil(K / workers)``): the nearest allowed entry counts
   only if fewer than ``keep`` entries are strictly nearer (``sum(q < best) < keep``), as
   :func:`pni.scoring.select_position` counts;
 - the original's rank/id mix-up: the first allowed sorted column either from the rank of the
   nearest allowed distribution entry (when ``first`` increases with the rank, the common
   case, :class:`pni.scoring.RankColumns`) or from the ``R`` nearest distribution entries by
-  ``TopK``; then the ``k``-th smallest distance of each row by ``TopK`` over the rows whose
+  ``TopK``; then the ``k``-th nearest entry of each row by ``TopK`` over the rows whose
   ``k`` falls in each of a few static ranges (``NonZero`` picks those rows, so a row never pays
   for a larger ``k`` than its range needs, and an empty range costs nothing).
 
