@@ -26,8 +26,8 @@ import export_model
 import predict as predict_cli
 import train_coreset_distribution as tcd
 from pni.calibration import best_f1_cut, threshold_at_fpr
+from pni.data.images import CropGeometry
 from pni.data.synthetic import make_dataset
-from pni.data.transforms import CropGeometry
 from pni.scoring import ImageScores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_regions_and_mask_in_input_pixels_hand_computed(model):
     result = ImageScores(maps={m: crop for m in MAPS}, image={m: 1.0 for m in MAPS})
     from pni.predict import Predictor
 
-    predictor = Predictor(model.model, model.manifest, "nb_coor", image_threshold=0.5, pixel_threshold=0.5)
+    predictor = Predictor(model.scorer, model.manifest, "nb_coor", image_threshold=0.5, pixel_threshold=0.5)
     p = predictor.finish(result, np.zeros((128, 256, 3), np.uint8))
     assert (p.width, p.height, p.inspected) == (256, 128, (64, 0, 192, 128))
     assert len(p.regions) == 1
