@@ -33,6 +33,7 @@ from pni.manifest import onnx_graph, read_manifest
 from pni.maps import MAP_NAMES, MapScores
 from pni.viz import draw_contours, jet
 
+ONNX_BATCH_PIXELS = 480 * 480  # see onnx_batch_size
 THRESHOLD_KEYS = {
     "image": {"fpr": "image", "best_f1": "image_best_f1"},
     "pixel": {"fpr": "pixel", "best_f1": "pixel_best_f1"},
@@ -263,12 +264,15 @@ class Predictor:
 
     # ------------------------------------------------------------ Python API
 
-    def predict(self, images: Any, batch_size: int = 8) -> Prediction | list[Prediction]:
+    def predict(self, images: Any, batch_size: int | None = None) -> Prediction | list[Prediction]:
         """Predict one image or a list of them: paths, PIL images or arrays (see
-        :func:`as_rgb_image`). Returns one :class:`Prediction` (a list for a list), with all
-        four maps."""
+        :func:`as_rgb_image`), ``batch_size`` at a time (None: 8 with torch, which scores in
+        memory-sized chunks; :func:`onnx_batch_size` with onnxruntime). Returns one
+        :class:`Prediction` (a list for a list), with all four maps."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        if batch_size is None:
+            batch_size = onnx_batch_size(self.scorer.imagesize) if isinstance(self.scorer, OnnxScorer) else 8
         out: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -278,6 +282,12 @@ class Predictor:
                 path = str(x) if isinstance(x, (str, os.PathLike)) else None
                 out.append(self.finish(result, np.asarray(img), path))
         return out[0] if single else out
+
+
+def onnx_batch_size(imagesize: int) -> int:
+    """Images per onnxruntime run: :data:`ONNX_BATCH_PIXELS` worth of input pixels (one image
+    at 480 px and above), as the graph holds each image's distance matrices at once."""
+    return max(1, min(32, ONNX_BATCH_PIXELS // imagesize**2))
 
 
 def load_scorer(

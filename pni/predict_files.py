@@ -29,7 +29,7 @@ from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
 from pni.io import CsvStream, check_output_dir, make_dir, save_npy, write_csv
 from pni.maps import MAP_NAMES, MapScores
-from pni.predict import ImageScorer, Predictor, check_choices, load_model
+from pni.predict import ImageScorer, Predictor, check_choices, load_model, onnx_batch_size
 from pni.viz import save_jpeg, save_png
 
 PREDICTION_COLUMNS = (
@@ -50,7 +50,6 @@ PREDICTION_COLUMNS = (
     "inspected_y1",
 ) + tuple(f"{m}_{k}" for m in MAP_NAMES for k in ("score", "normalised"))
 SUMMARY_ROWS = 20
-ONNX_BATCH_PIXELS = 480 * 480  # see onnx_batch_size
 REGION_COLUMNS = ("name", "region", "x0", "y0", "x1", "y1", "area", "peak_score", "peak_normalised", "peak_x", "peak_y")
 
 
@@ -239,18 +238,32 @@ class PredictionWriter:
         write_csv(self.out_dir / "errors.csv", ("path", "error"), self.errors)
 
 
+_worker_inputs: InputImages | None = None  # a decoding process's inputs (decoded_batches)
+
+
+def _keep_inputs(inputs: InputImages) -> None:
+    global _worker_inputs
+    _worker_inputs = inputs
+
+
+def _decode(i: int) -> dict:
+    assert _worker_inputs is not None
+    return _worker_inputs[i]
+
+
 def decoded_batches(inputs: InputImages, batch_size: int, workers: int) -> Iterator[list[dict]]:
     """``inputs`` in batches of ``batch_size`` items, decoded by ``workers`` processes (0: in
-    this one) while the previous batch is scored: at most two batches in memory."""
+    this one; started fresh, as this one runs onnxruntime's threads) while the previous batch
+    is scored: at most two batches in memory."""
     batches = [range(s, min(s + batch_size, len(inputs))) for s in range(0, len(inputs), batch_size)]
     if workers == 0:
         for batch in batches:
             yield [inputs[i] for i in batch]
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _keep_inputs, (inputs,)) as pool:
         pending = None
         for batch in batches:
-            ahead = pool.map_async(inputs.__getitem__, batch)
+            ahead = pool.map_async(_decode, batch)
             if pending is not None:
                 yield pending.get()
             pending = ahead
@@ -307,12 +320,6 @@ def score_with_lightning(
     with Progress(title) as bar:
         trainer = build_trainer(RuntimeSettings(accelerator=settings.accelerator), bar, devices=1)
         interruptible(trainer.predict, ScoringModule(model, sink), loader, return_predictions=False)
-
-
-def onnx_batch_size(imagesize: int) -> int:
-    """Images per onnxruntime run: ONNX_BATCH_PIXELS worth of input pixels (one at 480 px
-    and above; the graph holds each image's distance matrices at once)."""
-    return max(1, min(32, ONNX_BATCH_PIXELS // imagesize**2))
 
 
 def predict_files(settings: PredictSettings) -> int:

@@ -216,6 +216,19 @@ def test_onnxruntime_predicts_as_torch_without_torch(deployed, tmp_path, variant
         assert (a["peak_x"], a["peak_y"]) == (b["peak_x"], b["peak_y"]) or close(at, b["peak_score"]), (a, b)
 
 
+def test_onnxruntime_decodes_in_worker_processes(deployed, tmp_path, capsys):
+    """--num_workers: the inputs decoded in other processes, the same files and rows."""
+    argv = ["--model", str(deployed["paper"]), "--input", str(deployed["inputs"]), "--runtime", "onnxruntime"]
+    assert predict_cli.main(argv + ["--output", str(tmp_path / "a"), "--batch_size", "3"]) == 1
+    assert predict_cli.main(argv + ["--output", str(tmp_path / "b"), "--batch_size", "3", "--num_workers", "2"]) == 1
+    capsys.readouterr()
+    for name in ("predictions.csv", "regions.csv", "errors.csv"):
+        assert read_csv(tmp_path / "b" / name) == read_csv(tmp_path / "a" / name), name
+    assert len(read_csv(tmp_path / "a" / "predictions.csv")) == 8
+    masks = sorted(p.name for p in (tmp_path / "a" / "masks").iterdir())
+    assert masks == sorted(p.name for p in (tmp_path / "b" / "masks").iterdir()) and len(masks) == 8
+
+
 def test_onnxruntime_refuses_bundles_it_cannot_use(deployed, tmp_path):
     inputs = deployed["inputs"] / "good"
 
