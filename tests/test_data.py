@@ -1,4 +1,4 @@
-"""Data layer: listing and pairing, decoding odd files, transforms (pni.data)."""
+"""Data layer: listing and pairing, decoding odd files and masks of any encoding, transforms (pni.data)."""
 
 from __future__ import annotations
 
@@ -338,3 +338,38 @@ def test_visa_mvtec_style_layout(tmp_path: Path) -> None:
     train, test = build_datasets("VisA", tmp_path, "capsules", resize=16, imagesize=16)
     assert len(train) == 2 and [s.defect_type for s in test.samples] == ["bad", "good"]
     assert test[0]["label"] == 1 and test[0]["mask"].sum() == 16
+
+
+def test_masks_of_any_encoding_give_the_same_ground_truth(tmp_path):
+    cat = tmp_path / "ds" / "parts"
+    rng = np.random.default_rng(0)
+    (cat / "train" / "good").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(cat / "train" / "good" / "0.png")
+    box = np.zeros((32, 32), np.uint8)
+    box[8:20, 10:26] = 1
+    encodings = {
+        "255": Image.fromarray(box * 255),
+        "1": Image.fromarray(box),
+        "128": Image.fromarray(box * 128),
+        "16bit_1": Image.fromarray(box.astype(np.uint16)),
+        "16bit_65535": Image.fromarray(box.astype(np.uint16) * 65535),
+        "rgb_1": Image.fromarray(np.dstack([box] * 3)),
+        "palette_1": Image.fromarray(box, mode="L"),
+    }
+    encodings["palette_1"] = Image.new("P", (32, 32))
+    encodings["palette_1"].putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 = red
+    encodings["palette_1"].putdata(box.reshape(-1).tolist())
+    for name, mask in encodings.items():
+        (cat / "test" / "bad").mkdir(parents=True, exist_ok=True)
+        (cat / "ground_truth" / "bad").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(cat / "test" / "bad" / f"{name}.png")
+        mask.save(cat / "ground_truth" / "bad" / f"{name}_mask.png")
+    assert Image.open(cat / "ground_truth" / "bad" / "16bit_1_mask.png").mode.startswith("I")
+    # The original's rule on a 0/255 mask: bilinear resize, defective where the value stays 255.
+    reference = np.asarray(Image.fromarray(box * 255).resize((48, 48), Image.Resampling.BILINEAR)) == 255
+    assert reference.sum() > 100
+    _, test = build_datasets("MVTec", tmp_path / "ds", "parts", resize=48, imagesize=48)
+    for item in test:
+        assert item["label"] == 1
+        assert np.array_equal(item["mask"][0].numpy() == 1, reference), item["stem"]
+        assert set(np.unique(item["mask"].numpy())) == {0.0, 1.0}

@@ -1,5 +1,5 @@
-"""Lightning DDP on the CPU (gloo, 2 processes): test scoring agrees with one process, and
-the MLP trains under DDP.
+"""Lightning DDP on the CPU (gloo, 2 processes): test scoring of the shared tiny run's
+artefacts agrees with one process, and the MLP trains under DDP.
 
 Lightning's ``ddp`` strategy starts the other rank by running the command line again, so
 the DDP runs are subprocesses of ``train_coreset_distribution.py``.
@@ -18,7 +18,6 @@ from helpers import REPO as ROOT
 from helpers import TINY, TRAIN, aurocs_from_saved, path_flags
 
 import train_coreset_distribution as tcd
-from pni.data.synthetic import make_dataset
 
 DDP = ["--devices", "2", "--strategy", "ddp"]
 
@@ -52,19 +51,21 @@ def score_rows(root):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tiny_run, tmp_path_factory):
+    """The shared run's dataset with 7 test images: the distributed sampler repeats one to
+    give both ranks 4."""
     root = tmp_path_factory.mktemp("ddp")
-    make_dataset(root / "ds", num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
-    # 7 test images: the distributed sampler repeats one to give both ranks 4
-    (root / "ds" / "texture" / "test" / "scratch" / "001.png").unlink()
-    (root / "ds" / "texture" / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    cat = tiny_run.copy_dataset(root / "ds")
+    (cat / "test" / "scratch" / "001.png").unlink()
+    (cat / "ground_truth" / "scratch" / "001_mask.png").unlink()
     return root
 
 
-def test_ddp_scoring_matches_one_process(dataset):
+def test_ddp_scoring_matches_one_process(tiny_run, dataset):
     root = dataset / "score"
+    tiny_run.copy_artefacts(root)  # the shared run's artefacts (same training images)
     base = path_flags(dataset / "ds", root) + TINY
-    assert tcd.main(base + TRAIN) == 0  # trains, then scores on one process: version_0
+    assert tcd.main(base) == 0  # scores on one process: version_0
     proc = run_script(base + DDP)  # the same artefacts, scored by 2 processes: version_1
     assert proc.stdout.count("stage 4/4") == 1  # progress and tables from rank 0 only
     v0, v1 = versions(root) / "version_0", versions(root) / "version_1"

@@ -3,7 +3,8 @@ the bundle, and ``predict.py --runtime onnxruntime`` (and ``pni.load_model(...,
 runtime="onnxruntime")``) gives what ``--runtime torch`` gives, in a fresh process in which
 importing torch (or anything the deploy install leaves out) raises ImportError.
 
-A tiny model of each variant is trained and exported with ``--onnx`` once (module fixture).
+A tiny model of each variant is exported with ``--onnx`` once (module fixture: the session's
+shared run, and the same trained with ``--variant paper``).
 The graph itself against ``PNIModel.score`` under biting masks: tests/test_onnx.py.
 """
 
@@ -27,7 +28,6 @@ from PIL import Image
 import export_model
 import predict as predict_cli
 import train_coreset_distribution as tcd
-from pni.data.synthetic import make_dataset
 from pni.errors import PNIError
 from pni.io import file_sha256
 from pni.maps import MAP_NAMES
@@ -87,23 +87,21 @@ def predict_without_torch(argv: list[str], cwd: Path) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory) -> dict:
-    """Per variant a tiny texture model exported with --onnx; the inputs: the test images
-    and a file that is no image."""
+def deployed(tiny_run, tmp_path_factory) -> dict:
+    """Per variant a tiny texture model exported with --onnx (``original``: the session's
+    shared run; ``paper``: trained here on its dataset); the inputs: the test images and a
+    file that is no image."""
     root = tmp_path_factory.mktemp("deploy")
-    ds = root / "ds"
-    make_dataset(ds, num_train=4, num_test_per_type=2, image_size=64, categories=["texture"])
     inputs = root / "inputs"
-    shutil.copytree(ds / "texture" / "test", inputs)
+    shutil.copytree(tiny_run.ds / "texture" / "test", inputs)
     (inputs / "broken.png").write_bytes(b"not an image")
     out: dict = {"root": root, "inputs": inputs}
-    for variant in VARIANTS:
-        work = root / variant
-        flags = path_flags(ds, work) + TINY + ["--variant", variant]
-        assert tcd.main(flags + TRAIN) == 0
-        assert export_model.main(flags + ["--output", str(work / "bundle"), "--onnx"]) == 0
-        out[variant] = work / "bundle"
-        out[f"{variant}_flags"] = flags
+    assert export_model.main(tiny_run.argv("--output", str(root / "original"), "--onnx")) == 0
+    out["original"] = root / "original"
+    flags = path_flags(tiny_run.ds, root / "paper_run") + TINY + ["--variant", "paper"]
+    assert tcd.main(flags + TRAIN) == 0
+    assert export_model.main(flags + ["--output", str(root / "paper"), "--onnx"]) == 0
+    out["paper"], out["paper_flags"] = root / "paper", flags
     return out
 
 

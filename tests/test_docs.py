@@ -1,4 +1,5 @@
-"""docs/DESIGN.md against the code: the signatures it writes must be the real ones.
+"""The documentation against the code: docs/DESIGN.md's signatures must be the real ones,
+and no product file points outside the repository.
 
 In the section "Modules and their public functions", every inline code span that starts
 with ``name(`` is a signature. It is looked up in the modules named (as ``pni/....py`` or
@@ -242,3 +243,17 @@ def test_checker_reports_what_is_wrong(old: str, new: str, says: str) -> None:
     assert old in _FAKE
     problems = signature_problems(_FAKE.replace(old, new, 1))
     assert any(says in p for p in problems), problems
+
+
+def test_product_files_do_not_point_outside_the_repository():
+    repo = DESIGN.parents[1]
+    files = ["README.md", "Makefile", "pyproject.toml", *map(str, Path(repo).glob("*.py"))]
+    files += [
+        str(p)
+        for d in ("pni", "analysis_code", "scripts", "docs")
+        for p in (repo / d).rglob("*")
+        if p.suffix in (".py", ".sh", ".md")
+    ]
+    offenders = [f for f in files if "../shared/" in (repo / f).read_text()]
+    assert offenders == []
+    assert (repo / "docs" / "METHOD.md").is_file()

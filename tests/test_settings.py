@@ -1,6 +1,7 @@
-"""Typed settings (pni.config): built once from the flags, their flat flag view (what the
-settings records hold), the derived window facts, the bundle manifest's settings sections,
-the MLP-size check, the DDP merge of test rows and the streaming CSV writer."""
+"""Typed settings (pni.config): the flags' defaults (the original's) and old names, the
+settings built once from the flags, their flat flag view (what the settings records hold),
+the derived window facts, the bundle manifest's settings sections, the MLP-size check, the
+DDP merge of test rows and the streaming CSV writer."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pni.config import (
     InputDigests,
     NeighbourhoodSettings,
     build_export_parser,
+    build_parser,
     build_predict_parser,
     export_settings_from_flags,
     parse_args,
@@ -187,3 +189,51 @@ def test_csv_stream_keeps_every_complete_row_after_an_interruption(tmp_path):
     with open(target, newline="") as fh:
         assert list(csv.reader(fh)) == [["i", "square"], ["0", "0"], ["1", "1"], ["2", "4"]]
     assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
+def test_every_flag_has_the_original_default():
+    args = parse_args([])
+    expected = dict(
+        dataset_path="../dataset/MVTecAD",
+        dataset_category="MVTec",
+        project_root_path="./result",
+        seed=22,
+        backbone="WR101",
+        layer_index=["layer2", "layer3"],
+        pretrain_embed_dimension=1024,
+        target_embed_dimension=1024,
+        anomaly_nn=3,
+        patchsize=5,
+        subsampling_percentage=0.01,
+        resize=512,
+        imagesize=480,
+        dist_coreset_size=2048,
+        dist_padding=4,
+        num_layers=10,
+        num_epochs=15,
+        learning_rate=1e-3,
+        step_size=5,
+        dist_batchsize=2048,
+        softmax_temperature_alpha=2.0,
+        prob_gamma=0.99,
+        softmax_nb_gamma=0.5,
+        softmax_coor_gamma=0.5,
+        blursigma=8.0,
+        variant="original",
+        mask_workers=8,
+        train_coreset=False,
+        train_nb_dist=False,
+        train_coor_dist=False,
+    )
+    for key, value in expected.items():
+        assert getattr(args, key) == value, key
+    helps = [a.help for a in build_parser()._actions if a.dest != "help"]
+    assert all(helps)
+
+
+def test_old_nb_mask_flag_maps_to_variant(capsys):
+    assert parse_args(["--nb_mask", "official"]).variant == "original"
+    assert "--nb_mask official is the old name of --variant original" in capsys.readouterr().err
+    args = parse_args(["--nb_mask", "paper", "--variant", "paper"])
+    assert args.variant == "paper" and not hasattr(args, "nb_mask")
+    assert parse_args(["--variant", "paper"]).variant == "paper"
