@@ -67,12 +67,13 @@ print(json.dumps({{"code": code, "loaded": sorted(m for m in sys.modules if m.sp
 """
 
 
-def predict_without_torch(argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    """``predict.py argv`` in a fresh process where importing anything in BLOCKED fails; its
-    exit code (also checked: nothing blocked was loaded), stdout and stderr."""
+def predict_without_torch(argv: list[str], cwd: Path, also: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    """``predict.py argv`` in a fresh process where importing anything in BLOCKED (and
+    ``also``) fails; its exit code (also checked: nothing blocked was loaded), stdout and
+    stderr."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [sys.executable, "-c", _RUN_BLOCKED.format(blocked=BLOCKED), *argv],
+        [sys.executable, "-c", _RUN_BLOCKED.format(blocked=BLOCKED + also), *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -252,8 +253,11 @@ def test_onnxruntime_refuses_bundles_it_cannot_use(deployed, tmp_path):
     one_error(*run(tampered), str(tampered / "model.onnx"), "sha256")
     # onnxruntime runs on the CPU
     one_error(*run(deployed["paper"], "--accelerator", "gpu"), "--runtime onnxruntime", "--accelerator gpu")
-    # the default runtime where torch cannot be imported
+    # no onnxruntime installed
     argv = ["--model", str(deployed["paper"]), "--input", str(inputs), "--output", str(tmp_path / "out")]
+    code, _, stderr = predict_without_torch(argv + ["--runtime", "onnxruntime"], tmp_path, also=("onnxruntime",))
+    one_error(code, stderr, "needs onnxruntime", "requirements-deploy.txt")
+    # the default runtime where torch cannot be imported
     code, _, stderr = predict_without_torch(argv, tmp_path)
     one_error(code, stderr, "runtime torch needs PyTorch", "--runtime onnxruntime")
     assert not (tmp_path / "out").exists()

@@ -45,7 +45,13 @@ class OnnxScorer:
         threads: int | None = None,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
     ) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise PNIError(
+                f"scoring with {ONNX_FILE} needs onnxruntime ({first_line(exc)}): pip install onnxruntime "
+                "(see requirements-deploy.txt)"
+            ) from None
 
         self.path = Path(path)
         if not self.path.is_file():
