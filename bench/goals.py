@@ -47,6 +47,12 @@ GOALS: dict[str, Goal] = {
     # bench_predict.py
     "predict_per_image": Goal("<=", 1.2, "predict.py per image over the test stage per image", "x the test stage"),
     "predict_memory": Goal("<=", 1.1, "predict.py peak memory at 200 images over 10 images", "x at 10 images"),
+    "onnx_per_image": Goal(
+        "<=", 1.2, "predict.py --runtime onnxruntime per image over --runtime torch (CPUExecutionProvider)", "x torch"
+    ),
+    "onnx_per_image_paper": Goal(
+        "<=", 1.2, "onnxruntime per image over torch at the paper's sizes (CPUExecutionProvider)", "x torch"
+    ),
 }
 
 

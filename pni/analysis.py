@@ -26,7 +26,7 @@ import numpy as np
 
 from pni import metrics, viz
 from pni.cli import nan_on_error, warn
-from pni.console import print_table
+from pni.console import print_table, render_table
 from pni.errors import PNIError
 from pni.io import write_csv
 from pni.ravel import (
@@ -40,7 +40,6 @@ from pni.ravel import (
     read_png16,
     read_rgb,
 )
-from pni.results import render_table
 
 MVTEC_TEST_COUNTS: dict[str, int] = {
     "bottle": 83,

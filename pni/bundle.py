@@ -10,19 +10,21 @@ Layout (format version :data:`FORMAT_VERSION`)::
     mlp.safetensors        the neighbourhood MLP's state dict (original parameter names)
     backbone.safetensors   the backbone layers the features use (only with
                            --include_backbone, or a randomly initialised backbone)
+    model.onnx             only with --onnx: the whole model as one ONNX graph, backbone
+                           weights included (pni.deploy.onnx_export); model.onnx.data
+                           beside it holds its weights when they pass 2 GB
 
 Without ``backbone.safetensors`` the manifest names the weights file and its sha256, found
 as in training (``--backbone_weights`` or the torch hub cache). The arrays are plain
 tensors and the MLP a plain module, so other exports (ONNX, TorchScript) can start from a
-loaded :class:`~pni.model.PNIModel`.
+loaded :class:`~pni.model.PNIModel`. The manifest is read and checked by
+:func:`pni.manifest.read_manifest`, without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -37,21 +39,27 @@ from safetensors.torch import load_file, save_file
 from pni import __version__
 from pni.artefacts import remove_stale
 from pni.config import FeatureSettings, NeighbourhoodSettings
+from pni.deploy.onnx_export import export_onnx
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
 from pni.features import hub_checkpoint_dir, weights_file_name
-from pni.io import check_output_dir, file_sha256, left_by_killed_run, make_dir, owner_tag, set_default_mode
+from pni.io import check_output_dir, file_sha256, make_dir, owner_tag, set_default_mode
+from pni.manifest import (
+    ARRAYS,
+    BACKBONE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MLP,
+    is_bundle,
+    orphaned_bundle,
+    read_manifest,
+    temp_folder_pattern,
+)
 from pni.model import ARTEFACT_NAMES, PNIModel
-from pni.scoring import MAP_NAMES, ScoringArtefacts, ScoringConfig
+from pni.scoring import ScoringArtefacts, ScoringConfig
 
-FORMAT = "pni-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-ARRAYS = "arrays.safetensors"
-MLP = "mlp.safetensors"
-BACKBONE = "backbone.safetensors"
 _METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-
 
 # FeatureSettings fields the manifest keeps under "backbone_weights" instead (where the
 # weights come from is decided when the bundle is loaded).
@@ -129,39 +137,12 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
-def _is_bundle(folder: Path) -> bool:
-    """True when ``folder`` holds a manifest of ours (its ``format`` field, as :func:`read_manifest` checks)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-def _temp_pattern(out: Path, kind: str) -> str:
-    """Glob of the ``partial``/``old`` temporary folders of bundle ``out`` (beside it)."""
-    return glob.escape(f".{out.name}.{kind}-") + "*"
-
-
-def orphaned_bundle(out: Path) -> Path | None:
-    """Where an export killed between its two renames left the previous bundle of a missing
-    ``out`` (a hidden ``.<name>.old-*`` folder of a dead process), else None."""
-    if out.exists() or out.is_symlink() or not out.parent.is_dir():
-        return None
-    found = [
-        old / out.name
-        for old in sorted(out.parent.glob(_temp_pattern(out, "old")))
-        if left_by_killed_run(old.name) and _is_bundle(old / out.name)
-    ]
-    return found[-1] if found else None
-
-
 def check_output(output: str | os.PathLike) -> Path:
     """Before any work: ``--output`` must be a new or empty folder, or a bundle to replace,
     in a folder we can write to; else one-line PNIError naming it."""
     out = Path(output)
     if out.exists() or out.is_symlink():
-        if not out.is_dir() or (any(out.iterdir()) and not _is_bundle(out)):
+        if not out.is_dir() or (any(out.iterdir()) and not is_bundle(out)):
             raise PNIError(
                 f"--output {out} exists and is not a PNI model bundle (no {MANIFEST} of export_model.py); "
                 "choose a new folder"
@@ -184,19 +165,22 @@ def write_bundle(
     thresholds: dict[str, Any],
     calibration: dict[str, Any],
     include_backbone: bool,
+    onnx: bool = False,
 ) -> Path:
-    """Write ``model`` with its thresholds as a bundle folder ``output`` (checked as by
-    :func:`check_output`).
+    """Write ``model`` (on the CPU) with its thresholds as a bundle folder ``output`` (checked
+    as by :func:`check_output`).
 
     ``backbone``: ``{file, sha256, random_init, random_init_seed}`` (where the weights came
-    from); ``provenance``: the training settings (category, seed, ...). The folder is built
+    from); ``provenance``: the training settings (category, seed, ...); ``onnx``: also write
+    ``model.onnx`` (:func:`pni.deploy.onnx_export.export_onnx`), listed with its sha256 like
+    every other file. The folder is built
     under a temporary name beside ``output`` and renamed; an existing bundle there is
     replaced. Temporary folders left by killed exports of ``output`` are removed.
     """
     out = check_output(output)
     make_dir(out.parent, "--output")
     for kind in ("partial", "old"):
-        remove_stale(out.parent, _temp_pattern(out, kind))
+        remove_stale(out.parent, temp_folder_pattern(out, kind))
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{owner_tag()}-", dir=out.parent))
     except OSError as exc:
@@ -210,6 +194,8 @@ def write_bundle(
         backbone["included"] = bool(include_backbone or backbone.get("random_init"))
         if backbone["included"]:
             save_file(_contiguous(model.extractor.body.state_dict()), str(tmp / BACKBONE), metadata=_METADATA)
+        if onnx:
+            export_onnx(model, tmp)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
             "format": FORMAT,
@@ -242,82 +228,6 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of bundle folder ``path``: a PNI bundle of this format version,
-    with the settings prediction reads (backbone weights, thresholds, heat-map scale), whose
-    listed files are all there with their recorded sha256 (else one-line PNIError naming the
-    file and key)."""
-    root = Path(path)
-    if not root.exists():
-        orphan = orphaned_bundle(root)
-        hint = f" (an export killed while replacing it left the previous bundle in {orphan})" if orphan else ""
-        raise PNIError(f"model bundle not found: {root}{hint}")
-    manifest_path = root / MANIFEST
-    if not root.is_dir() or not manifest_path.is_file():
-        raise PNIError(f"{root} is not a PNI model bundle (a folder with {MANIFEST}, written by export_model.py)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PNIError(f"cannot read {manifest_path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PNIError(f"{manifest_path} is not a PNI model bundle manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PNIError(
-            f"{manifest_path}: bundle format version {manifest.get('format_version')!r}, but PNI "
-            f"{__version__} reads version {FORMAT_VERSION}; export the model again with this version"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or ARRAYS not in files or MLP not in files:
-        raise PNIError(f"{manifest_path} lists no {ARRAYS} and {MLP}; the bundle is incomplete")
-    weights = manifest.get("backbone_weights")
-    if not isinstance(weights, dict) or not all(
-        isinstance(weights.get(k), (str, type(None))) for k in ("file", "sha256")
-    ):
-        raise PNIError(
-            f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
-            "export the model again"
-        )
-    if weights.get("included") and BACKBONE not in files:
-        raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
-    thresholds = manifest.get("thresholds")
-    for m in MAP_NAMES:
-        entry = thresholds.get(m) if isinstance(thresholds, dict) else None
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), dict) for k in ("image", "pixel", "heatmap")
-        ):
-            raise PNIError(f"{manifest_path} lacks the calibrated thresholds of the {m} map; export the model again")
-        for key in ("image", "pixel", "image_best_f1", "pixel_best_f1"):
-            value = entry[key].get("value") if isinstance(entry.get(key), dict) else None
-            required = key in ("image", "pixel") or entry.get(key) is not None  # best-F1 ones may be null
-            if required and not (_finite(value) and value != 0):
-                raise PNIError(
-                    f'{manifest_path}: "thresholds" -> "{m}" -> "{key}" lacks a finite nonzero "value"; '
-                    "export the model again"
-                )
-        low, high = entry["heatmap"].get("low"), entry["heatmap"].get("high")
-        if not (_finite(low) and _finite(high) and high > low):
-            raise PNIError(
-                f'{manifest_path}: "thresholds" -> "{m}" -> "heatmap" needs numbers "low" < "high"; '
-                "export the model again"
-            )
-    for name, digest in files.items():
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise PNIError(f"{manifest_path} lists a file outside the bundle: {name!r}")
-        file = root / name
-        if not file.is_file():
-            raise PNIError(f"bundle file missing: {file}")
-        if file_sha256(file) != digest:
-            raise PNIError(
-                f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the model again"
-            )
-    return manifest
-
-
-def _finite(value: Any) -> bool:
-    """A JSON number (not a bool) that is finite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tensors(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from pni.console import render_table
 from pni.errors import PNIError
 from pni.maps import MAP_NAMES
 from pni.metrics import F1_EPS, best_f1_from_sweep, sweep
-from pni.results import render_table
 
 # Scores of the same image differ in their last digits with the batch it is scored in (CPU
 # convolutions), so a threshold taken from a score sits this much (relative) above it.

@@ -13,6 +13,9 @@ Everything past the CLI scripts takes these objects, never the parsed flags. Fac
 run time (DDP, the digests of the backbone weights and the training images) are set with
 ``dataclasses.replace``. :meth:`Settings.flags` is the flat ``{flag name: value}`` view that
 the artefacts' settings records and the test run's ``settings.json`` hold.
+
+Importing this module does not import torch (the compute modules are imported where a
+parser or setting needs them), so that ``predict.py --runtime onnxruntime`` runs without it.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pni.cli import ArgumentParser, Devices, parse_devices
-from pni.distributions import dropped_slot, window_count
 from pni.errors import PNIError
-from pni.features import BACKBONES, PatchFeatureExtractor, build_feature_extractor, patch_padding
 from pni.io import is_single_name
-from pni.scoring import MAP_NAMES, VARIANTS, ScoringConfig
+from pni.maps import MAP_NAMES
+
+if TYPE_CHECKING:
+    from pni.features import PatchFeatureExtractor
+    from pni.scoring import ScoringConfig
 
 DATASET_CATEGORIES = ("MVTec", "BTAD", "VisA")
 NB_MASK_ALIASES = {"official": "original", "paper": "paper"}  # the old --nb_mask values
@@ -39,6 +44,7 @@ LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 PROB_GAMMA_RANGE = (1e-6, 1e6)  # beyond it the float32 maps overflow or lose their range
+RUNTIMES = ("torch", "onnxruntime")  # predict.py --runtime (pni.predict.load_model's runtime)
 
 
 def _checked(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
@@ -71,6 +77,9 @@ _odd_positive = _checked("_odd_positive", int, lambda v: v > 0 and v % 2 == 1, "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pni.features import BACKBONES
+    from pni.scoring import VARIANTS
+
     p = ArgumentParser(
         description="PNI: build coresets, learn the neighbourhood and position priors for one "
         "category, then score its test set (anomaly maps + AUROC).",
@@ -283,6 +292,12 @@ def build_export_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder(s) of good images not used in training to calibrate on (default: the category's good test images)",
     )
+    g.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write model.onnx, the whole model as one ONNX graph (backbone weights included), "
+        "for predict.py --runtime onnxruntime without PyTorch",
+    )
     return p
 
 
@@ -327,6 +342,13 @@ def build_predict_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="backbone weights file, when the bundle does not include them",
     )
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="torch (PNIModel on the Lightning device) or onnxruntime (the bundle's model.onnx of "
+        "export_model.py --onnx, on the CPU, without PyTorch)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
         "--verbose",
@@ -369,10 +391,14 @@ class FeatureSettings:
     @property
     def pad(self) -> int:
         """Grid border without a full aggregation window (``(patchsize - 1) // 2``)."""
+        from pni.features import patch_padding
+
         return patch_padding(self.patchsize)
 
     def build_extractor(self) -> PatchFeatureExtractor:
         """The feature extractor these settings describe (see :func:`pni.features.build_feature_extractor`)."""
+        from pni.features import build_feature_extractor
+
         return build_feature_extractor(
             self.backbone,
             self.layers,
@@ -415,10 +441,14 @@ class NeighbourhoodSettings:
     @property
     def window_count(self) -> int:
         """Features in one input window: ``(2dp+1)^2 - 1``."""
+        from pni.distributions import window_count
+
         return window_count(self.dist_padding)
 
     @property
     def dropped_slot(self) -> int:
+        from pni.distributions import dropped_slot
+
         return dropped_slot(self.dist_padding, self.variant)
 
     def input_size(self, feature_dim: int) -> int:
@@ -555,6 +585,8 @@ class Settings:
 def scoring_config(args: argparse.Namespace) -> ScoringConfig:
     """The :class:`ScoringConfig` of parsed ``train_coreset_distribution.py`` flags
     (``chunk_size`` is chosen per device by :class:`pni.model.PNIModel`)."""
+    from pni.scoring import ScoringConfig
+
     return ScoringConfig(
         anomaly_nn=args.anomaly_nn,
         patchsize=args.patchsize,
@@ -603,24 +635,26 @@ def settings_from_flags(args: argparse.Namespace) -> Settings:
 @dataclass(frozen=True)
 class ExportSettings:
     """``export_model.py``'s own flags: the bundle folder, whether it holds the backbone, the
-    calibration's target false-positive rate and good images."""
+    calibration's target false-positive rate and good images, whether it holds ``model.onnx``."""
 
     output: str
     include_backbone: bool = False
     target_fpr: float = 0.01
     calibration_dir: tuple[str, ...] | None = None
+    onnx: bool = False
 
 
 def export_settings_from_flags(args: argparse.Namespace) -> ExportSettings:
     """The :class:`ExportSettings` of flags parsed with :func:`build_export_parser`."""
     calibration = tuple(args.calibration_dir) if args.calibration_dir else None
-    return ExportSettings(args.output, args.include_backbone, args.target_fpr, calibration)
+    return ExportSettings(args.output, args.include_backbone, args.target_fpr, calibration, args.onnx)
 
 
 @dataclass(frozen=True)
 class PredictSettings:
     """``predict.py``: the bundle, the inputs and output folder, the deciding map and
-    thresholds, what is written, and how images are decoded and scored."""
+    thresholds, what is written, and how images are decoded and scored (``runtime``: one of
+    :data:`RUNTIMES`)."""
 
     model: str
     inputs: tuple[str, ...]
@@ -633,6 +667,7 @@ class PredictSettings:
     num_workers: int = 0
     accelerator: str = "auto"
     backbone_weights: str | None = None
+    runtime: str = "torch"
 
 
 def predict_settings_from_flags(args: argparse.Namespace) -> PredictSettings:
@@ -649,4 +684,5 @@ def predict_settings_from_flags(args: argparse.Namespace) -> PredictSettings:
         num_workers=args.num_workers,
         accelerator=args.accelerator,
         backbone_weights=args.backbone_weights,
+        runtime=args.runtime,
     )

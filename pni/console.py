@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
@@ -189,6 +189,12 @@ class Progress:
         self.closed = True  # a failed stage: end the line and let the error speak
         if self.terminal:
             self._write("\n")
+
+
+def render_table(lines: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: the first line is the header, every cell right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
 def titled(title: str, table: str) -> str:

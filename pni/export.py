@@ -3,12 +3,13 @@ thresholds (see :mod:`pni.bundle` and :mod:`pni.calibration`).
 
 The artefacts are found and checked exactly as the pipeline loads them for its test stage,
 the model is the same :class:`~pni.model.PNIModel`, and the calibration images are scored
-through it before it is written.
+through it before it is written (with ``--onnx``, also as ``model.onnx``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ def export(settings: Settings, export: ExportSettings) -> Path:
     """Write the bundle of the category ``settings`` name (with ``export``'s output folder
     and calibration); returns its folder."""
     check_output(export.output)  # before any work: a foreign folder or an unwritable place
+    if export.onnx and importlib.util.find_spec("onnx") is None:
+        raise PNIError("--onnx needs the onnx package: pip install onnx (see requirements.txt)")
     given = [f"--{f.name}" for f in dataclasses.fields(settings.stages) if getattr(settings.stages, f.name)]
     if given:
         print(f"note: export_model.py trains nothing; {' '.join(given)} ignored", file=sys.stderr)
@@ -172,15 +175,17 @@ def export(settings: Settings, export: ExportSettings) -> Path:
         DIGEST_KEY: coreset_digest(coresets),
         "embedding_dir": str(out_dir),
     }
-    bundle = write_bundle(
-        export.output,
-        model.cpu(),
-        backbone_source(settings.features),
-        provenance,
-        thresholds,
-        info,
-        export.include_backbone,
-    )
+    with Progress(f"export: writing the bundle{' and model.onnx' if export.onnx else ''}"):
+        bundle = write_bundle(
+            export.output,
+            model.cpu(),
+            backbone_source(settings.features),
+            provenance,
+            thresholds,
+            info,
+            export.include_backbone,
+            export.onnx,
+        )
     size = sum(p.stat().st_size for p in bundle.iterdir())
     print(format_thresholds(thresholds, export.target_fpr))
     print(
@@ -190,5 +195,6 @@ def export(settings: Settings, export: ExportSettings) -> Path:
     print(
         f"bundle: {bundle} (format {FORMAT_VERSION}, {len(list(bundle.iterdir()))} files, "
         f"{size / 2**20:.1f} MiB); predict with: python predict.py --model {bundle} --input IMAGES --output DIR"
+        + (" [--runtime onnxruntime]" if export.onnx else "")
     )
     return bundle

@@ -2,12 +2,16 @@
 :class:`Predictor` it returns and its :class:`Prediction` per image (what ``predict.py``
 writes to files: :mod:`pni.predict_files`).
 
-Both score through :meth:`pni.model.PNIModel.score`, the object the test stage uses, then
-bring the maps back to each input image's own pixels (undoing the resize and the centre
-crop; what the crop cut off is "not inspected") and apply the bundle's calibrated
-thresholds: an image is defective when its score is above the image threshold, a pixel
-when its score is above the pixel threshold; defect regions are the 8-connected components
-of the defect mask. Normalised scores divide by the threshold in use (1.0 = the threshold).
+Both score through a runtime (:mod:`pni.deploy`): ``torch``, :meth:`pni.model.PNIModel.score`
+(the object the test stage uses), or ``onnxruntime``, the bundle's ``model.onnx``. Everything
+else is shared numpy/Pillow code: the input (:func:`pni.data.images.input_array`), bringing
+the maps back to each input image's own pixels (undoing the resize and the centre crop; what
+the crop cut off is "not inspected") and the bundle's calibrated thresholds: an image is
+defective when its score is above the image threshold, a pixel when its score is above the
+pixel threshold; defect regions are the 8-connected components of the defect mask.
+Normalised scores divide by the threshold in use (1.0 = the threshold).
+
+This module imports no torch: ``runtime="onnxruntime"`` runs without it.
 """
 
 from __future__ import annotations
@@ -15,24 +19,37 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import ndimage
 
-from pni.bundle import load_bundle
-from pni.data.transforms import CropGeometry, load_image, to_rgb
+from pni.config import RUNTIMES
+from pni.data.images import CropGeometry, first_line, input_array, load_image, to_rgb
+from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
-from pni.model import PNIModel
-from pni.scoring import MAP_NAMES, ImageScores
+from pni.manifest import onnx_graph, read_manifest
+from pni.maps import MAP_NAMES, MapScores
 from pni.viz import draw_contours, jet
 
+ONNX_BATCH_PIXELS = 480 * 480  # see onnx_batch_size
 THRESHOLD_KEYS = {
     "image": {"fpr": "image", "best_f1": "image_best_f1"},
     "pixel": {"fpr": "pixel", "best_f1": "pixel_best_f1"},
 }
+
+
+class ImageScorer(Protocol):
+    """A runtime's scorer (:class:`pni.deploy.torch_runtime.TorchScorer`,
+    :class:`pni.deploy.onnx_runtime.OnnxScorer`): the input geometry (``resize``, then a
+    centre crop of ``imagesize``) and ``score(images)``, float32 ``(N, 3, imagesize,
+    imagesize)`` -> one :class:`~pni.maps.MapScores` per image."""
+
+    resize: int
+    imagesize: int
+
+    def score(self, images: np.ndarray) -> list[MapScores]: ...
 
 
 @dataclass
@@ -158,24 +175,26 @@ class Predictor:
 
     def __init__(
         self,
-        model: PNIModel,
+        scorer: ImageScorer,
         manifest: dict[str, Any],
         map_name: str = "nb_coor",
         image_threshold: str | float = "fpr",
         pixel_threshold: str | float = "fpr",
-        device: str | torch.device = "cpu",
         path: str | os.PathLike | None = None,
     ) -> None:
         check_choices(map_name, image_threshold, pixel_threshold)
-        self.model = model
+        self.scorer = scorer
         self.manifest = manifest
         self.path = path
         self.map_name = map_name
-        self.device = torch.device(device)
         self.image_thresholds = {m: self._threshold("image", m, image_threshold) for m in MAP_NAMES}
         self.pixel_threshold = self._threshold("pixel", map_name, pixel_threshold)
         self.heatmap = manifest["thresholds"][map_name]["heatmap"]
-        self.transform = model.transform()
+
+    def input(self, image: Image.Image) -> np.ndarray:
+        """An RGB image as the scorer's input ``(3, imagesize, imagesize)`` (resize, centre
+        crop, normalisation: :func:`pni.data.images.input_array`)."""
+        return input_array(image, self.scorer.resize, self.scorer.imagesize)
 
     def _threshold(self, level: str, map_name: str, choice: str | float) -> float:
         """The ``level`` ("image"/"pixel") threshold of ``map_name``: ``fpr``, ``best_f1`` or a
@@ -198,13 +217,13 @@ class Predictor:
     # ------------------------------------------------------------ one image
 
     def finish(
-        self, result: ImageScores, original: np.ndarray, path: str | None = None, all_maps: bool = True
+        self, result: MapScores, original: np.ndarray, path: str | None = None, all_maps: bool = True
     ) -> Prediction:
         """A scored image's :class:`Prediction`; ``original``: the input as uint8 HxWx3."""
         height, width = original.shape[:2]
-        geometry = CropGeometry.of(width, height, self.model.resize, self.model.imagesize)
+        geometry = CropGeometry.of(width, height, self.scorer.resize, self.scorer.imagesize)
         names = MAP_NAMES if all_maps else (self.map_name,)
-        maps = {m: geometry.to_input(result.maps[m].detach().float().cpu().numpy()) for m in names}
+        maps = {m: geometry.to_input(result.maps[m]) for m in names}
         scores = {m: float(result.image[m]) for m in MAP_NAMES}
         normalised = {m: scores[m] / self.image_thresholds[m] for m in MAP_NAMES}
         amap = maps[self.map_name]
@@ -245,41 +264,78 @@ class Predictor:
 
     # ------------------------------------------------------------ Python API
 
-    @torch.no_grad()
-    def predict(self, images: Any, batch_size: int = 8) -> Prediction | list[Prediction]:
+    def predict(self, images: Any, batch_size: int | None = None) -> Prediction | list[Prediction]:
         """Predict one image or a list of them: paths, PIL images or arrays (see
-        :func:`as_rgb_image`). Returns one :class:`Prediction` (a list for a list), with all
-        four maps."""
+        :func:`as_rgb_image`), ``batch_size`` at a time (None: 8 with torch, which scores in
+        memory-sized chunks; :func:`onnx_batch_size` with onnxruntime). Returns one
+        :class:`Prediction` (a list for a list), with all four maps."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        if batch_size is None:
+            batch_size = onnx_batch_size(self.scorer.imagesize) if isinstance(self.scorer, OnnxScorer) else 8
         out: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             rgb = [as_rgb_image(x, f"image {start + i}") for i, x in enumerate(chunk)]
-            batch = torch.stack([self.transform(img) for img in rgb]).to(self.device)
-            for x, img, result in zip(chunk, rgb, self.model.score(batch)):
+            batch = np.stack([self.input(img) for img in rgb])
+            for x, img, result in zip(chunk, rgb, self.scorer.score(batch)):
                 path = str(x) if isinstance(x, (str, os.PathLike)) else None
                 out.append(self.finish(result, np.asarray(img), path))
         return out[0] if single else out
 
 
+def onnx_batch_size(imagesize: int) -> int:
+    """Images per onnxruntime run: :data:`ONNX_BATCH_PIXELS` worth of input pixels (one image
+    at 480 px and above), as the graph holds each image's distance matrices at once."""
+    return max(1, min(32, ONNX_BATCH_PIXELS // imagesize**2))
+
+
+def load_scorer(
+    path: str | os.PathLike,
+    runtime: str = "torch",
+    device: str = "auto",
+    backbone_weights: str | os.PathLike | None = None,
+) -> tuple[ImageScorer, dict[str, Any]]:
+    """The scorer of a bundle folder in ``runtime`` and the bundle's checked manifest:
+    ``torch`` (:func:`pni.deploy.torch_runtime.load_torch_scorer`, on ``device``) or
+    ``onnxruntime`` (the bundle's ``model.onnx``, on the CPU; imports no torch)."""
+    if runtime == "torch":
+        try:
+            import torch  # noqa: F401  # imported here only
+        except ImportError as exc:
+            raise PNIError(
+                f"runtime torch needs PyTorch, which cannot be imported here ({first_line(exc)}): predict with "
+                "--runtime onnxruntime (runtime='onnxruntime'), from a bundle exported with --onnx"
+            ) from None
+        from pni.deploy.torch_runtime import load_torch_scorer
+
+        return load_torch_scorer(path, device, backbone_weights)
+    if runtime == "onnxruntime":
+        if str(device) not in ("auto", "cpu"):
+            raise PNIError(f"runtime onnxruntime runs on the CPU (CPUExecutionProvider), not on {device}")
+        manifest = read_manifest(path)
+        return OnnxScorer(onnx_graph(path, manifest)), manifest
+    raise PNIError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
 def load_model(
     path: str | os.PathLike,
-    device: str | torch.device = "auto",
+    device: str = "auto",
     map_name: str = "nb_coor",
     image_threshold: str | float = "fpr",
     pixel_threshold: str | float = "fpr",
     backbone_weights: str | os.PathLike | None = None,
+    runtime: str = "torch",
 ) -> Predictor:
     """Load a model bundle (written by ``export_model.py``) for prediction.
 
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``...; ``map_name``: the map
     that decides (``nb_coor``, ``nb``, ``coor``, ``patchcore``); thresholds: ``fpr`` (from good
     images at the export's target false-positive rate), ``best_f1`` or a raw score;
-    ``backbone_weights``: the weights file when the bundle does not include them.
+    ``backbone_weights``: the weights file when the bundle does not include them;
+    ``runtime``: ``torch`` or ``onnxruntime`` (the bundle's ``model.onnx`` from
+    ``export_model.py --onnx``, on the CPU, without torch; it holds the backbone weights).
     """
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     check_choices(map_name, image_threshold, pixel_threshold)
-    model, manifest = load_bundle(path, backbone_weights)
-    return Predictor(model.to(device), manifest, map_name, image_threshold, pixel_threshold, device, path)
+    scorer, manifest = load_scorer(path, runtime, device, backbone_weights)
+    return Predictor(scorer, manifest, map_name, image_threshold, pixel_threshold, path)

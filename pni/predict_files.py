@@ -1,36 +1,35 @@
 """``predict.py``'s file handling: input paths (files, folders, glob patterns) -> decoded
-images -> :class:`pni.predict.Predictor` on the Lightning device -> per-image overlays,
-masks and maps, and ``predictions.csv``, ``regions.csv``, ``errors.csv`` in the output folder
-(see README, "Use on your own images"). Lightning is needed here only: the Python API
-(:mod:`pni.predict`) runs without it."""
+images -> the :class:`pni.predict.Predictor`'s scorer -> per-image overlays, masks and maps,
+and ``predictions.csv``, ``regions.csv``, ``errors.csv`` in the output folder (see README,
+"Use on your own images").
+
+``--runtime torch`` scores with Lightning on its device (:func:`score_with_lightning`: the
+Python API (:mod:`pni.predict`) runs without Lightning); ``--runtime onnxruntime`` in a
+plain loop over batches (:func:`score_in_batches`), and then nothing here imports torch.
+Decoding, preprocessing and everything after the maps are the same code for both."""
 
 from __future__ import annotations
 
 import glob
 import itertools
+import multiprocessing
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from pni.cli import one_line
-from pni.config import PredictSettings, RuntimeSettings
-from pni.console import Progress
-from pni.data.datasets import IMAGE_EXTENSIONS
-from pni.data.transforms import load_image
+from pni.config import PredictSettings
+from pni.console import Progress, render_table
+from pni.data.images import IMAGE_EXTENSIONS, input_array, load_image
+from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
 from pni.io import CsvStream, check_output_dir, make_dir, save_npy, write_csv
-from pni.lightning import ScoringModule, interruptible
-from pni.model import PNIModel
-from pni.predict import Predictor, check_choices, load_model
-from pni.results import render_table
-from pni.runtime import build_trainer, images_per_batch, probe_extractor
-from pni.scoring import MAP_NAMES, ImageScores
+from pni.maps import MAP_NAMES, MapScores
+from pni.predict import ImageScorer, Predictor, check_choices, load_model, onnx_batch_size
 from pni.viz import save_jpeg, save_png
 
 PREDICTION_COLUMNS = (
@@ -121,15 +120,16 @@ def _output_files(name: str) -> set[str]:
     }
 
 
-class InputImages(Dataset):
-    """Decodes input images for prediction. Items: ``image`` (the model's input tensor),
+class InputImages:
+    """Decodes input images for prediction (a map-style dataset for torch's ``DataLoader``
+    too). Items: ``image`` (the model's input, float32 ``(3, imagesize, imagesize)``),
     ``original`` (uint8 HxWx3), ``path``, ``index``, ``error`` (empty, or why the file could
     not be read: then ``image`` is zeros and the item is not scored)."""
 
-    def __init__(self, paths: Sequence[Path], model: PNIModel) -> None:
+    def __init__(self, paths: Sequence[Path], resize: int, imagesize: int) -> None:
         self.paths = list(paths)
-        self.transform = model.transform()
-        self.size = model.imagesize
+        self.resize = resize
+        self.size = imagesize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -138,10 +138,11 @@ class InputImages(Dataset):
         path = str(self.paths[i])
         try:
             img = load_image(path)
-            return {"image": self.transform(img), "original": np.asarray(img), "path": path, "index": i, "error": ""}
+            image = input_array(img, self.resize, self.size)
+            return {"image": image, "original": np.asarray(img), "path": path, "index": i, "error": ""}
         except PNIError as exc:
             return {
-                "image": torch.zeros(3, self.size, self.size),
+                "image": np.zeros((3, self.size, self.size), np.float32),
                 "original": None,
                 "path": path,
                 "index": i,
@@ -150,17 +151,20 @@ class InputImages(Dataset):
 
 
 def collate_inputs(items: list[dict]) -> dict:
-    """Stack the input tensors; keep originals, paths and errors as lists."""
+    """Stack the input images as one tensor; keep originals, paths and errors as lists."""
+    import torch
+
     return {
-        "image": torch.stack([it["image"] for it in items]),
+        "image": torch.from_numpy(np.stack([it["image"] for it in items])),
         "index": torch.tensor([it["index"] for it in items]),
         **{k: [it[k] for it in items] for k in ("original", "path", "error")},
     }
 
 
 class PredictionWriter:
-    """Sink of :class:`pni.lightning.ScoringModule`: writes each image's outputs as it comes
-    (so memory does not grow with the number of images)."""
+    """Called with each image's item (``path``, ``index``, ``original``, ``error``) and its
+    :class:`~pni.maps.MapScores` (None: not readable); writes its outputs as they come (so
+    memory does not grow with the number of images)."""
 
     def __init__(self, predictor: Predictor, out_dir: Path, names: Sequence[str], save_maps: bool) -> None:
         self.predictor = predictor
@@ -179,7 +183,7 @@ class PredictionWriter:
         print(f"error: {message}", file=sys.stderr, flush=True)
         self.errors.append((path, message))
 
-    def __call__(self, meta: dict, result: ImageScores | None) -> None:
+    def __call__(self, meta: dict, result: MapScores | None) -> None:
         if result is None:
             self.failed(meta["path"], meta["error"])
             return
@@ -234,10 +238,100 @@ class PredictionWriter:
         write_csv(self.out_dir / "errors.csv", ("path", "error"), self.errors)
 
 
+_worker_inputs: InputImages | None = None  # a decoding process's inputs (decoded_batches)
+
+
+def _keep_inputs(inputs: InputImages) -> None:
+    global _worker_inputs
+    _worker_inputs = inputs
+
+
+def _decode(i: int) -> dict:
+    assert _worker_inputs is not None
+    return _worker_inputs[i]
+
+
+def decoded_batches(inputs: InputImages, batch_size: int, workers: int) -> Iterator[list[dict]]:
+    """``inputs`` in batches of ``batch_size`` items, decoded by ``workers`` processes (0: in
+    this one; started fresh, as this one runs onnxruntime's threads) while the previous batch
+    is scored: at most two batches in memory."""
+    batches = [range(s, min(s + batch_size, len(inputs))) for s in range(0, len(inputs), batch_size)]
+    if workers == 0:
+        for batch in batches:
+            yield [inputs[i] for i in batch]
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, _keep_inputs, (inputs,)) as pool:
+        pending = None
+        for batch in batches:
+            ahead = pool.map_async(_decode, batch)
+            if pending is not None:
+                yield pending.get()
+            pending = ahead
+        if pending is not None:
+            yield pending.get()
+
+
+def score_in_batches(
+    inputs: InputImages, scorer: ImageScorer, writer: PredictionWriter, batch_size: int, workers: int, title: str
+) -> None:
+    """Score ``inputs`` with ``scorer`` in a plain loop (no torch) and hand each item and its
+    scores to ``writer``."""
+    with Progress(title, total=len(inputs)) as bar:
+        for items in decoded_batches(inputs, batch_size, workers):
+            readable = [it for it in items if not it["error"]]
+            scores = scorer.score(np.stack([it["image"] for it in readable])) if readable else []
+            results = {it["index"]: s for it, s in zip(readable, scores)}
+            for it in items:
+                writer(it, results.get(it["index"]))
+            bar.update(len(items))
+
+
+def score_with_lightning(
+    inputs: InputImages, predictor: Predictor, writer: PredictionWriter, settings: PredictSettings, title: str
+) -> None:
+    """Score ``inputs`` with the torch runtime's model on the Lightning device
+    (``--accelerator``), decoding in ``--num_workers`` DataLoader workers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pni.config import RuntimeSettings
+    from pni.deploy.torch_runtime import TorchScorer, host_scores
+    from pni.lightning import ScoringModule, interruptible
+    from pni.runtime import build_trainer, images_per_batch, probe_extractor
+    from pni.scoring import ImageScores
+
+    assert isinstance(predictor.scorer, TorchScorer)
+    model = predictor.scorer.model
+    batch = settings.batch_size
+    if batch is None:
+        _, per_image = probe_extractor(model.extractor, torch.zeros(3, model.imagesize, model.imagesize))
+        batch = images_per_batch(model.imagesize, settings.accelerator, per_image)
+    loader: DataLoader[dict] = DataLoader(
+        inputs,  # type: ignore[arg-type]  # a map-style dataset: __len__ and __getitem__
+        batch_size=batch,
+        shuffle=False,
+        num_workers=settings.num_workers,
+        collate_fn=collate_inputs,
+    )
+
+    def sink(meta: dict, result: ImageScores | None) -> None:
+        writer(meta, None if result is None else host_scores(result))
+
+    with Progress(title) as bar:
+        trainer = build_trainer(RuntimeSettings(accelerator=settings.accelerator), bar, devices=1)
+        interruptible(trainer.predict, ScoringModule(model, sink), loader, return_predictions=False)
+
+
 def predict_files(settings: PredictSettings) -> int:
     """``predict.py``: predict every input image into ``settings.output``; returns the number
     of inputs that could not be read (reported on stderr and in ``errors.csv``)."""
     check_choices(settings.map_name, settings.image_threshold, settings.pixel_threshold)
+    onnx = settings.runtime == "onnxruntime"
+    if onnx and settings.accelerator not in ("auto", "cpu"):
+        raise PNIError(
+            f"--runtime onnxruntime runs on the CPU (CPUExecutionProvider): --accelerator {settings.accelerator} "
+            "needs --runtime torch"
+        )
     check_output_dir(settings.output, "--output")
     paths, missing = expand_inputs(settings.inputs)
     if not paths and not missing:
@@ -249,28 +343,23 @@ def predict_files(settings: PredictSettings) -> int:
         settings.image_threshold,
         settings.pixel_threshold,
         settings.backbone_weights,
+        settings.runtime,
     )
-    model = predictor.model
     out_dir = make_dir(settings.output, "--output")
     writer = PredictionWriter(predictor, out_dir, output_names(paths), settings.save_maps)
     for text, message in missing:
         writer.failed(text, message)
     try:
         if paths:
-            batch = settings.batch_size
-            if batch is None:
-                _, per_image = probe_extractor(model.extractor, torch.zeros(3, model.imagesize, model.imagesize))
-                batch = images_per_batch(model.imagesize, settings.accelerator, per_image)
-            loader = DataLoader(
-                InputImages(paths, model),
-                batch_size=batch,
-                shuffle=False,
-                num_workers=settings.num_workers,
-                collate_fn=collate_inputs,
-            )
-            with Progress(f"predicting {len(paths)} images with {settings.model} ({predictor.map_name} map)") as bar:
-                trainer = build_trainer(RuntimeSettings(accelerator=settings.accelerator), bar, devices=1)
-                interruptible(trainer.predict, ScoringModule(model, writer), loader, return_predictions=False)
+            scorer = predictor.scorer
+            inputs = InputImages(paths, scorer.resize, scorer.imagesize)
+            title = f"predicting {len(paths)} images with {settings.model} ({predictor.map_name} map"
+            if isinstance(scorer, OnnxScorer):
+                batch = settings.batch_size or onnx_batch_size(scorer.imagesize)
+                title += f", onnxruntime on {', '.join(scorer.providers)})"
+                score_in_batches(inputs, scorer, writer, batch, settings.num_workers, title)
+            else:
+                score_with_lightning(inputs, predictor, writer, settings, title + ")")
     finally:
         writer.close()
     done = writer.counts["defective"] + writer.counts["good"]

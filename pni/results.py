@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pni.cli import warn
+from pni.console import render_table
 from pni.io import append_csv_rows, check_csv_header, load_npy, save_npy, write_csv
 from pni.maps import MAP_NAMES
 from pni.metrics import image_auroc, pixel_auroc
@@ -154,12 +155,6 @@ def auroc_scores(
             image_auroc(label_array, np.asarray(image_scores[m], dtype=np.float64)) if image_ok else float("nan")
         )
     return out
-
-
-def render_table(lines: Sequence[Sequence[str]]) -> str:
-    """Plain-text table: the first line is the header, every cell right-aligned."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
 def variant_label(variant: object, mask_workers: object = "") -> str:

@@ -1,20 +1,23 @@
 """Pictures for analysis: jet heat maps, overlays, contours, ROC/PRO plots, histograms.
 
 Images are RGB ``uint8`` arrays in memory; files are written atomically through
-:mod:`pni.io`. Plots use matplotlib's object API with the Agg canvas (no global backend).
+:mod:`pni.io`. Plots use matplotlib's object API with the Agg canvas (no global backend); matplotlib is
+imported by the plots alone, so that prediction (overlays, masks) runs without it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pni.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ORANGE = (255, 165, 0)
 GREEN = (0, 255, 0)
@@ -90,7 +93,15 @@ def save_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> 
             raise OSError(f"cannot write {path}")
 
 
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
 def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
@@ -100,7 +111,7 @@ def plot_roc(
     path: str | os.PathLike, curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str = ""
 ) -> None:
     """ROC curves: ``{name: (fpr, tpr, auroc)}``."""
-    fig = Figure(figsize=(5, 5))
+    fig = _figure(5, 5)
     ax = fig.add_subplot()
     for name, (fpr, tpr, area) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUROC {100 * area:.2f})")
@@ -125,7 +136,7 @@ def plot_pro(
         i = int(np.searchsorted(fpr, fpr_limit, side="right"))
         f = np.r_[f, fpr_limit]
         p = np.r_[p, np.interp(fpr_limit, fpr[i - 1 : i + 1], pro[i - 1 : i + 1])]
-    fig = Figure(figsize=(5, 4))
+    fig = _figure(5, 4)
     ax = fig.add_subplot()
     label = "PRO" if aupro is None else f"PRO (AUPRO {100 * aupro:.2f})"
     ax.plot(f, p, label=label)
@@ -159,7 +170,7 @@ def plot_score_histogram(
     if not hi > lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(6, 4)
     ax = fig.add_subplot()
     for name, values, colour in (("normal", normal, "tab:blue"), ("defective", defective, "tab:red")):
         if values.size:

@@ -77,10 +77,15 @@ banner "use on new images: export the board model, predict new images"
 "$PY" export_model.py --dataset_path "$DATASET" --dataset_category MVTec --category board \
   --project_root_path "$RESULT" --embedding_root_path "$DEMO_ROOT" \
   "${PNI_FLAGS[@]}" "${WEIGHTS[@]}" "${VERBOSE_FLAG[@]}" --output "$DEMO_ROOT/model_board" \
-  --calibration_dir "$DEMO_ROOT/new_images/board/train/good"
+  --calibration_dir "$DEMO_ROOT/new_images/board/train/good" --onnx
 "$PY" predict.py --model "$DEMO_ROOT/model_board" --output "$DEMO_ROOT/predictions" "${VERBOSE_FLAG[@]}" \
   --input "$DEMO_ROOT/new_images/board/test"
 echo "demo: the model bundle is $DEMO_ROOT/model_board; heat maps on the images (fixed colour scale, defects"
 echo "      outlined) in $DEMO_ROOT/predictions/overlays/, defect masks in masks/, scores in predictions.csv"
+
+# The same without PyTorch (README, "Deploy without PyTorch"): the bundle's model.onnx through onnxruntime.
+banner "use on new images without PyTorch: predict.py --runtime onnxruntime"
+"$PY" predict.py --model "$DEMO_ROOT/model_board" --output "$DEMO_ROOT/predictions_onnxruntime" \
+  "${VERBOSE_FLAG[@]}" --input "$DEMO_ROOT/new_images/board/test" --runtime onnxruntime
 
 printf '\ndemo: done in %d min %02d s; everything is under %s/\n' $((SECONDS / 60)) $((SECONDS % 60)) "$DEMO_ROOT"

@@ -21,7 +21,7 @@ from helpers import MAPS, REPO, expect_one_error
 from PIL import Image
 
 import predict as predict_cli
-from pni.data.transforms import CropGeometry
+from pni.data.images import CropGeometry
 from pni.errors import PNIError
 from pni.scoring import ImageScores
 
@@ -121,7 +121,7 @@ def test_regions_and_mask_in_input_pixels_hand_computed(model):
     result = ImageScores(maps={m: crop for m in MAPS}, image={m: 1.0 for m in MAPS})
     from pni.predict import Predictor
 
-    predictor = Predictor(model.model, model.manifest, "nb_coor", image_threshold=0.5, pixel_threshold=0.5)
+    predictor = Predictor(model.scorer, model.manifest, "nb_coor", image_threshold=0.5, pixel_threshold=0.5)
     p = predictor.finish(result, np.zeros((128, 256, 3), np.uint8))
     assert (p.width, p.height, p.inspected) == (256, 128, (64, 0, 192, 128))
     assert len(p.regions) == 1

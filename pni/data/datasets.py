@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pni.data.transforms import first_line, image_transform, load_image, load_mask, mask_transform
+from pni.data.images import IMAGE_EXTENSIONS, first_line, load_image
+from pni.data.transforms import image_transform, load_mask, mask_transform
 from pni.errors import PNIError
 from pni.io import check_name
 
 DATASET_CATEGORIES: tuple[str, ...] = ("MVTec", "BTAD", "VisA")
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 NORMAL = "good"
 VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
 

@@ -2,7 +2,8 @@
 prediction through onnxruntime (:mod:`pni.deploy.onnx_runtime`) runs where torch is not
 installed, and so that both runtimes prepare images and map results back identically.
 
-- :func:`load_image` / :func:`to_rgb`: any image file or decoded PIL image as 8-bit RGB.
+- :func:`load_image` / :func:`to_rgb`: any image file or decoded PIL image as 8-bit RGB
+  (:data:`IMAGE_EXTENSIONS`: the file types datasets and prediction look for).
 - :func:`input_array`: an RGB image -> the model's input ``(3, imagesize, imagesize)``
   float32: the shorter side resized to ``resize`` (Pillow's BILINEAR), centre crop, scaled to
   ``[0, 1]``, ImageNet-normalised; bit for bit what torchvision's ``Resize(resize) +
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pni.errors import PNIError
 
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -1,23 +1,24 @@
 """Scoring with ``model.onnx`` through onnxruntime: numpy in, numpy out, no torch.
 
 :class:`OnnxScorer` loads the graph :mod:`pni.deploy.onnx_export` writes and scores batches
-of preprocessed images (:func:`pni.data.images.input_array`) into one :class:`MapScores` per
-image, the fields :class:`pni.scoring.ImageScores` has (``maps[m]``, ``image[m]``,
-``coarse[m]``), as numpy arrays and floats. This module imports numpy and onnxruntime only
-(never torch, Lightning or faiss), so prediction runs on a machine without them.
+of preprocessed images (:func:`pni.data.images.input_array`) into one
+:class:`~pni.maps.MapScores` per image, the fields :class:`pni.scoring.ImageScores` has
+(``maps[m]``, ``image[m]``, ``coarse[m]``), as numpy arrays and floats. This module imports
+numpy, Pillow and onnxruntime only (never torch, Lightning or faiss), so prediction runs on a
+machine without them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pni.data.images import first_line
 from pni.errors import PNIError
-from pni.maps import MAP_NAMES
+from pni.maps import MAP_NAMES, MapScores
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"  # the initializers, only when the graph would pass protobuf's 2 GB
@@ -26,21 +27,6 @@ FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("maps", "image_scores", "coarse_maps")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
-
-
-@dataclass
-class MapScores:
-    """Scores of one image, each a dict keyed by :data:`~pni.maps.MAP_NAMES`: ``coarse``
-    ``(R, C)`` and ``maps`` ``(imagesize, imagesize)`` float32 arrays, ``image`` floats."""
-
-    coarse: dict[str, np.ndarray] = field(default_factory=dict)
-    maps: dict[str, np.ndarray] = field(default_factory=dict)
-    image: dict[str, float] = field(default_factory=dict)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class OnnxScorer:
@@ -59,7 +45,13 @@ class OnnxScorer:
         threads: int | None = None,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
     ) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise PNIError(
+                f"scoring with {ONNX_FILE} needs onnxruntime ({first_line(exc)}): pip install onnxruntime "
+                "(see requirements-deploy.txt)"
+            ) from None
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -72,7 +64,7 @@ class OnnxScorer:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as exc:  # onnxruntime's own exception types derive from Exception only
-            raise PNIError(f"cannot load ONNX graph {self.path}: {_first_line(exc)}") from None
+            raise PNIError(f"cannot load ONNX graph {self.path}: {first_line(exc)}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("pni.format") != FORMAT or meta.get("pni.format_version") != str(FORMAT_VERSION):
             raise PNIError(

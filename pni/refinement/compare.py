@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pni.cli import ArgumentParser, exit_with, run_cli
-from pni.console import print_table
+from pni.console import print_table, render_table
 from pni.errors import PNIError
-from pni.results import render_table
 
 COLUMNS = ("P-AUROC", "AUPRO_MVTec", "AUPRO_PNI", "I-AUROC")
 
