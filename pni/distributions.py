@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pni.errors import PNIError
@@ -217,10 +218,31 @@ class NeighbourhoodMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _bf16_cpu_training(self, x):
             return self._forward_bf16_cpu(x)
+        cast_to = None if self.training or torch.is_grad_enabled() else active_autocast_dtype(x.device.type)
+        if cast_to is not None:
+            return self._forward_cast_weights(x, cast_to)
         x = self.first_layer(x)
         for layer in self.hidden_layers:
             x = layer(x)
         return self.last_layer(x)
+
+    def _forward_cast_weights(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inference under autocast: the same operations as autocast's, with the linear layers'
+        weights cast to ``dtype`` once and kept (until a weight changes) instead of at every call."""
+        for block in (self.first_layer, *self.hidden_layers):
+            x = F.linear(x.to(dtype), *self._cast_weights(cast(nn.Linear, block[0]), dtype))
+            for layer in list(block)[1:]:
+                x = layer(x)
+        return F.linear(x.to(dtype), *self._cast_weights(cast(nn.Linear, self.last_layer[0]), dtype))
+
+    def _cast_weights(self, linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = (linear.weight, linear.bias)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params if p is not None))
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        if id(linear) not in cache or cache[id(linear)][0] != key:
+            cache[id(linear)] = (key, tuple(None if p is None else p.detach().to(dtype) for p in params))
+        weight, bias = cache[id(linear)][1]
+        return weight, bias
 
     def _forward_bf16_cpu(self, x: torch.Tensor) -> torch.Tensor:
         for block in (self.first_layer, *self.hidden_layers):
