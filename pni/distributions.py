@@ -226,6 +226,11 @@ class NeighbourhoodMLP(nn.Module):
             x = layer(x)
         return self.last_layer(x)
 
+    def train(self, mode: bool = True) -> NeighbourhoodMLP:
+        if mode:  # weights cast for inference would go stale while training: free them
+            self.__dict__.pop("_cast_cache", None)
+        return super().train(mode)
+
     def _forward_cast_weights(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Inference under autocast: the same operations as autocast's, with the linear layers'
         weights cast to ``dtype`` once and kept (until a weight changes) instead of at every call."""

@@ -250,8 +250,10 @@ class NeighbourhoodModule(pl.LightningModule):
 
     def precision(self) -> str:
         """The Trainer's precision (``32-true`` outside a Trainer)."""
-        trainer = self._trainer  # (the public property raises outside a Trainer)
-        return str(trainer.precision) if trainer is not None else DEFAULT_PRECISION
+        try:
+            return str(self.trainer.precision)
+        except RuntimeError:  # not attached to a Trainer
+            return DEFAULT_PRECISION
 
     def configure_optimizers(self):
         options = adam_options(self.precision(), self.device.type)

@@ -107,8 +107,9 @@ def adam_options(precision: str, device_type: str) -> dict[str, Any]:
     weights to the default for-loop, which torch picks on a CPU, at about half its time; one
     temporary the size of all parameters). Mixed precision: ``fused=True`` (one pass over each
     parameter, about 10x faster than the for-loop on a CPU, within an ulp of it per step;
-    the weights differ from float32 training anyway)."""
-    if precision in _AUTOCAST_DTYPES:
+    the weights differ from float32 training anyway; CPUs and CUDA devices, elsewhere
+    ``foreach``)."""
+    if precision in _AUTOCAST_DTYPES and device_type in ("cpu", "cuda"):
         return {"fused": True}
     return {"foreach": True}
 
