@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="demo,large", help="comma-separated: demo, large")
     p.add_argument("--num_epochs", type=int, default=1, help="MLP epochs of the large case")
     p.add_argument("--large_train", type=int, default=12, help="training images of the large case")
+    p.add_argument("--large_test", type=int, default=6, help="test images per type (and good) of the large case")
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         data, calib = make_data(out, "demo", 128, 16, 4, DEMO_CATEGORIES)
         cases += [("demo", data, calib, c, DEMO_FLAGS) for c in DEMO_CATEGORIES]
     if "large" in args.cases.split(","):
-        data, calib = make_data(out, "large", 256, args.large_train, 3, ["board"])
+        data, calib = make_data(out, "large", 256, args.large_train, args.large_test, ["board"])
         flags = LARGE_FLAGS + ["--num_epochs", str(args.num_epochs), "--step_size", str(max(1, args.num_epochs))]
         cases.append(("board 256 px, WR50, dp 4, 10 layers", data, calib, "board", flags))
     table = [

@@ -37,9 +37,11 @@ DEFAULT_PRECISION = "32-true"
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
-# The speed-ups quoted by the note, measured on an Intel Xeon with AMX (2 cores, torch 2.14.1
-# CPU): the test stage per image and one MLP training step at the paper's sizes
-# (bench/bench_precision.py; docs/PERFORMANCE.md, "Precision").
+# The speed-ups quoted by the note, on an Intel Xeon with AMX (torch 2.14.1 CPU), at the paper's
+# sizes: one 480 px test image and one MLP training step of 2,048 windows measured 3.3x and
+# 4.0x (CPU time of one thread on a busy 2-core machine), the training step 3.1x with 2 threads
+# (bench/bench_precision.py); quoted conservatively. TODO-MEASURE: the quiet-machine figures of
+# bench/bench_precision.py (docs/PERFORMANCE.md, "Precision").
 AMX_TEST_SPEEDUP = 2.5
 AMX_TRAINING_SPEEDUP = 3.0
 
