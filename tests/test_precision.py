@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,26 +395,51 @@ def test_scoring_under_bf16_gives_float32_maps_close_to_float32():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """A tiny run in float32; the test stage again under bf16-mixed on its artefacts; and every
+    stage under bf16-mixed in a folder of its own."""
     root = tmp_path_factory.mktemp("precision")
     make_dataset(root / "ds", num_train=4, num_test_per_type=1, image_size=64, categories=["texture"])
+    versions = root / "{}" / "result" / "texture" / "R18" / "anomaly" / "lightning_logs" / "version_{}"
+    assert tcd.main(path_flags(root / "ds", root / "float32") + TINY + TRAIN) == 0
+    assert tcd.main(path_flags(root / "ds", root / "float32") + TINY + ["--precision", "bf16-mixed"]) == 0
+    assert tcd.main(path_flags(root / "ds", root / "bf16") + TINY + TRAIN + ["--precision", "bf16-mixed"]) == 0
+    return {
+        "float32": Path(str(versions).format("float32", 0)),
+        "bf16 test stage": Path(str(versions).format("float32", 1)),
+        "bf16 all stages": Path(str(versions).format("bf16", 0)),
+    }
+
+
+def largest_map_differences(ref: Path, other: Path) -> dict[str, float]:
+    """Per map: the largest difference between the two runs' maps over all test images, over
+    the largest value of that map in ``ref``; the other run's maps are float32 and finite."""
     out = {}
-    for name in ("32-true", "bf16-mixed"):
-        assert tcd.main(path_flags(root / "ds", root / name) + TINY + TRAIN + ["--precision", name]) == 0
-        out[name] = root / name / "result" / "texture" / "R18" / "anomaly" / "lightning_logs" / "version_0"
-    return out
-
-
-def test_tiny_run_under_bf16_stays_close_to_float32(runs):
-    """Every stage of a tiny run (MLP training and test under bf16-mixed): each map within 2%
-    of the largest value of that map in the float32 run (measured 0.6%), finite AUROCs."""
-    ref, mixed = runs["32-true"], runs["bf16-mixed"]
     for name in MAPS:
         files = sorted((ref / "sample").glob(f"*_amap_{name}.npy"))
         assert files
         top = max(float(np.abs(np.load(f)).max()) for f in files)
+        diff = 0.0
         for f in files:
-            other = np.load(mixed / "sample" / f.name)
-            assert other.dtype == np.float32 and np.isfinite(other).all()
-            assert float(np.abs(other - np.load(f)).max()) <= 0.02 * top, (name, f.name)
-    aurocs = aurocs_from_saved(mixed)
+            theirs = np.load(other / "sample" / f.name)
+            assert theirs.dtype == np.float32 and np.isfinite(theirs).all()
+            diff = max(diff, float(np.abs(theirs - np.load(f)).max()))
+        out[name] = diff / top
+    return out
+
+
+def test_tiny_test_stage_under_bf16_stays_close_to_float32(runs):
+    """The same artefacts scored under bf16-mixed (backbone and MLP in bfloat16): every map
+    within 2% of its largest float32 value (measured 0.6%)."""
+    diffs = largest_map_differences(runs["float32"], runs["bf16 test stage"])
+    assert all(d <= 0.02 for d in diffs.values()), diffs
+
+
+def test_tiny_run_with_every_stage_under_bf16(runs):
+    """Every stage under bf16-mixed: finite AUROCs, and maps within 25% of the largest float32
+    value. Coreset entries chosen from bfloat16 features can differ from the float32 ones (the
+    greedy search's near ties), which moves the PatchCore and position maps far more than the
+    scoring's own rounding: measured 14% with the coreset stage under bf16, 0.6% without."""
+    diffs = largest_map_differences(runs["float32"], runs["bf16 all stages"])
+    assert all(d <= 0.25 for d in diffs.values()), diffs
+    aurocs = aurocs_from_saved(runs["bf16 all stages"])
     assert len(aurocs) == 2 * len(MAPS) and all(math.isfinite(v) for v in aurocs.values())
