@@ -42,6 +42,15 @@ GOALS: dict[str, Goal] = {
     "coreset_pass": Goal("<=", 3.0, "greedy iteration over one pass over the projected bank", "x one pass"),
     # bench_inference.py
     "inference_flop_bound": Goal("<=", 2.0, "one test image end to end over its FLOP bound", "x the FLOP bound"),
+    # bench_precision.py: bf16-mixed against 32-true at the paper's sizes, on a CPU with bf16 matrix units
+    "precision_test_speedup": Goal(">=", 2.5, "test stage per image, 32-true over bf16-mixed", "x faster"),
+    "precision_training_speedup": Goal(">=", 3.0, "MLP training step, 32-true over bf16-mixed", "x faster"),
+    "precision_test_flop_bound": Goal(
+        "<=", 1.5, "bf16-mixed test stage per image over its FLOP bound at the bf16 rate", "x the FLOP bound"
+    ),
+    "precision_training_flop_bound": Goal(
+        "<=", 1.5, "bf16-mixed MLP training step over its FLOP bound at the bf16 rate", "x the FLOP bound"
+    ),
     # bench_memory.py
     "memory_bank": Goal("<=", 1.5, "coreset stage peak memory over the feature bank", "x the bank"),
     # bench_predict.py

@@ -18,10 +18,12 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pni.errors import PNIError
 from pni.io import atomic_path, load_weights_only
+from pni.precision import active_autocast_dtype
 from pni.scoring import VARIANTS
 
 HIDDEN_WIDTH = 2048
@@ -64,6 +66,7 @@ def gather_windows(
     cols: torch.Tensor,
     dist_padding: int,
     layout: str = "original",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Neighbourhood inputs for a batch of positions.
 
@@ -71,8 +74,15 @@ def gather_windows(
     -> ``(B, ((2dp+1)^2 - 1) * E)``: the features of the window around each position in
     row-major order without the ``layout``'s :func:`dropped_slot`, each position's ``E``
     values contiguous, zeros outside the grid.
+
+    ``dtype`` of the windows: default float32, or the autocast dtype while autocast is on for
+    the grids' device (the MLP's first layer would cast float32 windows to it; building them
+    in it skips a float32 copy of every window).
     """
     n_img, n_rows, n_cols, dim = grids.shape
+    device = grids.device if isinstance(grids, torch.Tensor) else torch.device("cpu")
+    if dtype is None:
+        dtype = active_autocast_dtype(device.type) or torch.float32
     offsets = window_offsets(dist_padding, layout).to(rows.device)
     rr = rows[:, None] + offsets[None, :, 0]
     cc = cols[:, None] + offsets[None, :, 1]
@@ -81,22 +91,107 @@ def gather_windows(
     cc_c = cc.clamp(0, n_cols - 1)
     ii = image_ids[:, None].expand_as(rr)
     if isinstance(grids, torch.Tensor):
-        feats = grids[ii, rr_c, cc_c]  # advanced indexing: a fresh tensor
-    else:  # memory map or array, float32 or float16: one fresh float32 copy of the windows
+        flat_ids = ((ii * n_rows + rr_c) * n_cols + cc_c).reshape(-1).to(device)
+        source = grids.reshape(-1, dim)
+        if source.dtype != dtype and len(source) <= len(flat_ids):
+            source = source.to(dtype)  # each feature converted once, not once per window it is in
+        feats = source.index_select(0, flat_ids).to(dtype).view(*rr.shape, dim)  # a fresh tensor
+    elif dtype == torch.float32:  # memory map or array, float32 or float16: one fresh float32 copy
         feats = torch.from_numpy(np.asarray(grids[ii.numpy(), rr_c.numpy(), cc_c.numpy()], dtype=np.float32))
-    feats = feats.to(torch.float32)
-    feats.mul_(valid[..., None].to(device=feats.device, dtype=feats.dtype))  # in place: no second copy
+    else:  # a dtype numpy lacks (bfloat16): a few windows at a time through float32
+        feats = torch.empty(*rr.shape, dim, dtype=dtype)
+        step = max(1, 2**20 // (rr.shape[1] * dim))  # ~4 MiB of float32 at a time
+        ii_n, rr_n, cc_n = ii.numpy(), rr_c.numpy(), cc_c.numpy()
+        for s in range(0, len(rows), step):
+            piece = np.asarray(grids[ii_n[s : s + step], rr_n[s : s + step], cc_n[s : s + step]], dtype=np.float32)
+            feats[s : s + step].copy_(torch.from_numpy(piece))
+    outside = (~valid).to(feats.device).nonzero(as_tuple=True)
+    feats[outside] = 0  # zeros outside the grid (index lists: only those slots are written)
     return feats.reshape(len(rows), -1)
 
 
 def grid_windows(
-    grid: torch.Tensor, positions: torch.Tensor, dist_padding: int, layout: str = "original"
+    grid: torch.Tensor,
+    positions: torch.Tensor,
+    dist_padding: int,
+    layout: str = "original",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Windows of one image's grid ``(R, C, E)`` at flat ``positions`` ``(B,)`` ->
-    ``(B, ((2dp+1)^2 - 1) * E)``."""
+    ``(B, ((2dp+1)^2 - 1) * E)``; ``dtype`` as in :func:`gather_windows`."""
     n_cols = grid.shape[1]
     zeros = torch.zeros_like(positions)
-    return gather_windows(grid[None], zeros, positions // n_cols, positions % n_cols, dist_padding, layout)
+    return gather_windows(grid[None], zeros, positions // n_cols, positions % n_cols, dist_padding, layout, dtype)
+
+
+def _bf16_cpu_training(module: nn.Module, x: torch.Tensor) -> bool:
+    """Training under bfloat16 autocast on a CPU, with autograd recording."""
+    return (
+        module.training
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and active_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+class _Bf16LinearFunction(torch.autograd.Function):
+    """``x @ W^T + b`` in bfloat16 whose backward gives oneDNN contiguous operands: the
+    weight gradient as ``grad^T.contiguous() @ x`` (autograd's own ``x^T @ grad`` hands it
+    transposed views, which ran at half the rate on AMX), returned in float32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            x16 = x.to(torch.bfloat16)
+            w16 = weight.to(torch.bfloat16)
+            out = x16 @ w16.t() if bias is None else torch.addmm(bias.to(torch.bfloat16), x16, w16.t())
+        ctx.save_for_backward(x16, w16)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x16, w16 = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(torch.bfloat16)
+        grad_x = grad_w = grad_b = None
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ w16).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad.t().contiguous() @ x16).to(w_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_b = grad.sum(0, dtype=torch.float32).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight^T + bias`` in bfloat16 (as autocast's linear), with the faster backward of
+    :class:`_Bf16LinearFunction`: ``(B, in)`` -> ``(B, out)`` bfloat16."""
+    return _Bf16LinearFunction.apply(x, weight, bias)
+
+
+_KEEP_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _keep_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(65536, 16)``: row ``v`` holds 2 where bit ``j`` of ``v`` is set, else 0 (2 MiB in bf16)."""
+    key = (dtype, device)
+    if key not in _KEEP_TABLES:
+        values = torch.arange(65536, device=device)[:, None] >> torch.arange(16, device=device)
+        _KEEP_TABLES[key] = ((values & 1) * 2).to(dtype)
+    return _KEEP_TABLES[key]
+
+
+def bit_dropout(x: torch.Tensor) -> torch.Tensor:
+    """Dropout with ``p = 1/2`` (training): each element kept with probability 1/2 and doubled.
+    The mask comes from random bits, 16 elements per 16-bit draw of the global generator,
+    expanded by a lookup table; torch's CPU ``bernoulli_`` cost more than a hidden layer's bf16
+    matrix product."""
+    n = x.numel()
+    draws = torch.empty((n + 15) // 16, dtype=torch.long, device=x.device).random_(0, 65536)
+    keep = _keep_table(x.dtype, x.device).index_select(0, draws).reshape(-1)[:n].view(x.shape)
+    return x * keep
 
 
 class NeighbourhoodMLP(nn.Module):
@@ -105,7 +200,10 @@ class NeighbourhoodMLP(nn.Module):
     ``num_layers`` linear layers: hidden ones are Linear -> BatchNorm1d -> ReLU -> Dropout,
     the last maps to ``num_classes`` logits. Parameter names follow the original
     (``first_layer``, ``hidden_layers.<i>``, ``last_layer``) so its checkpoints load.
-    forward: ``(B, in_features)`` -> ``(B, num_classes)``.
+    forward: ``(B, in_features)`` -> ``(B, num_classes)``. Trained under bfloat16 autocast on
+    a CPU, the same layers run through :func:`bf16_linear` and (``dropout`` 1/2)
+    :func:`bit_dropout`, the faster forms of what autocast runs; anywhere else (float32,
+    GPUs, inference) the modules' own forward.
     """
 
     def __init__(
@@ -140,10 +238,46 @@ class NeighbourhoodMLP(nn.Module):
         return self.in_features == window_count(dist_padding) * feature_dim and self.num_classes == num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bf16_cpu_training(self, x):
+            return self._forward_bf16_cpu(x)
+        cast_to = None if self.training or torch.is_grad_enabled() else active_autocast_dtype(x.device.type)
+        if cast_to is not None:
+            return self._forward_cast_weights(x, cast_to)
         x = self.first_layer(x)
         for layer in self.hidden_layers:
             x = layer(x)
         return self.last_layer(x)
+
+    def train(self, mode: bool = True) -> NeighbourhoodMLP:
+        if mode:  # weights cast for inference would go stale while training: free them
+            self.__dict__.pop("_cast_cache", None)
+        return super().train(mode)
+
+    def _forward_cast_weights(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inference under autocast: the same operations as autocast's, with the linear layers'
+        weights cast to ``dtype`` once and kept (until a weight changes) instead of at every call."""
+        for block in (self.first_layer, *self.hidden_layers):
+            x = F.linear(x.to(dtype), *self._cast_weights(cast(nn.Linear, block[0]), dtype))
+            for layer in list(block)[1:]:
+                x = layer(x)
+        return F.linear(x.to(dtype), *self._cast_weights(cast(nn.Linear, self.last_layer[0]), dtype))
+
+    def _cast_weights(self, linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = (linear.weight, linear.bias)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params if p is not None))
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        if id(linear) not in cache or cache[id(linear)][0] != key:
+            cache[id(linear)] = (key, tuple(None if p is None else p.detach().to(dtype) for p in params))
+        weight, bias = cache[id(linear)][1]
+        return weight, bias
+
+    def _forward_bf16_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.first_layer, *self.hidden_layers):
+            linear, norm, relu, dropout = cast(nn.Linear, block[0]), block[1], block[2], cast(nn.Dropout, block[3])
+            x = relu(norm(bf16_linear(x, linear.weight, linear.bias)))
+            x = bit_dropout(x) if dropout.p == 0.5 else dropout(x)
+        last = cast(nn.Linear, self.last_layer[0])
+        return bf16_linear(x, last.weight, last.bias)
 
 
 def mlp_file_name(dist_padding: int, dist_coreset_size: int, num_layers: int) -> str:

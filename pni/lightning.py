@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from pni.coreset import greedy_coreset
 from pni.distributions import NeighbourhoodMLP, gather_windows
 from pni.features import PatchFeatureExtractor
-from pni.memory import release_pages, trim_heap
+from pni.memory import available_bytes, release_pages, trim_heap
 from pni.model import PNIModel
+from pni.precision import DEFAULT_PRECISION, adam_options
 
 
 def interruptible(trainer_call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -129,15 +130,34 @@ class CoresetModule(FeatureBankModule):
 
 class WindowCollate:
     """Builds a batch of (window features, label) from flat sample ids, reading the stored
-    feature grids directly (windows are never materialised for the whole set)."""
+    feature grids directly (windows are never materialised for the whole set).
 
-    def __init__(self, bank: np.ndarray, labels: np.ndarray, pad: int, dist_padding: int, layout: str) -> None:
-        self.bank = bank
+    ``dtype``: of the windows (``pni.precision.compute_dtype``). For bfloat16 the bank is
+    converted once, image by image, into a tensor of that dtype held here when it fits
+    ``bank_fraction`` of the available memory (half a float32 bank's size); a window batch is
+    then one copy of rows. Otherwise every batch is converted from the stored grids.
+    """
+
+    def __init__(
+        self,
+        bank: np.ndarray,
+        labels: np.ndarray,
+        pad: int,
+        dist_padding: int,
+        layout: str,
+        dtype: torch.dtype = torch.float32,
+        bank_fraction: float = 0.25,
+    ) -> None:
+        self.bank: np.ndarray | torch.Tensor = bank
         self.labels = torch.as_tensor(labels, dtype=torch.long)  # (N_img, P_int)
         self.pad = pad
         self.dist_padding = dist_padding
         self.layout = layout  # window layout (pni.distributions.dropped_slot)
+        self.dtype = dtype
         self.cols_int = bank.shape[2] - 2 * pad
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if dtype not in (torch.float32, torch.float64) and bank.size * itemsize <= bank_fraction * available_bytes():
+            self.bank = bank_as(bank, dtype)
 
     def __call__(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -145,13 +165,26 @@ class WindowCollate:
         img, pos = ids // p_int, ids % p_int
         rows = pos // self.cols_int + self.pad
         cols = pos % self.cols_int + self.pad
-        x = gather_windows(self.bank, img, rows, cols, self.dist_padding, self.layout)
+        x = gather_windows(self.bank, img, rows, cols, self.dist_padding, self.layout, self.dtype)
         return x, self.labels[img, pos]
+
+
+def bank_as(bank: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of the bank ``(N_img, R, C, E)`` as a tensor of ``dtype``, converted image by
+    image (a memory-mapped bank is streamed, its pages released as it goes)."""
+    out = torch.empty(bank.shape, dtype=dtype)
+    for i in range(bank.shape[0]):
+        out[i].copy_(torch.from_numpy(np.array(bank[i])))  # np.array: a copy (the map may be read-only)
+        if i % 16 == 15:
+            release_pages(bank)
+    release_pages(bank)
+    return out
 
 
 class NeighbourhoodModule(pl.LightningModule):
     """Trains :class:`NeighbourhoodMLP` with cross-entropy, Adam and StepLR; calls
-    ``on_best(model, train_loss, val_loss)`` whenever the validation loss improves."""
+    ``on_best(model, train_loss, val_loss)`` whenever the validation loss improves. Adam's
+    implementation follows the Trainer's precision (``pni.precision.adam_options``)."""
 
     def __init__(
         self,
@@ -175,6 +208,8 @@ class NeighbourhoodModule(pl.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch
+        if not torch.is_autocast_enabled(x.device.type):  # windows built for another precision
+            x = x.to(next(self.model.parameters()).dtype)
         loss = F.cross_entropy(self.model(x), y)
         self.log(
             f"{split}_loss",
@@ -213,8 +248,16 @@ class NeighbourhoodModule(pl.LightningModule):
             if self.on_best is not None and self.trainer.is_global_zero:
                 self.on_best(self.model, train, val)
 
+    def precision(self) -> str:
+        """The Trainer's precision (``32-true`` outside a Trainer)."""
+        try:
+            return str(self.trainer.precision)
+        except RuntimeError:  # not attached to a Trainer
+            return DEFAULT_PRECISION
+
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        options = adam_options(self.precision(), self.device.type)
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate, **options)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.step_size, gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
