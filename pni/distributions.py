@@ -225,6 +225,10 @@ class NeighbourhoodMLP(nn.Module):
         return cast(nn.Linear, self.first_layer[0]).in_features
 
     @property
+    def hidden_features(self) -> int:
+        return cast(nn.Linear, self.first_layer[0]).out_features
+
+    @property
     def num_classes(self) -> int:
         return cast(nn.Linear, self.last_layer[0]).out_features
 

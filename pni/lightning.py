@@ -29,7 +29,7 @@ def interruptible(trainer_call: Callable[..., Any], *args: Any, **kwargs: Any) -
     """Call ``trainer.fit`` / ``.predict`` / ``.test`` (``trainer_call``) so that Ctrl-C stays a
     ``KeyboardInterrupt``: Lightning catches it, cleans up and calls ``sys.exit(1)``, which
     would hide the interruption from the caller (and exit 1 without a message)."""
-    trainer = trainer_call.__self__
+    trainer = trainer_call.__self__  # type: ignore[attr-defined]  # a bound Trainer method
     try:
         return trainer_call(*args, **kwargs)
     except SystemExit:
@@ -47,7 +47,7 @@ class IndexedDataset(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base)  # type: ignore[arg-type]  # map-style datasets are sized
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.base[i])
@@ -160,9 +160,9 @@ class WindowCollate:
             self.bank = bank_as(bank, dtype)
 
     def __call__(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        flat = torch.as_tensor(ids, dtype=torch.long)
         p_int = self.labels.shape[1]
-        img, pos = ids // p_int, ids % p_int
+        img, pos = flat // p_int, flat % p_int
         rows = pos // self.cols_int + self.pad
         cols = pos % self.cols_int + self.pad
         x = gather_windows(self.bank, img, rows, cols, self.dist_padding, self.layout, self.dtype)
@@ -239,8 +239,8 @@ class NeighbourhoodModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        val = self.trainer.callback_metrics.get("val_loss")
-        val = float(val) if val is not None else self._sums["val"][0] / max(self._sums["val"][1], 1)
+        logged = self.trainer.callback_metrics.get("val_loss")
+        val = float(logged) if logged is not None else self._sums["val"][0] / max(self._sums["val"][1], 1)
         s, n = self._sums["train"]
         train = s / n if n else float("nan")
         if val < self.best_val:
@@ -273,7 +273,7 @@ def window_loader(
     ids: torch.Tensor, collate: WindowCollate, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
 ) -> DataLoader:
     return DataLoader(
-        ids.tolist(),
+        ids.tolist(),  # type: ignore[arg-type]  # a list is a map-style dataset
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=collate,

@@ -38,6 +38,11 @@ class PNIModel(nn.Module):
     free memory of the device the model runs on (chosen once per device).
     """
 
+    # buffers registered from ScoringArtefacts (the ones the chunk sizing reads)
+    embedding_with_edge: Tensor
+    embedding_without_edge: Tensor
+    distribution_coreset: Tensor
+
     def __init__(
         self,
         extractor: PatchFeatureExtractor,
@@ -135,7 +140,7 @@ class PNIModel(nn.Module):
         if chunk is None:  # windows (float32) + the first layer's output, in 1/8 of the free memory
             n_win = window_count(self.dist_padding)
             chunk = rows_for(
-                4 * (n_win * grid.shape[-1] + 4 * self.mlp.first_layer[0].out_features),
+                4 * (n_win * grid.shape[-1] + 4 * self.mlp.hidden_features),
                 fraction=0.125,
                 device=grid.device,
                 lo=64,
