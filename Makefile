@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ROOT ?= demo_output
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test lint bench clean-demo
 
 # pip -qq: no progress, notices or warnings (e.g. about configured find-links folders that do
 # not exist); errors still print and stop make.
@@ -23,7 +23,13 @@ venv: $(VENV)/.installed
 demo: venv
 	@PY=$(PY) DEMO_ROOT=$(DEMO_ROOT) VERBOSE=$(VERBOSE) bash scripts/demo.sh
 
-test: venv
+# lint and types first (seconds), then the suite
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy pni
+
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: venv
