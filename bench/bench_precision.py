@@ -46,7 +46,7 @@ from pni.features import build_feature_extractor
 from pni.lightning import ScoringModule, WindowCollate
 from pni.model import PNIModel
 from pni.precision import adam_options, autocast, compute_dtype, cpu_bf16_units
-from pni.scoring import MAP_NAMES, ScoringConfig, score_image
+from pni.scoring import MAP_NAMES, ScoringConfig
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
@@ -123,7 +123,8 @@ def main(argv=None):
     with torch.no_grad():
         backbone_flops, feats = flops_of(lambda: extractor(x0))
         mlp_flops, logits = flops_of(lambda: model.nb_logits(feats[0]))
-        scoring_flops, _ = flops_of(lambda: score_image(feats[0], logits, model.artefacts(), model._config_on(device)))
+        scorer = model.scorer(feats.shape[1], feats.shape[2], device)  # what PNIModel.score derives once
+        scoring_flops, _ = flops_of(lambda: scorer(feats[0], logits))
 
     def test_parts(precision: str, x: torch.Tensor, parts: dict[str, float]) -> None:
         """The test image's parts one by one (fastest of the calls), as ``PNIModel.score`` runs them."""
@@ -131,8 +132,8 @@ def main(argv=None):
             t_features, feats = timed(lambda: extractor(x), device)
             t_mlp, logits = timed(lambda: model.nb_logits(feats[0]), device)
             with torch.autocast(device.type, enabled=False):
-                cfg = model._config_on(device)
-                t_scoring, _ = timed(lambda: score_image(feats[0], logits.float(), model.artefacts(), cfg), device)
+                scorer = model.scorer(feats.shape[1], feats.shape[2], device)
+                t_scoring, _ = timed(lambda: scorer(feats[0], logits.float()), device)
         times = {"backbone + aggregation": t_features, "MLP": t_mlp, "scoring": t_scoring}
         for k, v in times.items():
             parts[k] = min(parts.get(k, float("inf")), v)

@@ -25,9 +25,9 @@ from pni.data.transforms import image_transform
 from pni.distributions import NeighbourhoodMLP, dropped_slot, grid_windows, window_count
 from pni.features import PatchFeatureExtractor, patch_padding
 from pni.memory import rows_for, scoring_rows
-from pni.scoring import ImageScores, ScoringArtefacts, ScoringConfig, interior_indices, score_image
+from pni.scoring import ImageScores, Scorer, ScoringArtefacts, ScoringConfig, interior_indices
 
-ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts) if f.init)
+ARTEFACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScoringArtefacts))
 
 
 class PNIModel(nn.Module):
@@ -61,7 +61,7 @@ class PNIModel(nn.Module):
         self.dist_padding = int(dist_padding)
         self.resize = int(resize)
         self._chunks: dict[torch.device, int] = {}
-        self._artefacts: tuple[tuple[int, ...], ScoringArtefacts] | None = None
+        self._scorer: tuple[tuple, Scorer] | None = None  # the one cache of what scoring derives
         dropped_slot(self.dist_padding, self.layout)  # refuses an unknown variant now
 
     @classmethod
@@ -102,14 +102,21 @@ class PNIModel(nn.Module):
         return patch_padding(self.config.patchsize)
 
     def artefacts(self) -> ScoringArtefacts:
-        """The scoring artefacts, on the model's device: the same object from call to call
-        while the buffers stay where they are (scoring caches what it derives from them, and
-        its scratch memory, on that object)."""
-        tensors = {name: getattr(self, name) for name in ARTEFACT_NAMES}
-        key = tuple(t.data_ptr() for t in tensors.values())  # the cached object keeps its tensors alive
-        if self._artefacts is None or self._artefacts[0] != key:
-            self._artefacts = (key, ScoringArtefacts(**tensors))
-        return self._artefacts[1]
+        """The scoring artefacts (the model's buffers, on its device)."""
+        return ScoringArtefacts(**{name: getattr(self, name) for name in ARTEFACT_NAMES})
+
+    def scorer(self, rows: int, cols: int, device: torch.device) -> Scorer:
+        """The :class:`~pni.scoring.Scorer` of ``rows x cols`` feature grids on ``device``:
+        the same object from call to call while the buffers, the settings and the grid stay
+        (it holds what scoring derives from the artefacts, and its scratch memory)."""
+        cfg = self._config_on(device)
+        buffers = tuple(getattr(self, name) for name in ARTEFACT_NAMES)
+        # the cached scorer keeps its tensors alive, so their addresses identify them (and
+        # their versions count in-place changes, as load_state_dict makes)
+        key = (tuple((t.data_ptr(), t._version) for t in buffers), dataclasses.astuple(cfg), rows, cols)
+        if self._scorer is None or self._scorer[0] != key:
+            self._scorer = (key, Scorer(self.artefacts(), cfg, rows, cols))
+        return self._scorer[1]
 
     def transform(self) -> Callable:
         """RGB PIL image -> the model's input tensor (resize, centre crop, normalisation)."""
@@ -160,11 +167,10 @@ class PNIModel(nn.Module):
         if images.shape[0] == 0:
             return []
         feats = self.extractor(images)
-        art = self.artefacts()
-        cfg = self._config_on(feats.device)
+        scorer = self.scorer(feats.shape[1], feats.shape[2], feats.device)
         out = []
         for b in range(feats.shape[0]):
             logits = self.nb_logits(feats[b])
             with torch.autocast(device_type=feats.device.type, enabled=False):
-                out.append(score_image(feats[b].float(), logits.float(), art, cfg))
+                out.append(scorer(feats[b].float(), logits.float()))
         return out

@@ -42,15 +42,8 @@ from pni.deploy.onnx_runtime import ONNX_DATA, ONNX_FILE, OnnxScorer
 from pni.errors import PNIError
 from pni.maps import MAP_NAMES
 from pni.model import ARTEFACT_NAMES, PNIModel
-from pni.scoring import (
-    RankColumns,
-    ScoringArtefacts,
-    blocked_indicator,
-    interior_indices,
-    pairwise_distances,
-    parent_share,
-    position_allowed,
-)
+from pni.scoring import ScoringArtefacts, interior_indices, parent_share, position_allowed
+from pni.scoring_kernels import RankColumns, blocked_indicator, pairwise_distances
 
 REPO = Path(__file__).resolve().parents[1]
 MAP_TOLERANCE = 1e-4  # of each map's range
@@ -156,7 +149,7 @@ def selection_counts(model: PNIModel, images: np.ndarray) -> dict[str, int]:
         blocked_d = blocked_indicator(probs > cfg.softmax_nb_gamma / k1, torch.float32)
         d1 = pairwise_distances(x_int, model.embedding_without_edge)
         if original:
-            rc = RankColumns.build(model.embedding_to_distribution, d, cfg.mask_workers)
+            rc = RankColumns.build(model.embedding_to_distribution, parent_share(d, cfg.mask_workers))
             first = rc.first_allowed(pairwise_distances(x_int, model.distribution_coreset), blocked_d, k1 - 1)
             counts["first_inner"] += int(((first > 0) & (first < k1 - 1)).sum())
             counts["first_last"] += int((first == k1 - 1).sum())
@@ -252,7 +245,9 @@ def test_graph_file_holds_each_array_once(trained, tmp_path, variant):
         array = getattr(model, name).numpy()
         assert any(np.array_equal(a, array) and a.dtype == array.dtype for a in inits.values()), name
     if variant == "original":
-        first = RankColumns.build(model.embedding_to_distribution, len(model.distribution_coreset), 8).first
+        first = RankColumns.build(
+            model.embedding_to_distribution, parent_share(len(model.distribution_coreset), 8)
+        ).first
         assert np.array_equal(inits["first_columns"], first.numpy())
     report = initializer_report(path)
     assert report["repeated"] == []

@@ -12,28 +12,31 @@ from reference import bilinear_resize, bilinear_weights, full_size_maps, naive_m
 from scipy.ndimage import gaussian_filter
 
 from pni.errors import PNIError
+from pni.features import patch_padding
 from pni.scoring import (
     MAP_NAMES,
-    PositionMask,
-    RankColumns,
+    Scorer,
     ScoringArtefacts,
     ScoringConfig,
-    blocked_indicator,
     gaussian_blur,
     interior_indices,
-    kth_smallest,
-    nearest_ids,
     pad_interior,
-    pairwise_distances,
     parent_share,
     resize_and_blur,
-    score_batch,
     score_image,
+)
+from pni.scoring_kernels import (
+    PositionMask,
+    RankColumns,
+    blocked_indicator,
+    kth_smallest,
+    nearest_ids,
+    pairwise_distances,
 )
 
 R = C = 6
 E, K1, K2, D, PS = 8, 21, 26, 11, 3  # patchsize 3 -> pp = 1; no size divisible by 3 or 8
-PP = (PS - 1) // 2
+PP = patch_padding(PS)
 P = R * C
 P_INT = (R - 2 * PP) * (C - 2 * PP)
 
@@ -209,7 +212,7 @@ def test_rank_columns_without_sorting_when_increasing(workers):
     comes from the nearest allowed entry's rank; it equals the sorted-ranks answer."""
     rng = np.random.default_rng(1)
     m = torch.cat([torch.arange(D), torch.from_numpy(rng.integers(0, D, K1 - D))])
-    columns = RankColumns.build(m, D, workers)
+    columns = RankColumns.build(m, parent_share(D, workers))
     assert columns.increasing
     q_dist = torch.from_numpy(rng.normal(size=(200, D)))
     allowed = torch.from_numpy(rng.random((200, D)) < 0.15)
@@ -219,7 +222,7 @@ def test_rank_columns_without_sorting_when_increasing(workers):
     fast = columns.first_allowed(q_dist, blocked, K1 - 1)
     assert fast.tolist() == sorted_ranks.first_allowed(q_dist, blocked, K1 - 1).tolist()
     assert (fast[:5] == K1 - 1).all() and (fast < K1 - 1).any()
-    assert not RankColumns.build(m.flip(0), D, workers).increasing
+    assert not RankColumns.build(m.flip(0), parent_share(D, workers)).increasing
 
 
 def one_position(emb1, dcs, m, logits, prior1, variant="original", workers=8):
@@ -283,7 +286,7 @@ def test_original_lost_writes_by_hand():
         assert got["patchcore"] == pytest.approx(0.1)
 
 
-def test_chunk_size_and_batch_invariance():
+def test_chunk_size_invariance_and_scorer_reuse():
     inputs = make_inputs(4)
     feat, logits, emb1, emb2, dcs, prior1, prior2 = inputs
     art = ScoringArtefacts.build(_t(emb1), _t(emb2), _t(dcs), _t(prior1), _t(prior2), chunk_size=3)
@@ -295,16 +298,14 @@ def test_chunk_size_and_batch_invariance():
             torch.testing.assert_close(got.maps[name], ref.maps[name], rtol=0, atol=1e-12)
             assert got.image[name] == pytest.approx(ref.image[name], abs=1e-12)
 
-    # A batch gives each image's own result.
-    feat_b = np.stack([feat, make_inputs(5)[0]])
-    logits_b = np.stack([logits, make_inputs(5)[1]])
-    batch = score_batch(_t(feat_b), _t(logits_b), art, replace(CFG, chunk_size=7))
-    for i in range(2):
-        one = score_image(_t(feat_b[i]), _t(logits_b[i]), art, CFG)
+    # One scorer, image after image (its scratch memory reused), gives each image's own result.
+    scorer = Scorer(art, replace(CFG, chunk_size=7), R, C)
+    for feat_i, logits_i in ((feat, logits), make_inputs(5)[:2], (feat, logits)):
+        got, one = scorer(_t(feat_i), _t(logits_i)), score_image(_t(feat_i), _t(logits_i), art, CFG)
         for name in MAP_NAMES:
-            torch.testing.assert_close(batch[i].coarse[name], one.coarse[name])
-            torch.testing.assert_close(batch[i].maps[name], one.maps[name])
-            assert batch[i].image[name] == pytest.approx(one.image[name], abs=1e-12)
+            torch.testing.assert_close(got.coarse[name], one.coarse[name])
+            torch.testing.assert_close(got.maps[name], one.maps[name])
+            assert got.image[name] == pytest.approx(one.image[name], abs=1e-12)
 
 
 def test_full_size_maps_are_resized_and_blurred():
@@ -421,8 +422,6 @@ def test_cuda_matches_cpu():
 
 def test_float32_distances_stay_accurate_for_large_feature_norms():
     """ReLU features share a large mean: the norm expansion must not lose the small distances."""
-    from pni.scoring import pairwise_distances
-
     g = torch.Generator().manual_seed(0)
     mean = torch.rand(256, generator=g) * 2.5
     y = (mean + 0.1 * torch.randn(300, 256, generator=g)).relu()

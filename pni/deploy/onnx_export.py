@@ -15,7 +15,7 @@ constant: each coreset enters one matrix product with each image's features.
 
 Each mask chooses an entry from ``q = |y - c|^2 - 2 (x - c).(y - c)`` (the squared distance
 less ``|x - c|^2``, as scoring does); the chosen entry's distance is then computed directly as
-``|x - y|``, free of the expansion's cancellation. Where :func:`pni.scoring.score_batch`
+``|x - y|``, free of the expansion's cancellation. Where :class:`pni.scoring.Scorer`
 takes data-dependent shortcuts, the graph makes the same choices without them (each
 function below says why they are the same):
 
@@ -23,10 +23,10 @@ function below says why they are the same):
   farthest entry (``argmax``);
 - the lost-write rank cut (``keep = ceil(K / workers)``): the nearest allowed entry counts
   only if fewer than ``keep`` entries are strictly nearer (``sum(q < best) < keep``), as
-  :func:`pni.scoring.select_position` counts;
+  :func:`pni.scoring_kernels.select_position` counts;
 - the original's rank/id mix-up: the first allowed sorted column either from the rank of the
   nearest allowed distribution entry (when ``first`` increases with the rank, the common
-  case, :class:`pni.scoring.RankColumns`) or from the ``R`` nearest distribution entries by
+  case, :class:`pni.scoring_kernels.RankColumns`) or from the ``R`` nearest distribution entries by
   ``TopK``; then the ``k``-th nearest entry of each row by ``TopK`` over the rows whose
   ``k`` falls in each of a few static ranges (``NonZero`` picks those rows, so a row never pays
   for a larger ``k`` than its range needs, and an empty range costs nothing).
@@ -55,11 +55,12 @@ from pni.errors import PNIError
 from pni.features import PatchFeatureExtractor
 from pni.maps import MAP_NAMES
 from pni.model import ARTEFACT_NAMES, PNIModel
-from pni.scoring import RankColumns, interior_indices, pad_interior, parent_share, patchcore_scores, resize_and_blur
+from pni.scoring import interior_indices, pad_interior, parent_share, patchcore_scores, resize_and_blur
+from pni.scoring_kernels import RankColumns
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 2**24  # external data above this (protobuf refuses 2 GiB; leave room for the graph)
-KTH_FIRST_BOUND = 16  # k-th smallest: TopK over rows with k < 16, then < 128, < 1024... (as pni.scoring)
+KTH_FIRST_BOUND = 16  # k-th smallest: TopK over rows with k < 16, then < 128, < 1024... (as pni.scoring_kernels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def masked_nearest(q: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def position_select(q: Tensor, allowed: Tensor, keep: int | None) -> Tensor:
-    """:func:`pni.scoring.select_position` without row subsets, as entry ids ``(N, n)``: the
+    """:func:`pni.scoring_kernels.select_position` without row subsets, as entry ids ``(N, n)``: the
     nearest allowed entry, counted only when fewer than ``keep`` entries are strictly nearer
     (``keep`` None: always), else (and where nothing is allowed) the farthest entry. The
     same choice: scoring counts the same strict inequality for the rows whose best is not
@@ -183,7 +184,7 @@ def kth_buckets(values: list[int], width: int) -> list[tuple[int, int, int]]:
     """Static row groups for :func:`kth_smallest`: ``(lo, hi, topk)`` for the possible ``k``
     ``values`` other than ``0`` (the row minimum) and ``width - 1`` (the row maximum): rows
     with ``lo <= k < hi`` take the ``k``-th of their ``topk`` smallest (``topk`` = the largest
-    such ``k`` present + 1). Bounds 16, 128, 1024, ... as :func:`pni.scoring.kth_smallest`."""
+    such ``k`` present + 1). Bounds 16, 128, 1024, ... as :func:`pni.scoring_kernels.kth_smallest`."""
     inner = sorted({v for v in values if 0 < v < width - 1})
     out: list[tuple[int, int, int]] = []
     lo, hi = 1, KTH_FIRST_BOUND
@@ -281,7 +282,7 @@ class PNIGraph(nn.Module):
         self.rank_columns: RankColumns | None = None
         self.buckets: list[tuple[int, int, int]] = []
         if self.original:
-            rc = RankColumns.build(self.embedding_to_distribution, d, cfg.mask_workers)
+            rc = RankColumns.build(self.embedding_to_distribution, parent_share(d, cfg.mask_workers))
             self.rank_columns = rc
             self.register_buffer("first_columns", rc.first.clone())
             self.ranks = int(rc.first.numel())
@@ -297,7 +298,7 @@ class PNIGraph(nn.Module):
         return self.mlp(windows).reshape(-1, self.p_int, self.d)
 
     def first_allowed(self, q_dist: Tensor, allowed_dist: Tensor) -> Tensor:
-        """:meth:`pni.scoring.RankColumns.first_allowed` over ``(N, n, D)``: the first allowed
+        """:meth:`pni.scoring_kernels.RankColumns.first_allowed` over ``(N, n, D)``: the first allowed
         sorted column of each row, ``(N, n)`` long. When ``first`` increases with the rank, it
         is ``first`` at the rank of the nearest allowed distribution entry (the number of
         entries strictly nearer); otherwise the smallest ``first[r]`` over the allowed ones of
