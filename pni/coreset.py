@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,8 @@ from sklearn.random_projection import SparseRandomProjection, johnson_lindenstra
 from pni.io import atomic_path
 
 JL_EPS = 0.9
+PAIRWISE_EPS = 1e-6
+"""``torch.nn.functional.pairwise_distance``'s ``eps``, which the original's greedy search used."""
 
 
 def projection_matrix(n_samples: int, dim: int, seed: int, eps: float = JL_EPS) -> torch.Tensor | None:
@@ -43,12 +46,10 @@ def project_chunks(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Stream feature chunks ``(n_i, E)`` through ``matrix`` ``(E, d)`` into one
-    preallocated ``(n_total, d)`` tensor on ``device``.
+    preallocated row-major ``(n_total, d)`` tensor on ``device``.
 
-    The result is column-major (a transposed view of a contiguous ``(d, n_total)`` buffer):
-    the greedy search multiplies it with one vector per iteration, and on CPUs that
-    matrix-vector product streams a column-major matrix at close to memory bandwidth, while
-    the row-major one runs several times slower.
+    Row-major, as the original's projected features: the greedy search reads each point's
+    ``d`` values together (the distance to a centre by direct differences).
     """
     out: torch.Tensor | None = None
     start = 0
@@ -59,14 +60,48 @@ def project_chunks(
         x = x.to(device=device, dtype=torch.float32)
         y = x @ matrix if matrix is not None else x
         if out is None:
-            out = torch.empty((y.shape[1], n_total), dtype=torch.float32, device=device)
+            out = torch.empty((n_total, y.shape[1]), dtype=torch.float32, device=device)
         if start + len(y) > n_total:
             raise ValueError(f"expected {n_total} feature rows, got more")
-        out[:, start : start + len(y)] = y.T
+        out[start : start + len(y)] = y
         start += len(y)
     if out is None or start != n_total:
         raise ValueError(f"expected {n_total} feature rows, got {start}")
-    return out.T
+    return out
+
+
+def squared_distances(
+    points: torch.Tensor,
+    centre: torch.Tensor,
+    out: torch.Tensor,
+    pool: ThreadPoolExecutor | None = None,
+    workers: int = 1,
+) -> None:
+    """``out[i] = sum_j (points[i, j] - centre[j])^2`` by direct differences, in one pass
+    over ``points``.
+
+    points ``(N, d)`` row-major, centre ``(d,)``, out ``(N,)`` of the points' dtype.
+    float32 on the CPU: faiss's SIMD kernel (``fvec_L2sqr_ny``, lane-wise sums, as accurate
+    as ``F.pairwise_distance``), in ``workers`` slices over ``pool``'s threads when given
+    (faiss releases the GIL). Otherwise ``torch.cdist`` without the matrix-product expansion.
+    """
+    n, d = points.shape
+    if points.device.type == "cpu" and points.dtype == torch.float32:
+        x, c, o = points.numpy(), centre.contiguous().numpy(), out.numpy()
+
+        def part(s: int, e: int) -> None:
+            ptr = faiss.swig_ptr
+            faiss.fvec_L2sqr_ny(ptr(o[s:e]), ptr(c), ptr(x[s:e]), d, e - s)  # type: ignore[attr-defined]
+
+        if pool is None or workers < 2 or n < 1 << 14:
+            part(0, n)
+            return
+        bounds = np.linspace(0, n, workers + 1).astype(np.int64).tolist()
+        for f in [pool.submit(part, s, e) for s, e in zip(bounds[:-1], bounds[1:])]:
+            f.result()
+        return
+    dist = torch.cdist(points, centre[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+    torch.mul(dist, dist, out=out)
 
 
 def greedy_order(
@@ -79,39 +114,54 @@ def greedy_order(
     farthest (Euclidean) from the start and the points chosen so far. The start point itself
     is not part of the selection (the original's first pick is the point farthest from it).
 
-    points ``(N, d)`` -> LongTensor ``(n_select,)`` of row indices in selection order.
+    The original's arithmetic: the distance to each new centre ``c`` is
+    ``F.pairwise_distance(x, c) = ||x - c + eps||`` (``eps`` = :data:`PAIRWISE_EPS` added to every
+    difference) from direct differences, never ``|x|^2 - 2 x.c + |c|^2`` (which cancels badly for
+    features far from the origin and parts near-ties the other way); the chosen point is
+    ``torch.argmax`` (first index among equal maxima) of the minimum over the centres.
+
+    points ``(N, d)`` (row-major; other layouts are copied once) -> LongTensor ``(n_select,)``
+    of row indices in selection order.
     """
-    n = points.shape[0]
+    n, d = points.shape
     if not 0 < n_select < n:
         raise ValueError(f"cannot select {n_select} of {n} points besides the start point")
-    # row norms in chunks: no temporary of the bank's size
-    sq_norms = torch.empty(n, dtype=points.dtype, device=points.device)
+    points = points.contiguous()
+    device, dtype = points.device, points.dtype
+    # ||x - c + eps||^2 = ||x - c||^2 + 2 eps (sum_j x_j - sum_j c_j) + d eps^2: the eps terms
+    # from float64 row sums (in blocks: no temporary of the bank's size), so that only
+    # ||x - c||^2 needs a pass over the bank.
+    row_sums = torch.empty(n, dtype=torch.float64, device=device)
     for s in range(0, n, 1 << 13):
-        block = points[s : s + (1 << 13)]
-        sq_norms[s : s + len(block)] = (block * block).sum(dim=1)
-    min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
-    dist = torch.empty(n, dtype=points.dtype, device=points.device)
-    selected = torch.empty(n_select, dtype=torch.long, device=points.device)
+        row_sums[s : s + (1 << 13)] = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
+    eps_terms = row_sums * (2 * PAIRWISE_EPS) + d * PAIRWISE_EPS**2
+    shift = torch.empty(n, dtype=torch.float64, device=device)
+    min_dist = torch.full((n,), float("inf"), dtype=dtype, device=device)
+    dist = torch.empty(n, dtype=dtype, device=device)
+    selected = torch.empty(n_select, dtype=torch.long, device=device)
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(threads) if device.type == "cpu" and threads > 1 else None
 
     def add_centre(idx: torch.Tensor) -> None:
-        # squared distances (same argmax as the Euclidean ones): one pass over the bank for
-        # the matrix-vector product, then in place on (n,) vectors:
-        # sq_norms - 2 * (points @ centre) + sq_norms[idx]
-        centre = points[idx].contiguous()  # (a strided vector slows the product down)
-        torch.mv(points, centre, out=dist)
-        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
+        squared_distances(points, points[idx], dist, pool, threads)  # the one pass over the bank
+        torch.add(eps_terms, row_sums[idx], alpha=-2 * PAIRWISE_EPS, out=shift)
+        dist.add_(shift).sqrt_()  # the sum in float64, rounded once; then as F.pairwise_distance
         torch.minimum(min_dist, dist, out=min_dist)
         min_dist[idx] = -1.0  # centres never win (guards rounding)
 
-    add_centre(torch.tensor(start_index, device=points.device))
-    steps: Iterable[int] = range(n_select)
-    if progress is not None:
-        steps = progress(steps)
-    for step in steps:
-        idx = torch.argmax(min_dist)
-        selected[step] = idx
-        if step + 1 < n_select:
-            add_centre(idx)
+    try:
+        add_centre(torch.tensor(start_index, device=device))
+        steps: Iterable[int] = range(n_select)
+        if progress is not None:
+            steps = progress(steps)
+        for step in steps:
+            idx = torch.argmax(min_dist)
+            selected[step] = idx
+            if step + 1 < n_select:
+                add_centre(idx)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return selected.cpu()
 
 
