@@ -70,38 +70,91 @@ def project_chunks(
     return out
 
 
-def squared_distances(
-    points: torch.Tensor,
-    centre: torch.Tensor,
-    out: torch.Tensor,
-    pool: ThreadPoolExecutor | None = None,
-    workers: int = 1,
-) -> None:
+def squared_distances(points: torch.Tensor, centre: torch.Tensor, out: torch.Tensor) -> None:
     """``out[i] = sum_j (points[i, j] - centre[j])^2`` by direct differences, in one pass
     over ``points``.
 
     points ``(N, d)`` row-major, centre ``(d,)``, out ``(N,)`` of the points' dtype.
-    float32 on the CPU: faiss's SIMD kernel (``fvec_L2sqr_ny``, lane-wise sums, as accurate
-    as ``F.pairwise_distance``), in ``workers`` slices over ``pool``'s threads when given
-    (faiss releases the GIL). Otherwise ``torch.cdist`` without the matrix-product expansion.
+    float32 on the CPU: faiss's SIMD kernel (``fvec_L2sqr_ny``: lane-wise sums, as accurate
+    as ``F.pairwise_distance``); otherwise ``torch.cdist`` without the matrix-product expansion.
     """
     n, d = points.shape
     if points.device.type == "cpu" and points.dtype == torch.float32:
-        x, c, o = points.numpy(), centre.contiguous().numpy(), out.numpy()
-
-        def part(s: int, e: int) -> None:
-            ptr = faiss.swig_ptr
-            faiss.fvec_L2sqr_ny(ptr(o[s:e]), ptr(c), ptr(x[s:e]), d, e - s)  # type: ignore[attr-defined]
-
-        if pool is None or workers < 2 or n < 1 << 14:
-            part(0, n)
-            return
-        bounds = np.linspace(0, n, workers + 1).astype(np.int64).tolist()
-        for f in [pool.submit(part, s, e) for s, e in zip(bounds[:-1], bounds[1:])]:
-            f.result()
+        ptr = faiss.swig_ptr
+        o, c, x = out.numpy(), centre.contiguous().numpy(), points.numpy()
+        faiss.fvec_L2sqr_ny(ptr(o), ptr(c), ptr(x), d, n)  # type: ignore[attr-defined]
         return
     dist = torch.cdist(points, centre[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
     torch.mul(dist, dist, out=out)
+
+
+class CentreDistances:
+    """The greedy search's update: ``min_dist = min(min_dist, F.pairwise_distance(points, c))``
+    for a new centre ``c``, one pass over ``points`` ``(N, d)`` (row-major).
+
+    ``F.pairwise_distance(x, c) = ||x - c + eps||`` (``eps`` = :data:`PAIRWISE_EPS` added to
+    every difference) = ``sqrt(||x - c||^2 + 2 eps (sum_j x_j - sum_j c_j) + d eps^2)``: the
+    squared norm by direct differences (:func:`squared_distances`), the eps terms from float64
+    row sums, added in float64 and rounded once, then the square root in the points' dtype.
+    float32 on the CPU: the bank in one slice per thread of ``threads``, each slice measured
+    and folded into ``min_dist`` by its own thread (faiss and numpy release the GIL).
+    """
+
+    def __init__(self, points: torch.Tensor, threads: int = 1) -> None:
+        self.points = points
+        n, d = points.shape
+        row_sums = torch.empty(n, dtype=torch.float64, device=points.device)
+        for s in range(0, n, 1 << 13):  # in blocks: no temporary of the bank's size
+            row_sums[s : s + (1 << 13)] = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
+        self.row_sums = row_sums
+        self.eps_terms = row_sums * (2 * PAIRWISE_EPS) + d * PAIRWISE_EPS**2
+        self.shift = torch.empty(n, dtype=torch.float64, device=points.device)
+        self.dist = torch.empty(n, dtype=points.dtype, device=points.device)
+        self.sliced = points.device.type == "cpu" and points.dtype == torch.float32 and threads > 1 and n >= 1 << 14
+        self.pool = ThreadPoolExecutor(threads) if self.sliced else None
+        self.bounds = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
+
+    def update(self, index: torch.Tensor, min_dist: torch.Tensor) -> None:
+        """``min_dist`` ``(N,)`` := its minimum with the distances to ``points[index]``."""
+        if self.pool is None:
+            squared_distances(self.points, self.points[index], self.dist)  # the pass over the bank
+            torch.add(self.eps_terms, self.row_sums[index], alpha=-2 * PAIRWISE_EPS, out=self.shift)
+            self.dist.add_(self.shift).sqrt_()  # (the sum in float64, rounded once)
+            torch.minimum(min_dist, self.dist, out=min_dist)
+            return
+        centre_shift = -2 * PAIRWISE_EPS * float(self.row_sums[index])
+        arrays = (self.points.numpy(), self.points[index].numpy(), self.eps_terms.numpy(), self.shift.numpy())
+        parts = zip(self.bounds[:-1], self.bounds[1:])
+        jobs = [
+            self.pool.submit(self._slice, *arrays, self.dist.numpy(), min_dist.numpy(), s, e, centre_shift)
+            for s, e in parts
+        ]
+        for job in jobs:
+            job.result()
+
+    @staticmethod
+    def _slice(
+        x: np.ndarray,
+        c: np.ndarray,
+        eps_terms: np.ndarray,
+        shift: np.ndarray,
+        dist: np.ndarray,
+        min_dist: np.ndarray,
+        s: int,
+        e: int,
+        centre_shift: float,
+    ) -> None:
+        ptr = faiss.swig_ptr
+        faiss.fvec_L2sqr_ny(ptr(dist[s:e]), ptr(c), ptr(x[s:e]), x.shape[1], e - s)  # type: ignore[attr-defined]
+        np.add(eps_terms[s:e], centre_shift, out=shift[s:e])
+        np.add(dist[s:e], shift[s:e], out=dist[s:e], casting="same_kind")  # in float64, rounded once
+        np.sqrt(dist[s:e], out=dist[s:e])
+        np.minimum(min_dist[s:e], dist[s:e], out=min_dist[s:e])
+
+    def close(self) -> None:
+        """Stop the threads."""
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def greedy_order(
@@ -115,42 +168,28 @@ def greedy_order(
     is not part of the selection (the original's first pick is the point farthest from it).
 
     The original's arithmetic: the distance to each new centre ``c`` is
-    ``F.pairwise_distance(x, c) = ||x - c + eps||`` (``eps`` = :data:`PAIRWISE_EPS` added to every
-    difference) from direct differences, never ``|x|^2 - 2 x.c + |c|^2`` (which cancels badly for
+    ``F.pairwise_distance(x, c) = ||x - c + eps||`` from direct differences
+    (:class:`CentreDistances`), never ``|x|^2 - 2 x.c + |c|^2`` (which cancels badly for
     features far from the origin and parts near-ties the other way); the chosen point is
     ``torch.argmax`` (first index among equal maxima) of the minimum over the centres.
 
     points ``(N, d)`` (row-major; other layouts are copied once) -> LongTensor ``(n_select,)``
     of row indices in selection order.
     """
-    n, d = points.shape
+    n = points.shape[0]
     if not 0 < n_select < n:
         raise ValueError(f"cannot select {n_select} of {n} points besides the start point")
     points = points.contiguous()
-    device, dtype = points.device, points.dtype
-    # ||x - c + eps||^2 = ||x - c||^2 + 2 eps (sum_j x_j - sum_j c_j) + d eps^2: the eps terms
-    # from float64 row sums (in blocks: no temporary of the bank's size), so that only
-    # ||x - c||^2 needs a pass over the bank.
-    row_sums = torch.empty(n, dtype=torch.float64, device=device)
-    for s in range(0, n, 1 << 13):
-        row_sums[s : s + (1 << 13)] = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
-    eps_terms = row_sums * (2 * PAIRWISE_EPS) + d * PAIRWISE_EPS**2
-    shift = torch.empty(n, dtype=torch.float64, device=device)
-    min_dist = torch.full((n,), float("inf"), dtype=dtype, device=device)
-    dist = torch.empty(n, dtype=dtype, device=device)
-    selected = torch.empty(n_select, dtype=torch.long, device=device)
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(threads) if device.type == "cpu" and threads > 1 else None
+    distances = CentreDistances(points, torch.get_num_threads())
+    min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
+    selected = torch.empty(n_select, dtype=torch.long, device=points.device)
 
     def add_centre(idx: torch.Tensor) -> None:
-        squared_distances(points, points[idx], dist, pool, threads)  # the one pass over the bank
-        torch.add(eps_terms, row_sums[idx], alpha=-2 * PAIRWISE_EPS, out=shift)
-        dist.add_(shift).sqrt_()  # the sum in float64, rounded once; then as F.pairwise_distance
-        torch.minimum(min_dist, dist, out=min_dist)
+        distances.update(idx, min_dist)
         min_dist[idx] = -1.0  # centres never win (guards rounding)
 
     try:
-        add_centre(torch.tensor(start_index, device=device))
+        add_centre(torch.tensor(start_index, device=points.device))
         steps: Iterable[int] = range(n_select)
         if progress is not None:
             steps = progress(steps)
@@ -160,8 +199,7 @@ def greedy_order(
             if step + 1 < n_select:
                 add_centre(idx)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        distances.close()
     return selected.cpu()
 
 
