@@ -103,11 +103,12 @@ class CentreDistances:
     def __init__(self, points: torch.Tensor, threads: int = 1) -> None:
         self.points = points
         n, d = points.shape
-        row_sums = torch.empty(n, dtype=torch.float64, device=points.device)
+        self.d_eps2 = d * PAIRWISE_EPS**2
+        # 2 eps sum_j x_j + d eps^2 per point; the centre's part is d eps^2 - this at c
+        self.eps_terms = torch.empty(n, dtype=torch.float64, device=points.device)
         for s in range(0, n, 1 << 13):  # in blocks: no temporary of the bank's size
-            row_sums[s : s + (1 << 13)] = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
-        self.row_sums = row_sums
-        self.eps_terms = row_sums * (2 * PAIRWISE_EPS) + d * PAIRWISE_EPS**2
+            block = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
+            self.eps_terms[s : s + len(block)] = block * (2 * PAIRWISE_EPS) + self.d_eps2
         self.shift = torch.empty(n, dtype=torch.float64, device=points.device)
         self.dist = torch.empty(n, dtype=points.dtype, device=points.device)
         self.sliced = points.device.type == "cpu" and points.dtype == torch.float32 and threads > 1 and n >= 1 << 14
@@ -118,11 +119,11 @@ class CentreDistances:
         """``min_dist`` ``(N,)`` := its minimum with the distances to ``points[index]``."""
         if self.pool is None:
             squared_distances(self.points, self.points[index], self.dist)  # the pass over the bank
-            torch.add(self.eps_terms, self.row_sums[index], alpha=-2 * PAIRWISE_EPS, out=self.shift)
+            torch.sub(self.eps_terms, self.eps_terms[index] - self.d_eps2, out=self.shift)
             self.dist.add_(self.shift).sqrt_()  # (the sum in float64, rounded once)
             torch.minimum(min_dist, self.dist, out=min_dist)
             return
-        centre_shift = -2 * PAIRWISE_EPS * float(self.row_sums[index])
+        centre_shift = self.d_eps2 - float(self.eps_terms[index])
         arrays = (self.points.numpy(), self.points[index].numpy(), self.eps_terms.numpy(), self.shift.numpy())
         parts = zip(self.bounds[:-1], self.bounds[1:])
         jobs = [
