@@ -148,6 +148,20 @@ def test_greedy_coreset_projects_and_streams_chunks():
     assert cs.greedy_coreset(lambda: iter(feats), n, 512, 30, seed=6).tolist() != sel.tolist()
 
 
+def test_project_chunks_row_major():
+    """One preallocated row-major bank (the greedy search reads a point's values together),
+    each chunk's rows ``x @ matrix`` in place."""
+    rng = np.random.default_rng(4)
+    chunks = [rng.normal(size=(n, 64)).astype(np.float32) for n in (5, 11, 1)]
+    matrix = torch.from_numpy(rng.normal(size=(64, 9)).astype(np.float32))
+    bank = cs.project_chunks(iter(chunks), 17, matrix)
+    assert bank.shape == (17, 9) and bank.is_contiguous()
+    expected = np.concatenate(chunks).astype(np.float64) @ matrix.double().numpy()
+    np.testing.assert_allclose(bank.numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        cs.project_chunks(iter(chunks), 16, matrix)
+
+
 def test_no_projection_when_it_would_not_reduce():
     assert cs.projection_matrix(1000, 16, seed=0) is None
 
