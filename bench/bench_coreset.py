@@ -3,9 +3,9 @@
 the time to stream the projected feature bank once through memory, in the same run.
 
 One greedy iteration has to read every projected feature once (the distance of each point
-to the newly chosen centre), so one pass over the bank is its lower bound. The stream time
-is the fastest of a plain reduction (``points.sum()``) and the matrix-vector product that
-the iteration itself uses (``points @ v``).
+to the newly chosen centre, by direct differences as the original's F.pairwise_distance),
+so one pass over the bank is its lower bound. The stream time is the fastest of a plain
+reduction (``points.sum()``) and a matrix-vector product (``points @ v``).
 
 Default: N = 1,000,000 projected points of 128 dims (float32, 0.5 GB). The full-size
 stage (400 training images of 480 px: 1.44 M points, d = 350 from Johnson-Lindenstrauss at
@@ -37,7 +37,7 @@ def main(argv=None):
     device = pick_device(args)
     print(f"machine: {machine(device)}")
     g = torch.Generator().manual_seed(0)
-    # The layout project_chunks() gives the greedy search (column-major), filled in chunks.
+    # The layout project_chunks() gives the greedy search (row-major), filled in chunks.
     chunk = 1 << 18
     points = project_chunks(
         (torch.randn(min(chunk, args.n - s), args.dim, generator=g) for s in range(0, args.n, chunk)),

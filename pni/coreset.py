@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,8 @@ from sklearn.random_projection import SparseRandomProjection, johnson_lindenstra
 from pni.io import atomic_path
 
 JL_EPS = 0.9
+PAIRWISE_EPS = 1e-6
+"""``torch.nn.functional.pairwise_distance``'s ``eps``, which the original's greedy search used."""
 
 
 def projection_matrix(n_samples: int, dim: int, seed: int, eps: float = JL_EPS) -> torch.Tensor | None:
@@ -43,12 +46,10 @@ def project_chunks(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Stream feature chunks ``(n_i, E)`` through ``matrix`` ``(E, d)`` into one
-    preallocated ``(n_total, d)`` tensor on ``device``.
+    preallocated row-major ``(n_total, d)`` tensor on ``device``.
 
-    The result is column-major (a transposed view of a contiguous ``(d, n_total)`` buffer):
-    the greedy search multiplies it with one vector per iteration, and on CPUs that
-    matrix-vector product streams a column-major matrix at close to memory bandwidth, while
-    the row-major one runs several times slower.
+    Row-major, as the original's projected features: the greedy search reads each point's
+    ``d`` values together (the distance to a centre by direct differences).
     """
     out: torch.Tensor | None = None
     start = 0
@@ -59,14 +60,102 @@ def project_chunks(
         x = x.to(device=device, dtype=torch.float32)
         y = x @ matrix if matrix is not None else x
         if out is None:
-            out = torch.empty((y.shape[1], n_total), dtype=torch.float32, device=device)
+            out = torch.empty((n_total, y.shape[1]), dtype=torch.float32, device=device)
         if start + len(y) > n_total:
             raise ValueError(f"expected {n_total} feature rows, got more")
-        out[:, start : start + len(y)] = y.T
+        out[start : start + len(y)] = y
         start += len(y)
     if out is None or start != n_total:
         raise ValueError(f"expected {n_total} feature rows, got {start}")
-    return out.T
+    return out
+
+
+def squared_distances(points: torch.Tensor, centre: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = sum_j (points[i, j] - centre[j])^2`` by direct differences, in one pass
+    over ``points``.
+
+    points ``(N, d)`` row-major, centre ``(d,)``, out ``(N,)`` of the points' dtype.
+    float32 on the CPU: faiss's SIMD kernel (``fvec_L2sqr_ny``: lane-wise sums, as accurate
+    as ``F.pairwise_distance``); otherwise ``torch.cdist`` without the matrix-product expansion.
+    """
+    n, d = points.shape
+    if points.device.type == "cpu" and points.dtype == torch.float32:
+        ptr = faiss.swig_ptr
+        o, c, x = out.numpy(), centre.contiguous().numpy(), points.numpy()
+        faiss.fvec_L2sqr_ny(ptr(o), ptr(c), ptr(x), d, n)  # type: ignore[attr-defined]
+        return
+    dist = torch.cdist(points, centre[None], compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+    torch.mul(dist, dist, out=out)
+
+
+class CentreDistances:
+    """The greedy search's update: ``min_dist = min(min_dist, F.pairwise_distance(points, c))``
+    for a new centre ``c``, one pass over ``points`` ``(N, d)`` (row-major).
+
+    ``F.pairwise_distance(x, c) = ||x - c + eps||`` (``eps`` = :data:`PAIRWISE_EPS` added to
+    every difference) = ``sqrt(||x - c||^2 + 2 eps (sum_j x_j - sum_j c_j) + d eps^2)``: the
+    squared norm by direct differences (:func:`squared_distances`), the eps terms from float64
+    row sums, added in float64 and rounded once, then the square root in the points' dtype.
+    float32 on the CPU: the bank in one slice per thread of ``threads``, each slice measured
+    and folded into ``min_dist`` by its own thread (faiss and numpy release the GIL).
+    """
+
+    def __init__(self, points: torch.Tensor, threads: int = 1) -> None:
+        self.points = points
+        n, d = points.shape
+        self.d_eps2 = d * PAIRWISE_EPS**2
+        # 2 eps sum_j x_j + d eps^2 per point; the centre's part is d eps^2 - this at c
+        self.eps_terms = torch.empty(n, dtype=torch.float64, device=points.device)
+        for s in range(0, n, 1 << 13):  # in blocks: no temporary of the bank's size
+            block = points[s : s + (1 << 13)].sum(dim=1, dtype=torch.float64)
+            self.eps_terms[s : s + len(block)] = block * (2 * PAIRWISE_EPS) + self.d_eps2
+        self.shift = torch.empty(n, dtype=torch.float64, device=points.device)
+        self.dist = torch.empty(n, dtype=points.dtype, device=points.device)
+        self.sliced = points.device.type == "cpu" and points.dtype == torch.float32 and threads > 1 and n >= 1 << 14
+        self.pool = ThreadPoolExecutor(threads) if self.sliced else None
+        self.bounds = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
+
+    def update(self, index: torch.Tensor, min_dist: torch.Tensor) -> None:
+        """``min_dist`` ``(N,)`` := its minimum with the distances to ``points[index]``."""
+        if self.pool is None:
+            squared_distances(self.points, self.points[index], self.dist)  # the pass over the bank
+            torch.sub(self.eps_terms, self.eps_terms[index] - self.d_eps2, out=self.shift)
+            self.dist.add_(self.shift).sqrt_()  # (the sum in float64, rounded once)
+            torch.minimum(min_dist, self.dist, out=min_dist)
+            return
+        centre_shift = self.d_eps2 - float(self.eps_terms[index])
+        arrays = (self.points.numpy(), self.points[index].numpy(), self.eps_terms.numpy(), self.shift.numpy())
+        parts = zip(self.bounds[:-1], self.bounds[1:])
+        jobs = [
+            self.pool.submit(self._slice, *arrays, self.dist.numpy(), min_dist.numpy(), s, e, centre_shift)
+            for s, e in parts
+        ]
+        for job in jobs:
+            job.result()
+
+    @staticmethod
+    def _slice(
+        x: np.ndarray,
+        c: np.ndarray,
+        eps_terms: np.ndarray,
+        shift: np.ndarray,
+        dist: np.ndarray,
+        min_dist: np.ndarray,
+        s: int,
+        e: int,
+        centre_shift: float,
+    ) -> None:
+        ptr = faiss.swig_ptr
+        faiss.fvec_L2sqr_ny(ptr(dist[s:e]), ptr(c), ptr(x[s:e]), x.shape[1], e - s)  # type: ignore[attr-defined]
+        np.add(eps_terms[s:e], centre_shift, out=shift[s:e])
+        np.add(dist[s:e], shift[s:e], out=dist[s:e], casting="same_kind")  # in float64, rounded once
+        np.sqrt(dist[s:e], out=dist[s:e])
+        np.minimum(min_dist[s:e], dist[s:e], out=min_dist[s:e])
+
+    def close(self) -> None:
+        """Stop the threads."""
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def greedy_order(
@@ -79,39 +168,39 @@ def greedy_order(
     farthest (Euclidean) from the start and the points chosen so far. The start point itself
     is not part of the selection (the original's first pick is the point farthest from it).
 
-    points ``(N, d)`` -> LongTensor ``(n_select,)`` of row indices in selection order.
+    The original's arithmetic: the distance to each new centre ``c`` is
+    ``F.pairwise_distance(x, c) = ||x - c + eps||`` from direct differences
+    (:class:`CentreDistances`), never ``|x|^2 - 2 x.c + |c|^2`` (which cancels badly for
+    features far from the origin and parts near-ties the other way); the chosen point is
+    ``torch.argmax`` (first index among equal maxima) of the minimum over the centres.
+
+    points ``(N, d)`` (row-major; other layouts are copied once) -> LongTensor ``(n_select,)``
+    of row indices in selection order.
     """
     n = points.shape[0]
     if not 0 < n_select < n:
         raise ValueError(f"cannot select {n_select} of {n} points besides the start point")
-    # row norms in chunks: no temporary of the bank's size
-    sq_norms = torch.empty(n, dtype=points.dtype, device=points.device)
-    for s in range(0, n, 1 << 13):
-        block = points[s : s + (1 << 13)]
-        sq_norms[s : s + len(block)] = (block * block).sum(dim=1)
+    points = points.contiguous()
+    distances = CentreDistances(points, torch.get_num_threads())
     min_dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
-    dist = torch.empty(n, dtype=points.dtype, device=points.device)
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
 
     def add_centre(idx: torch.Tensor) -> None:
-        # squared distances (same argmax as the Euclidean ones): one pass over the bank for
-        # the matrix-vector product, then in place on (n,) vectors:
-        # sq_norms - 2 * (points @ centre) + sq_norms[idx]
-        centre = points[idx].contiguous()  # (a strided vector slows the product down)
-        torch.mv(points, centre, out=dist)
-        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
-        torch.minimum(min_dist, dist, out=min_dist)
+        distances.update(idx, min_dist)
         min_dist[idx] = -1.0  # centres never win (guards rounding)
 
-    add_centre(torch.tensor(start_index, device=points.device))
-    steps: Iterable[int] = range(n_select)
-    if progress is not None:
-        steps = progress(steps)
-    for step in steps:
-        idx = torch.argmax(min_dist)
-        selected[step] = idx
-        if step + 1 < n_select:
-            add_centre(idx)
+    try:
+        add_centre(torch.tensor(start_index, device=points.device))
+        steps: Iterable[int] = range(n_select)
+        if progress is not None:
+            steps = progress(steps)
+        for step in steps:
+            idx = torch.argmax(min_dist)
+            selected[step] = idx
+            if step + 1 < n_select:
+                add_centre(idx)
+    finally:
+        distances.close()
     return selected.cpu()
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import brute_force_farthest_point, greedy_start, jl_min_dim
 from sklearn.random_projection import SparseRandomProjection
 
@@ -19,6 +20,104 @@ def test_greedy_order_equals_brute_force():
     assert 17 not in ours.tolist()
     # the first pick is the point farthest from the start
     assert ours[0] == np.argmax(((pts - pts[17]) ** 2).sum(1))
+
+
+def original_greedy_order(points: torch.Tensor, n_select: int, start: int, eps: float = 1e-6) -> list[int]:
+    """The original's loop, step by step: distances to the newest centre by
+    ``F.pairwise_distance`` (direct differences, ``||x - c + eps||``), ``torch.min`` with the
+    distances so far, ``torch.argmax`` (first index among equal maxima)."""
+    min_distances, idx, chosen = None, start, []
+    for _ in range(n_select):
+        d = F.pairwise_distance(points, points[idx : idx + 1], eps=eps)
+        min_distances = d if min_distances is None else torch.min(min_distances, d)
+        idx = int(torch.argmax(min_distances))
+        chosen.append(idx)
+    return chosen
+
+
+def expansion_greedy_order(points: torch.Tensor, n_select: int, start: int) -> list[int]:
+    """The same loop with squared distances from the expansion ``|x|^2 - 2 x.c + |c|^2`` (the
+    arithmetic pni.coreset used before issue 19), in the points' dtype."""
+    sq = (points * points).sum(dim=1)
+    min_distances, idx, chosen = None, start, []
+    for _ in range(n_select):
+        d = (points @ points[idx]) * -2.0 + sq + sq[idx]
+        min_distances = d if min_distances is None else torch.minimum(min_distances, d)
+        min_distances[[start, *chosen]] = -1.0
+        idx = int(torch.argmax(min_distances))
+        chosen.append(idx)
+    return chosen
+
+
+def on_a_line(positions: list[float], dim: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Points ``(len(positions), dim)`` at ``positions`` on the first axis, zeros elsewhere: every
+    product and sum of the expansion has one rounding at most, whatever the order of a BLAS."""
+    pts = torch.zeros(len(positions), dim, dtype=dtype)
+    pts[:, 0] = torch.tensor(positions, dtype=dtype)
+    return pts
+
+
+def test_greedy_order_near_tie_as_the_original():
+    """Issue 19: start 100, first pick 70 (farthest); then 85 (15 from both centres) and 115 plus
+    2 float32 ulps (15.0000153 from 100) differ by a relative 1.1e-6. Direct differences (the
+    original's F.pairwise_distance, and float64) pick 115.0000153; the float32 expansion, whose
+    squares near 1e4 round by 1e-3, takes 85 first and so the rest of the order differs too."""
+    far = float(np.float32(115) + 2 * np.spacing(np.float32(115)))
+    pts = on_a_line([100, 70, 85, far, 92, 108, 77])
+    original = original_greedy_order(pts, 5, start=0)
+    assert original == [1, 3, 2, 5, 4]
+    assert cs.greedy_order(pts, 5, start_index=0).tolist() == original
+    # a near-tie at step 1 ...
+    d = torch.stack([F.pairwise_distance(pts, pts[i : i + 1]) for i in (0, 1)]).min(dim=0).values
+    assert 1e-6 < (d[3] - d[2]) / d[2] < 1.2e-6
+    # ... that float64 resolves as the original does, and the expansion the other way
+    assert original_greedy_order(pts.double(), 5, start=0) == original
+    assert expansion_greedy_order(pts, 5, start=0) == [1, 2, 3, 4, 5]
+
+
+def test_greedy_order_eps_parts_an_exact_tie():
+    """From 100 and 70, the points 85 and 115 are both exactly 15 away. The original's
+    ``||x - c + eps||`` makes 115 (difference +15) 15 + 1e-6 and 85 (difference -15 to 100)
+    15 - 1e-6, two float32 ulps apart: 115 is taken. Without eps (or by the expansion, exact
+    here) the tie goes to the first index, 85."""
+    pts = on_a_line([100, 70, 85, 115])
+    assert original_greedy_order(pts, 3, start=0) == [1, 3, 2]
+    assert original_greedy_order(pts, 3, start=0, eps=0.0) == [1, 2, 3]
+    assert expansion_greedy_order(pts, 3, start=0) == [1, 2, 3]
+    assert cs.greedy_order(pts, 3, start_index=0).tolist() == [1, 3, 2]
+    # float64 points (the torch.cdist branch): the same eps
+    assert cs.greedy_order(pts.double(), 3, start_index=0).tolist() == [1, 3, 2]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_greedy_order_far_from_origin_as_the_original(threads):
+    """Features far from the origin (all near 20 in each of 16 dims): 300 greedy steps over
+    20,000 points equal the original's loop (the expansion's squares near 6400 round by 5e-4,
+    enough to part its near-ties). With 2 threads the bank is measured in slices."""
+    g = torch.Generator().manual_seed(7)
+    pts = torch.randn(20_000, 16, generator=g) + 20
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = cs.greedy_order(pts, 300, start_index=11).tolist()
+    finally:
+        torch.set_num_threads(before)
+    assert ours == original_greedy_order(pts, 300, start=11)
+
+
+def test_squared_distances_direct_differences():
+    """faiss's kernel (float32, CPU) and torch.cdist (other dtypes) against float64 sums of
+    squared differences, for points far from the origin."""
+    g = torch.Generator().manual_seed(8)
+    pts = torch.randn(5000, 35, generator=g) + 30
+    truth = ((pts.double() - pts[9].double()) ** 2).sum(dim=1)
+    out = torch.empty(5000)
+    cs.squared_distances(pts, pts[9], out)
+    assert out[9] == 0
+    np.testing.assert_allclose(out.double(), truth, rtol=3e-7)
+    out64 = torch.empty(5000, dtype=torch.float64)
+    cs.squared_distances(pts.double(), pts[9].double(), out64)
+    np.testing.assert_allclose(out64, truth, rtol=1e-13)
 
 
 def test_johnson_lindenstrauss_size():
@@ -47,6 +146,20 @@ def test_greedy_coreset_projects_and_streams_chunks():
     assert again.tolist() == sel[:10].tolist()
     # another seed: another projection and start point
     assert cs.greedy_coreset(lambda: iter(feats), n, 512, 30, seed=6).tolist() != sel.tolist()
+
+
+def test_project_chunks_row_major():
+    """One preallocated row-major bank (the greedy search reads a point's values together),
+    each chunk's rows ``x @ matrix`` in place."""
+    rng = np.random.default_rng(4)
+    chunks = [rng.normal(size=(n, 64)).astype(np.float32) for n in (5, 11, 1)]
+    matrix = torch.from_numpy(rng.normal(size=(64, 9)).astype(np.float32))
+    bank = cs.project_chunks(iter(chunks), 17, matrix)
+    assert bank.shape == (17, 9) and bank.is_contiguous()
+    expected = np.concatenate(chunks).astype(np.float64) @ matrix.double().numpy()
+    np.testing.assert_allclose(bank.numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        cs.project_chunks(iter(chunks), 16, matrix)
 
 
 def test_no_projection_when_it_would_not_reduce():
