@@ -1,9 +1,12 @@
-"""Vectorised kernels behind :mod:`pni.scoring`: distance products, masked row minima, rank
-counts and k-th smallest values over ``(n, K)`` matrices, and the scratch memory they reuse.
+"""Vectorised kernels behind :mod:`pni.scoring`: distance products and their exact
+decisions, masks, rank columns, scratch memory, and the resize-and-blur operators.
 
-Every kernel works on ``q``, any per-row increasing function of the distance (the distance
-itself, or the squared distance less a row constant, as :mod:`pni.scoring` holds it): a mask
-only decides which entry's distance a row takes. Pure torch, device-agnostic.
+A chunk of rows against a coreset is held as ``q`` ``(n, K)``, the squared distance less a
+row constant, from one float32 matrix product; :class:`ChunkDistances` turns it into exact
+answers (the nearest entry, the nearest allowed one, an entry's rank, the k-th nearest, the
+farthest, the whole order): comparisons ``q`` decides within its error bound are taken from
+``q``, the others and every returned distance come from float64 direct differences.
+Pure torch, device-agnostic.
 """
 
 from __future__ import annotations
