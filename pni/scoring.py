@@ -40,7 +40,6 @@ from pni.scoring_kernels import (
     PositionMask,
     RankColumns,
     Workspace,
-    exact_sq_distances,
     expansion_bound,
     masked,
     nearest_ids,
@@ -274,8 +273,9 @@ class Scorer:
             "without_edge": art.embedding_without_edge,
             "distribution": art.distribution_coreset,
         }
-        self.coresets, self.largest_sq = {}, {}
+        self.coresets, self.largest_sq, self.exact_entries = {}, {}, {}
         for name, entries in self.entries.items():
+            self.exact_entries[name] = entries.double()  # for direct differences
             centred = entries - self.centre
             sq = (centred * centred).sum(dim=1, keepdim=True)
             self.coresets[name] = torch.cat([-2.0 * centred, sq], dim=1)
@@ -297,7 +297,7 @@ class Scorer:
         entries = self.coresets[name]
         q = torch.mm(x_aug, entries.T, out=self.workspace.get("q_" + name, (x.shape[0], entries.shape[0]), x))
         tau = expansion_bound(x_sq, self.largest_sq[name], x.shape[1], unit_roundoff(q))
-        return ChunkDistances(q, x_sq, tau, x, self.entries[name], self.workspace)
+        return ChunkDistances(q, x_sq, tau, x, self.exact_entries[name], self.workspace)
 
     def __call__(self, features: Tensor, nb_logits: Tensor) -> ImageScores:
         """Score one image: features ``(R, C, E)``, neighbourhood-MLP logits ``(P_int, D)`` of
@@ -329,29 +329,32 @@ class Scorer:
         # With-edge coreset, all positions: PatchCore and the coor map.
         for s, t in row_chunks(p, cfg.chunk_size):
             dist = self._distances("with_edge", x_aug[s:t], x_sq_all[s:t], x_all[s:t])
-            near_ids, sq["nearest"][s:t] = dist.nearest()
-            ids, best = self.allowed_with_edge.nearest_allowed(dist, s, t)
-            sq["coor"][s:t] = dist.select(ids, best, self.keep2, near_ids)
+            near_ids, _ = dist.nearest()
+            sq["nearest"][s:t] = near = dist.exact(None, near_ids)
+            ids, v = self.allowed_with_edge.nearest_allowed(dist, s, t)
+            sq["coor"][s:t] = dist.values(dist.select(ids, v, self.keep2, near_ids), near_ids, near)
         # Without-edge coreset, interior positions: nb and the position score of nb_coor.
         x_int = x_all.index_select(0, inner)
         x_aug_int = torch.index_select(x_aug, 0, inner, out=ws.get("x_interior", (p_int, e + 1), features))
         x_sq_int = x_sq_all[inner]
         for s, t in row_chunks(p_int, cfg.chunk_size):
             dist = self._distances("without_edge", x_aug_int[s:t], x_sq_int[s:t], x_int[s:t])
-            near_ids, nearest = dist.nearest()
-            sq["nb"][s:t] = self._neighbourhood_select(dist, near_ids, nearest, x_aug_int[s:t], nb_logits[s:t])
-            ids, best = self.allowed_interior.nearest_allowed(dist, s, t)
-            sq["position"][s:t] = dist.select(ids, best, self.keep1, near_ids)
+            near_ids, _ = dist.nearest()
+            near = dist.exact(None, near_ids)
+            nb_ids = self._neighbourhood_select(dist, near_ids, x_aug_int[s:t], nb_logits[s:t])
+            sq["nb"][s:t] = dist.values(nb_ids, near_ids, near)
+            ids, v = self.allowed_interior.nearest_allowed(dist, s, t)
+            sq["position"][s:t] = dist.values(dist.select(ids, v, self.keep1, near_ids), near_ids, near)
         g = cfg.prob_gamma
         nearest = sq["nearest"].sqrt()
         nb, pos_score, coor = (g * sq[name].sqrt() - math.log(g) for name in ("nb", "position", "coor"))
         nb_coor = 0.5 * (nb + pos_score)
 
         # PatchCore image score: the anomaly_nn distances of the highest-scoring position.
-        worst = int(nearest.argmax())
-        everything = torch.arange(self.k2, device=features.device)
-        row = exact_sq_distances(x_all, coreset, torch.full_like(everything, worst), everything)
-        knn = row.topk(cfg.anomaly_nn, largest=False, sorted=True).values.sqrt()
+        worst, n = int(nearest.argmax()), cfg.anomaly_nn
+        repeat = torch.full((n,), worst, device=features.device)  # one row per neighbour
+        dist = self._distances("with_edge", x_aug[repeat], x_sq_all[repeat], x_all[repeat])
+        knn = dist.exact(None, dist.kth(torch.arange(n, device=features.device), dist.nearest()[0])).sqrt()
         _, image_pc = patchcore_scores(knn[None, None, :])
         image = [float(nb.amax()), float(coor.amax()), float(image_pc[0]), float(nb_coor.amax())]
 
@@ -373,16 +376,16 @@ class Scorer:
         )
 
     def _neighbourhood_select(
-        self, dist: ChunkDistances, nearest_ids: Tensor, nearest: Tensor, x_aug: Tensor, nb_logits: Tensor
+        self, dist: ChunkDistances, nearest_ids: Tensor, x_aug: Tensor, nb_logits: Tensor
     ) -> Tensor:
-        """Exact squared distance ``(n,)`` of the entry the neighbourhood mask selects, from the
-        rows' distances ``dist`` to the without-edge coreset, their nearest entries (ids and
-        squared distances), their rows ``[x - c, 1]`` and their logits ``(n, D)``."""
+        """Id ``(n,)`` of the entry the neighbourhood mask selects, from the rows' distances
+        ``dist`` to the without-edge coreset, their nearest entries, their rows ``[x - c, 1]``
+        and their logits ``(n, D)``."""
         cfg, ws = self.cfg, self.workspace
         blocked_d = blocked_distribution(nb_logits, cfg.softmax_temperature_alpha, cfg.softmax_nb_gamma, self.k1, ws)
         if self.rank_columns is not None:  # original: sorted column k allowed where rank m(k) is
             to_distribution = self._distances("distribution", x_aug, dist.x_sq, dist.x)
-            return dist.kth(self.rank_columns.first_allowed(to_distribution, blocked_d, self.k1 - 1), nearest)
+            return dist.kth(self.rank_columns.first_allowed(to_distribution, blocked_d, self.k1 - 1), nearest_ids)
         # paper: entry k is allowed where m(k) is
         blocked = torch.index_select(
             blocked_d,
@@ -390,8 +393,8 @@ class Scorer:
             self.art.embedding_to_distribution,
             out=ws.get("blocked_embedding", tuple(dist.q.shape), dist.q),
         )
-        ids, best = dist.nearest(masked(dist.q, blocked, ws, "masked"))
-        return dist.select(ids, best, None, nearest_ids)
+        ids, v = dist.nearest(masked(dist.q, blocked, ws, "masked"))
+        return dist.select(ids, v, None, nearest_ids)
 
 
 def score_image(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts, cfg: ScoringConfig) -> ImageScores:

@@ -133,14 +133,16 @@ def expansion_bound(x_sq: Tensor, entries_sq_max: float, dim: int, u: float) -> 
     return (4 * dim + 16) * u * (x_sq + entries_sq_max)
 
 
-def exact_sq_distances(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``|x[rows] - y[cols]|^2`` in float64 by direct differences ``(m,)``, a few thousand
-    pairs at a time (memory stays bounded)."""
-    out = torch.empty(rows.numel(), dtype=torch.float64, device=x.device)
-    step = max(1, 2**21 // max(1, x.shape[1]))
-    for s in range(0, rows.numel(), step):
-        diff = x.index_select(0, rows[s : s + step]).double() - y.index_select(0, cols[s : s + step]).double()
-        out[s : s + step] = (diff * diff).sum(dim=1)
+def exact_sq_distances(x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
+    """``|x[rows] - y[cols]|^2`` ``(m,)`` from float64 ``x`` and ``y`` by direct differences
+    (``rows`` None: ``0..m-1``), a few thousand pairs at a time (memory stays bounded)."""
+    out = torch.empty(cols.numel(), dtype=torch.float64, device=x.device)
+    step = max(16, 2**22 // max(1, x.shape[1]))
+    for s in range(0, cols.numel(), step):
+        xs = x[s : s + step] if rows is None else x.index_select(0, rows[s : s + step])
+        ys = y.index_select(0, cols[s : s + step])
+        d = torch.cdist(xs[:, None, :], ys[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")
+        out[s : s + step] = d.view(-1).square_()
     return out
 
 
@@ -150,21 +152,41 @@ def count_at_most(q: Tensor, bound: Tensor, workspace: Workspace | None, name: s
     return torch.le(q, bound[:, None], out=out).sum(dim=1)
 
 
-def _group_min(groups: Tensor, values: Tensor, ids: Tensor, n: int, width: int) -> tuple[Tensor, Tensor]:
-    """Per group ``0..n-1``: the smallest ``(value, id)`` pair -> ids ``(n,)``, values ``(n,)``."""
+def _group_min(groups: Tensor, values: Tensor, ids: Tensor, n: int, width: int) -> Tensor:
+    """Per group ``0..n-1``: the id of the smallest ``(value, id)`` pair -> ``(n,)``."""
     best = torch.full((n,), math.inf, dtype=values.dtype, device=values.device)
     best = best.scatter_reduce(0, groups, values, reduce="amin")
     on = values == best[groups]
     first = torch.full((n,), width, dtype=torch.long, device=values.device)
-    return first.scatter_reduce(0, groups[on], ids[on], reduce="amin"), best
+    return first.scatter_reduce(0, groups[on], ids[on], reduce="amin")
+
+
+def _kth_of_groups(groups: Tensor, values: Tensor, ids: Tensor, k: Tensor) -> Tensor:
+    """The id of the ``k[g]``-th smallest ``(value, id)`` pair (0-based, clamped to the group)
+    of each group; ``groups`` ascending with ``ids`` ascending within each, ``0..len(k)-1``
+    each present."""
+    counts = torch.bincount(groups, minlength=k.numel())
+    start = torch.cumsum(counts, dim=0) - counts
+    slot = torch.arange(groups.numel(), device=groups.device) - start[groups]
+    padded = torch.full((k.numel(), int(counts.max())), math.inf, dtype=values.dtype, device=values.device)
+    padded[groups, slot] = values
+    padded_ids = torch.zeros(padded.shape, dtype=torch.long, device=ids.device)
+    padded_ids[groups, slot] = ids
+    order = padded.sort(dim=1, stable=True).indices  # ids ascending among equal values
+    pick = torch.minimum(k.clamp_min(0), counts - 1)
+    return padded_ids.gather(1, order.gather(1, pick[:, None]))[:, 0]
 
 
 class ChunkDistances:
     """One chunk of rows against one coreset: ``q`` ``(n, K)`` from the float32 product and
-    what makes its decisions exact: the rows ``x`` ``(n, E)`` and the ``entries`` ``(K, E)`` as
-    given (for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in ``q``'s units and the
-    bound ``tau`` ``(n,)`` (:func:`expansion_bound`). Results are exact squared distances
-    (float64) and entry ids; ``inf`` where no entry is allowed."""
+    what makes its decisions exact: the rows ``x`` ``(n, E)`` as given and the ``entries``
+    ``(K, E)`` in float64 (for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in
+    ``q``'s units and the bound ``tau`` ``(n,)`` (:func:`expansion_bound`).
+
+    Selections return entry ids; ties between equal distances go to the lower id (the order
+    of a stable sort). A selection that ``q`` decides within ``2 tau`` is taken from ``q``;
+    the others compare exact distances of the few entries within ``2 tau``.
+    """
 
     def __init__(
         self, q: Tensor, x_sq: Tensor, tau: Tensor, x: Tensor, entries: Tensor, workspace: Workspace | None
@@ -172,6 +194,7 @@ class ChunkDistances:
         self.q, self.x_sq, self.tau, self.x, self.entries, self.ws = q, x_sq, tau, x, entries, workspace
         self.n, self.width = q.shape
         self.all = torch.arange(self.n, device=q.device)
+        self._x64: Tensor | None = None
 
     @classmethod
     def between(cls, x: Tensor, entries: Tensor, workspace: Workspace | None = None) -> ChunkDistances:
@@ -181,76 +204,102 @@ class ChunkDistances:
         a_sq, b_sq = (a * a).sum(dim=1), (b * b).sum(dim=1)
         q = b_sq - 2.0 * (a @ b.T)
         tau = expansion_bound(a_sq, float(b_sq.max()), x.shape[1], unit_roundoff(q))
-        return cls(q, a_sq, tau, x, entries, workspace)
+        return cls(q, a_sq, tau, x, entries.double(), workspace)
 
-    def exact(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """Exact squared distances of the pairs ``(rows, cols)`` (chunk rows, entry ids)."""
-        return exact_sq_distances(self.x, self.entries, rows, cols)
+    def exact(self, rows: Tensor | None, cols: Tensor) -> Tensor:
+        """Exact squared distances (float64) of the pairs ``(rows, cols)`` (chunk rows, entry
+        ids; ``rows`` None: one pair per row)."""
+        if self._x64 is None:
+            self._x64 = self.x.double()
+        return exact_sq_distances(self._x64, self.entries, rows, cols)
+
+    def values(self, ids: Tensor, known_ids: Tensor, known: Tensor) -> Tensor:
+        """Exact squared distances of entries ``ids`` ``(n,)``, one per row, reusing ``known``
+        (those of ``known_ids``) where the ids agree."""
+        rows = torch.nonzero(ids != known_ids).squeeze(1)
+        return known.index_put((rows,), self.exact(rows, ids[rows])) if rows.numel() else known.clone()
 
     def nearest(self, source: Tensor | None = None, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The nearest entry of each row: ids ``(n,)`` and exact squared distances ``(n,)``.
+        """The nearest entry of each row: ids ``(n,)`` and ``q``'s smallest value ``(n,)``
+        (``>= BLOCKED / 2`` where no entry is allowed).
 
         ``source`` ``(n, w)``: ``q`` with the blocked entries raised by :data:`BLOCKED` (default
         ``q``); ``columns`` ``(n, w)``: the entry id of each of its columns (default: the
-        column). Entries within ``2 tau`` of the row's smallest value are compared exactly."""
+        column). Where a second entry comes within ``2 tau`` of the smallest value, the
+        entries within ``2 tau`` are compared exactly."""
         src = self.q if source is None else source
         v, slot = src.min(dim=1)
         ids = slot if columns is None else columns.gather(1, slot[:, None])[:, 0]
-        best = self.exact(self.all, ids)
-        none = v >= 0.5 * BLOCKED
         bound = v + 2.0 * self.tau
         src.scatter_(1, slot[:, None], math.inf)  # the runner-up: does a second entry come close?
         runner_up = src.amin(dim=1)
         src.scatter_(1, slot[:, None], v[:, None])
-        rows = torch.nonzero((runner_up <= bound) & ~none).squeeze(1)
+        rows = torch.nonzero((runner_up <= bound) & (v < 0.5 * BLOCKED)).squeeze(1)
         if rows.numel():
             r, c = torch.nonzero(src.index_select(0, rows) <= bound[rows, None], as_tuple=True)
             if columns is not None:
                 c = columns[rows[r], c]
-            ids[rows], best[rows] = _group_min(r, self.exact(rows[r], c), c, rows.numel(), self.width)
-        return ids, best.masked_fill_(none, math.inf)
+            ids[rows] = _group_min(r, self.exact(rows[r], c), c, rows.numel(), self.width)
+        return ids, v
+
+    def _band(self, q: Tensor, v: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Entries of ``q`` ``(m, K)`` below ``v - 2 tau`` (nearer than the entry at ``q = v``,
+        for certain) and at most ``v + 2 tau`` (all that may be nearer, and that entry), as
+        long ``(m,)``, and the rows where those counts leave something to decide."""
+        below = count_below(q, v - 2.0 * tau, self.ws).long()
+        at_most = count_at_most(q, v + 2.0 * tau, self.ws).long()
+        return below, at_most, torch.nonzero(at_most - below > 1).squeeze(1)
+
+    def _band_pairs(self, rows: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The entries within ``2 tau`` of ``v`` ``(m,)`` in ``rows``: group (0..m-1), entry id,
+        exact squared distance."""
+        sub = self.q.index_select(0, rows)
+        lo, hi = (v - 2.0 * self.tau[rows])[:, None], (v + 2.0 * self.tau[rows])[:, None]
+        r, c = torch.nonzero((sub >= lo) & (sub <= hi), as_tuple=True)
+        return r, c, self.exact(rows[r], c)
+
+    def rank(self, rows: Tensor, ids: Tensor, v: Tensor) -> Tensor:
+        """Exact rank ``(m,)`` long of entries ``ids`` among the entries of ``rows``, the
+        number of entries nearer or as near with a lower id, from ``v``, each entry's ``q``
+        (or a value within ``tau`` of its exact one, as :meth:`nearest` gives)."""
+        q = take_rows(self.q, rows, self.ws) if rows.numel() < self.n else self.q
+        below, _, amb = self._band(q, v, self.tau[rows])
+        if amb.numel():
+            r, c, e = self._band_pairs(rows[amb], v[amb])
+            target = self.exact(rows[amb], ids[amb])[r]
+            before = ((e < target) | ((e == target) & (c < ids[amb][r]))).long()
+            below[amb] = below[amb] + torch.zeros_like(amb).scatter_add_(0, r, before)
+        return below
+
+    def fewer_before(self, rows: Tensor, ids: Tensor, v: Tensor, keep: int) -> Tensor:
+        """Whether fewer than ``keep`` entries come before entries ``ids`` (see :meth:`rank`)
+        in ``rows``, bool ``(m,)``: from ``q``'s counts where they decide it."""
+        q = take_rows(self.q, rows, self.ws) if 4 * rows.numel() < self.n else self.q
+        tau = self.tau[rows] if q is not self.q else self.tau
+        vv = v if q is not self.q else torch.full_like(self.tau, math.inf).index_put_((rows,), v)
+        at_most = count_at_most(q, vv + 2.0 * tau, self.ws)
+        out = (at_most if q is not self.q else at_most[rows]) <= keep  # rank <= at_most - 1
+        open_rows = torch.nonzero(~out).squeeze(1)
+        if open_rows.numel():
+            out[open_rows] = self.rank(rows[open_rows], ids[open_rows], v[open_rows]) < keep
+        return out
 
     def farthest(self, rows: Tensor) -> Tensor:
-        """Exact squared distance of the farthest entry of each of ``rows`` ``(m,)``."""
+        """Id of the farthest entry of each of ``rows`` ``(m,)``."""
         q = take_rows(self.q, rows, self.ws)
         v, ids = q.max(dim=1)
-        best = self.exact(rows, ids)
         close = self.width - count_below(q, v - 2.0 * self.tau[rows], self.ws)
         amb = torch.nonzero(close > 1).squeeze(1)
         if amb.numel():
-            r, c = torch.nonzero(q.index_select(0, amb) >= (v - 2.0 * self.tau[rows])[amb, None], as_tuple=True)
-            far = torch.full((amb.numel(),), -math.inf, dtype=torch.float64, device=q.device)
-            best[amb] = far.scatter_reduce(0, r, self.exact(rows[amb][r], c), reduce="amax")
-        return best
+            r, c, e = self._band_pairs(rows[amb], v[amb])
+            ids[amb] = -_group_min(r, -e, -c, amb.numel(), self.width)  # the last in a stable sort
+        return ids
 
-    def _band(self, rows: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``q`` units of ``s - tau`` and ``s + tau`` for ``rows``: entries below the first are
-        nearer than ``s`` for certain, above the second farther."""
-        t = s - self.x_sq[rows].double()
-        tau = self.tau[rows].double()
-        return (t - tau).to(self.q.dtype), (t + tau).to(self.q.dtype)
-
-    def rank(self, rows: Tensor, ids: Tensor, s: Tensor) -> Tensor:
-        """Exact rank ``(m,)`` long of entries ``ids`` at squared distances ``s`` among the
-        entries of ``rows``: the number of entries nearer, or as near with a lower id."""
-        q = take_rows(self.q, rows, self.ws) if rows.numel() < self.n else self.q
-        lo, hi = self._band(rows, s)
-        below = count_below(q, lo, self.ws).long()
-        amb = torch.nonzero(count_at_most(q, hi, self.ws).long() - below > 1).squeeze(1)
-        if amb.numel():
-            sub = q.index_select(0, amb)
-            r, c = torch.nonzero((sub >= lo[amb, None]) & (sub <= hi[amb, None]), as_tuple=True)
-            e, s_r, id_r = self.exact(rows[amb][r], c), s[amb][r], ids[amb][r]
-            before = ((e < s_r) | ((e == s_r) & (c < id_r))).long()
-            below[amb] += torch.zeros_like(amb).scatter_add_(0, r, before)
-        return below
-
-    def kth(self, k: Tensor, nearest: Tensor) -> Tensor:
-        """Exact squared distance of each row's ``k``-th nearest entry (0-based) ``(n,)``, from
-        the exact nearest ``nearest`` ``(n,)``: the ``k``-th smallest ``q`` (partial sorts of
-        the few nearest entries: 16, 128, 1024, ... at a time), then exactly among the entries
-        within ``2 tau`` of it."""
-        out = nearest.clone()
+    def kth(self, k: Tensor, nearest_ids: Tensor) -> Tensor:
+        """Id of each row's ``k``-th nearest entry (0-based) ``(n,)``, from the nearest ones
+        ``nearest_ids``: the ``k``-th smallest ``q`` (partial sorts of the few nearest
+        entries: 16, 128, 1024, ... at a time), exactly among the entries within ``2 tau``."""
+        out = nearest_ids.clone()
         last = torch.nonzero(k == self.width - 1).squeeze(1)
         if self.width > 1 and last.numel():
             out[last] = self.farthest(last)
@@ -263,14 +312,11 @@ class ChunkDistances:
                 q = take_rows(self.q, rows, self.ws)
                 top = q.topk(bound, dim=1, largest=False, sorted=True)
                 v = top.values.gather(1, k[rows, None])[:, 0]
-                out[rows] = self.exact(rows, top.indices.gather(1, k[rows, None])[:, 0])
-                lo, hi = v - 2.0 * self.tau[rows], v + 2.0 * self.tau[rows]
-                below = count_below(q, lo, self.ws).long()
-                amb = torch.nonzero(count_at_most(q, hi, self.ws).long() - below > 1).squeeze(1)
+                out[rows] = top.indices.gather(1, k[rows, None])[:, 0]
+                below, _, amb = self._band(q, v, self.tau[rows])
                 if amb.numel():
-                    sub = q.index_select(0, amb)
-                    r, c = torch.nonzero((sub >= lo[amb, None]) & (sub <= hi[amb, None]), as_tuple=True)
-                    out[rows[amb]] = _kth_of_groups(r, self.exact(rows[amb][r], c), k[rows[amb]] - below[amb])
+                    r, c, e = self._band_pairs(rows[amb], v[amb])
+                    out[rows[amb]] = _kth_of_groups(r, e, c, k[rows[amb]] - below[amb])
             pending &= k >= bound
             bound *= 8
         return out
@@ -289,36 +335,18 @@ class ChunkDistances:
         keys[r, c] = self.exact(r, c) - self.x_sq[r].double()
         return torch.sort(keys, dim=1, stable=True).indices
 
-    def select(self, ids: Tensor, best: Tensor, keep: int | None, nearest_ids: Tensor) -> Tensor:
-        """What a position mask selects: the nearest allowed entry ``ids`` at ``best`` (``inf``
-        where none), only if fewer than ``keep`` entries come before it (``keep`` None:
-        always; the original's lost writes), else the farthest entry (the original's
-        fallback). ``nearest_ids``: each row's nearest entry (rank 0). -> ``(n,)``."""
-        best = best.clone()
-        found = torch.isfinite(best)
+    def select(self, ids: Tensor, v: Tensor, keep: int | None, nearest_ids: Tensor) -> Tensor:
+        """What a position mask selects, ids ``(n,)``: the nearest allowed entry ``ids`` (``q``
+        ``v``, ``>= BLOCKED / 2`` where none), only if fewer than ``keep`` entries come before
+        it (``keep`` None: always; the original's lost writes), else the farthest entry (the
+        original's fallback). ``nearest_ids``: each row's nearest entry (rank 0)."""
+        found = v < 0.5 * BLOCKED
         if keep is not None and keep < self.width:
-            ranked = found & (ids != nearest_ids)
-            rows = torch.nonzero(ranked).squeeze(1)
-            if rows.numel() > self.n // 4:  # counting every row is cheaper than copying most of them
-                found &= ~ranked | (self.rank(self.all, ids, best) < keep)
-            elif rows.numel():
-                found[rows] = self.rank(rows, ids[rows], best[rows]) < keep
+            rows = torch.nonzero(found & (ids != nearest_ids)).squeeze(1)
+            if rows.numel():
+                found[rows] = self.fewer_before(rows, ids[rows], v[rows], keep)
         rows = torch.nonzero(~found).squeeze(1)
-        if rows.numel():
-            best[rows] = self.farthest(rows)
-        return best
-
-
-def _kth_of_groups(groups: Tensor, values: Tensor, k: Tensor) -> Tensor:
-    """The ``k[g]``-th smallest (0-based, clamped to the group) of each group's ``values``;
-    ``groups`` sorted ascending, ``0..len(k)-1`` each present."""
-    counts = torch.bincount(groups, minlength=k.numel())
-    start = torch.cumsum(counts, dim=0) - counts
-    slot = torch.arange(groups.numel(), device=groups.device) - start[groups]
-    padded = torch.full((k.numel(), int(counts.max())), math.inf, dtype=values.dtype, device=values.device)
-    padded[groups, slot] = values
-    pick = torch.minimum(k.clamp_min(0), counts - 1)
-    return padded.sort(dim=1).values.gather(1, pick[:, None])[:, 0]
+        return ids.index_put((rows,), self.farthest(rows)) if rows.numel() else ids
 
 
 class PositionMask:
@@ -346,7 +374,7 @@ class PositionMask:
 
     def nearest_allowed(self, dist: ChunkDistances, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """The nearest entry allowed at positions ``start..stop-1`` (the rows of ``dist``): ids
-        and exact squared distances ``(n,)``, ``inf`` where none is allowed."""
+        and ``q`` values ``(n,)`` (:meth:`ChunkDistances.nearest`)."""
         q, ws = dist.q, dist.ws
         if self.dense is not None:
             return dist.nearest(masked(q, self.dense[start:stop], ws, "masked"))
@@ -395,9 +423,13 @@ class RankColumns:
         ranks = self.first.shape[0]
         last = self.first.new_tensor(last_column)
         if self.increasing:  # the rank of the nearest allowed distribution entry
-            ids, best = dist.nearest(masked(dist.q, blocked_dist, dist.ws, "masked_dist"))
-            rank = dist.rank(dist.all, ids, best)  # rows with none allowed: K (inf)
-            found = torch.isfinite(best) & (rank < ranks)
+            ids, v = dist.nearest(masked(dist.q, blocked_dist, dist.ws, "masked_dist"))
+            found = v < 0.5 * BLOCKED
+            rank = torch.full_like(ids, ranks)
+            rows = torch.nonzero(found).squeeze(1)
+            if rows.numel():
+                rank[rows] = dist.rank(rows, ids[rows], v[rows])
+            found &= rank < ranks
             return torch.where(found, self.first[rank.clamp_max(ranks - 1)], last)
         order = dist.order()[:, :ranks]
         by_rank = blocked_dist.gather(1, order) == 0  # (n, R): is the r-th nearest entry allowed

@@ -210,15 +210,17 @@ def test_exact_kth_rank_and_order_equal_sorting():
     k[100:110] = 0
     k[110:120] = width - 1
     dist = ChunkDistances.between(torch.from_numpy(x), torch.from_numpy(y))
-    ids, nearest = dist.nearest()
+    ids, v = dist.nearest()
     order = np.lexsort((np.broadcast_to(np.arange(width), exact.shape), exact), axis=1)  # by distance, then id
     assert ids.tolist() == order[:, 0].tolist()
-    np.testing.assert_allclose(nearest.numpy(), exact.min(1), rtol=1e-12)
-    got = dist.kth(torch.from_numpy(k), nearest).numpy()
-    np.testing.assert_allclose(got, np.sort(exact, axis=1)[np.arange(300), k], rtol=1e-12)
+    np.testing.assert_allclose(dist.exact(None, ids).numpy(), exact.min(1), rtol=1e-12)
+    kth = dist.kth(torch.from_numpy(k), ids).numpy()
+    sorted_exact = np.sort(exact, axis=1)[np.arange(300), k]
+    np.testing.assert_allclose(exact[np.arange(300), kth], sorted_exact, rtol=1e-12)
+    assert kth.tolist() == order[np.arange(300), k].tolist()
     assert dist.order().tolist() == order.tolist()
     pick = torch.from_numpy(order[np.arange(300), k])
-    assert dist.rank(dist.all, pick, torch.from_numpy(exact[np.arange(300), pick.numpy()])).tolist() == k.tolist()
+    assert dist.rank(dist.all, pick, dist.q.gather(1, pick[:, None])[:, 0]).tolist() == k.tolist()
     assert nearest_ids(torch.from_numpy(x), torch.from_numpy(y), 7).tolist() == order[:, 0].tolist()
 
 
