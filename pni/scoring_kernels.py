@@ -262,8 +262,14 @@ class ChunkDistances:
         """Exact rank ``(m,)`` long of entries ``ids`` among the entries of ``rows``, the
         number of entries nearer or as near with a lower id, from ``v``, each entry's ``q``
         (or a value within ``tau`` of its exact one, as :meth:`nearest` gives)."""
-        q = take_rows(self.q, rows, self.ws) if rows.numel() < self.n else self.q
-        below, _, amb = self._band(q, v, self.tau[rows])
+        if 4 * rows.numel() < self.n:
+            below, _, amb = self._band(take_rows(self.q, rows, self.ws), v, self.tau[rows])
+        else:  # counting every row is cheaper than copying most of them
+            spread = torch.full_like(self.tau, math.inf).index_put_((rows,), v)
+            below, _, amb = self._band(self.q, spread, self.tau)
+            below = below[rows]
+            flagged = torch.zeros(self.n, dtype=torch.bool, device=rows.device).index_fill_(0, amb, True)
+            amb = torch.nonzero(flagged[rows]).squeeze(1)
         if amb.numel():
             r, c, e = self._band_pairs(rows[amb], v[amb])
             target = self.exact(rows[amb], ids[amb])[r]
@@ -280,8 +286,12 @@ class ChunkDistances:
         at_most = count_at_most(q, vv + 2.0 * tau, self.ws)
         out = (at_most if q is not self.q else at_most[rows]) <= keep  # rank <= at_most - 1
         open_rows = torch.nonzero(~out).squeeze(1)
-        if open_rows.numel():
-            out[open_rows] = self.rank(rows[open_rows], ids[open_rows], v[open_rows]) < keep
+        if open_rows.numel():  # rank >= the entries certainly before it
+            sub = take_rows(self.q, rows[open_rows], self.ws)
+            below = count_below(sub, v[open_rows] - 2.0 * self.tau[rows[open_rows]], self.ws)
+            undecided = open_rows[below < keep]
+            if undecided.numel():
+                out[undecided] = self.rank(rows[undecided], ids[undecided], v[undecided]) < keep
         return out
 
     def farthest(self, rows: Tensor) -> Tensor:
