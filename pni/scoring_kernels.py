@@ -133,14 +133,24 @@ def expansion_bound(x_sq: Tensor, entries_sq_max: float, dim: int, u: float) -> 
     return (4 * dim + 16) * u * (x_sq + entries_sq_max)
 
 
-def exact_sq_distances(x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor) -> Tensor:
+def exact_sq_distances(
+    x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor, workspace: Workspace | None = None
+) -> Tensor:
     """``|x[rows] - y[cols]|^2`` ``(m,)`` from float64 ``x`` and ``y`` by direct differences
-    (``rows`` None: ``0..m-1``), a few thousand pairs at a time (memory stays bounded)."""
+    (``rows`` None: ``0..m-1``), a few thousand pairs at a time (in scratch memory when there is
+    a workspace: a fresh allocation is page-faulted in again every time)."""
     out = torch.empty(cols.numel(), dtype=torch.float64, device=x.device)
     step = max(16, 2**22 // max(1, x.shape[1]))
     for s in range(0, cols.numel(), step):
-        xs = x[s : s + step] if rows is None else x.index_select(0, rows[s : s + step])
-        ys = y.index_select(0, cols[s : s + step])
+        c = cols[s : s + step]
+        if workspace is None:
+            xs = x[s : s + step] if rows is None else x.index_select(0, rows[s : s + step])
+            ys = y.index_select(0, c)
+        else:
+            ys = torch.index_select(y, 0, c, out=workspace.get("exact_y", (c.numel(), y.shape[1]), y))
+            xs = x[s : s + step]
+            if rows is not None:
+                xs = torch.index_select(x, 0, rows[s : s + step], out=workspace.get("exact_x", tuple(ys.shape), x))
         d = torch.cdist(xs[:, None, :], ys[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")
         out[s : s + step] = d.view(-1).square_()
     return out
@@ -210,8 +220,14 @@ class ChunkDistances:
         """Exact squared distances (float64) of the pairs ``(rows, cols)`` (chunk rows, entry
         ids; ``rows`` None: one pair per row)."""
         if self._x64 is None:
-            self._x64 = self.x.double()
-        return exact_sq_distances(self._x64, self.entries, rows, cols)
+            like = self.entries
+            x64 = (
+                self.ws.get("x64", tuple(self.x.shape), like)
+                if self.ws is not None
+                else torch.empty_like(self.x, dtype=like.dtype)
+            )
+            self._x64 = x64.copy_(self.x)
+        return exact_sq_distances(self._x64, self.entries, rows, cols, self.ws)
 
     def values(self, ids: Tensor, known_ids: Tensor, known: Tensor) -> Tensor:
         """Exact squared distances of entries ``ids`` ``(n,)``, one per row, reusing ``known``
