@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +36,16 @@ from pni.errors import PNIError
 from pni.features import patch_padding
 from pni.maps import MAP_NAMES
 from pni.scoring_kernels import (
+    ChunkDistances,
     PositionMask,
     RankColumns,
     Workspace,
-    kth_smallest,
-    masked_min,
+    expansion_bound,
+    masked,
     nearest_ids,
+    resize_and_blur,
     row_chunks,
-    select_position,
+    unit_roundoff,
 )
 
 VARIANTS: tuple[str, ...] = ("original", "paper")
@@ -230,66 +231,6 @@ def position_allowed(prior_rows: Tensor, coor_gamma: float, coreset_size: int) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Resize and blur
-
-
-def gaussian_kernel1d(
-    sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-) -> Tensor:
-    """Normalised Gaussian weights, radius ``int(4*sigma + 0.5)`` (scipy's ``truncate=4``)."""
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
-
-
-def _symmetric_index(n: int, radius: int, device: torch.device) -> Tensor:
-    # scipy 'reflect' (d c b a | a b c d | d c b a), valid for any radius, even > n.
-    i = torch.arange(-radius, n + radius, device=device).remainder(2 * n)
-    return torch.where(i >= n, 2 * n - 1 - i, i)
-
-
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``(..., H, W)`` maps, same shape.
-
-    Border handling is scipy.ndimage's ``mode='reflect'`` (half-sample symmetric: the edge
-    value is repeated), which the original's ``gaussian_filter`` uses; torch's own 'reflect'
-    padding is scipy's 'mirror', so the padding is done by index here. ``sigma`` may not
-    exceed the map's larger side (PNIError), which bounds the padded copy to 9 times the map.
-    """
-    if sigma <= 0:
-        return maps
-    h, w = maps.shape[-2:]
-    if sigma > max(h, w):  # the padding grows with sigma: bound it (a wider blur only flattens the map)
-        raise PNIError(f"--blursigma {sigma:g} is wider than the {h}x{w} map; use at most {max(h, w)}")
-    kernel = gaussian_kernel1d(sigma, maps.dtype, maps.device)
-    r = (kernel.numel() - 1) // 2
-    x = maps.reshape(-1, 1, h, w)
-    x = x.index_select(3, _symmetric_index(w, r, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = x.index_select(2, _symmetric_index(h, r, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(maps.shape)
-
-
-@lru_cache(maxsize=32)
-def _resize_blur_operator(n_in: int, size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(size, n_in)``: the 1-d bilinear resize (align_corners=False) followed by the blur,
-    as a matrix (both are linear and act on the two axes separately)."""
-    eye = torch.eye(n_in, dtype=dtype, device=device)
-    resized = F.interpolate(eye[None], size=size, mode="linear", align_corners=False)[0]  # row i: e_i resized
-    return gaussian_blur(resized[:, None, :], sigma)[:, 0, :].T.contiguous()  # a 1-row map blurs along its row
-
-
-def resize_and_blur(maps: Tensor, imagesize: int, sigma: float) -> Tensor:
-    """Bilinear resize (align_corners=False) then blur: ``(N, R, C) -> (N, S, S)``, as two
-    small matrix products."""
-    rows = _resize_blur_operator(maps.shape[-2], imagesize, float(sigma), maps.dtype, maps.device)
-    cols = _resize_blur_operator(maps.shape[-1], imagesize, float(sigma), maps.dtype, maps.device)
-    return rows @ maps @ cols.T
-
-
-# ---------------------------------------------------------------------------------------------
 # The four maps
 
 
@@ -297,15 +238,17 @@ class Scorer:
     """Scores the images of one ``rows x cols`` feature grid against ``art`` under ``cfg``.
 
     What scoring derives from the artefacts is derived once, here: each coreset as
-    ``[-2 y, |y|^2]`` (entries shifted by the with-edge coreset's mean ``c``, see
-    :func:`pni.scoring_kernels.pairwise_distances`), the position masks, the neighbourhood
-    mask's columns by rank (variant ``original``), and scratch memory (so one scorer is not
-    for concurrent use). :class:`pni.model.PNIModel` keeps one per setting.
+    ``[-2 (y - c), |y - c|^2]`` (``c``: the with-edge coreset's mean), the position masks, the
+    neighbourhood mask's columns by rank (variant ``original``), and scratch memory (so one
+    scorer is not for concurrent use). :class:`pni.model.PNIModel` keeps one per setting.
 
     Every mask only decides which entry's distance a row takes (the nearest allowed one, the
-    k-th nearest, the farthest), so each chunk of rows is held as squared distances less the
-    row constant ``|x - c|^2``: ``q = |y - c|^2 - 2 (x - c).(y - c)``, one matrix product
-    ``[x - c, 1] @ [-2 (y - c), |y - c|^2]^T``; only the selected values become distances.
+    k-th nearest, the farthest). Each chunk of rows is one matrix product per coreset,
+    ``q = [x - c, 1] @ [-2 (y - c), |y - c|^2]^T``, the squared distance less ``|x - c|^2`` in
+    float32; the comparisons it cannot decide within its error bound, and every distance a
+    map takes, are computed exactly (float64 direct differences:
+    :class:`pni.scoring_kernels.ChunkDistances`). The maps are made in float64 and returned in
+    the features' dtype.
     """
 
     def __init__(self, art: ScoringArtefacts, cfg: ScoringConfig, rows: int, cols: int) -> None:
@@ -325,14 +268,18 @@ class Scorer:
         self.keep2 = parent_share(self.k2, cfg.mask_workers) if self.original else None
         self.centre = art.embedding_with_edge.mean(dim=0)
         dtype = self.centre.dtype
-        self.coresets = {}
-        for name, entries in (
-            ("with_edge", art.embedding_with_edge),
-            ("without_edge", art.embedding_without_edge),
-            ("distribution", art.distribution_coreset),
-        ):
+        self.entries = {
+            "with_edge": art.embedding_with_edge,
+            "without_edge": art.embedding_without_edge,
+            "distribution": art.distribution_coreset,
+        }
+        self.coresets, self.largest_sq, self.exact_entries = {}, {}, {}
+        for name, entries in self.entries.items():
+            self.exact_entries[name] = entries.double()  # for direct differences
             centred = entries - self.centre
-            self.coresets[name] = torch.cat([-2.0 * centred, (centred * centred).sum(dim=1, keepdim=True)], dim=1)
+            sq = (centred * centred).sum(dim=1, keepdim=True)
+            self.coresets[name] = torch.cat([-2.0 * centred, sq], dim=1)
+            self.largest_sq[name] = float(sq.max())
         self.inner = interior_indices(rows, cols, self.pp, art.position_prior.device)
         gamma = cfg.softmax_coor_gamma
         self.allowed_with_edge = PositionMask(position_allowed(art.position_prior_with_edge, gamma, self.k2), dtype)
@@ -344,10 +291,13 @@ class Scorer:
         )
         self.workspace = Workspace()
 
-    def _products(self, x: Tensor, name: str) -> Tensor:
-        """``q`` of rows ``[x - c, 1]`` ``(n, E + 1)`` against coreset ``name`` -> ``(n, K)``."""
+    def _distances(self, name: str, x_aug: Tensor, x_sq: Tensor, x: Tensor) -> ChunkDistances:
+        """Rows ``[x - c, 1]`` ``(n, E + 1)`` with their ``|x - c|^2`` ``(n,)`` and the features
+        ``x`` ``(n, E)`` against coreset ``name``."""
         entries = self.coresets[name]
-        return torch.mm(x, entries.T, out=self.workspace.get("q_" + name, (x.shape[0], entries.shape[0]), x))
+        q = torch.mm(x_aug, entries.T, out=self.workspace.get("q_" + name, (x.shape[0], entries.shape[0]), x))
+        tau = expansion_bound(x_sq, self.largest_sq[name], x.shape[1], unit_roundoff(q))
+        return ChunkDistances(q, x_sq, tau, x, self.exact_entries[name], self.workspace)
 
     def __call__(self, features: Tensor, nb_logits: Tensor) -> ImageScores:
         """Score one image: features ``(R, C, E)``, neighbourhood-MLP logits ``(P_int, D)`` of
@@ -368,43 +318,44 @@ class Scorer:
         p, inner, p_int = rows * cols, self.inner, self.inner.numel()
         if tuple(nb_logits.shape) != (p_int, self.d):
             raise PNIError(f"neighbourhood logits {tuple(nb_logits.shape)} vs ({p_int}, {self.d})")
-        x_all = ws.get("x", (p, e + 1), features)  # [x - c, 1]
-        torch.sub(features.reshape(p, e), self.centre, out=x_all[:, :e])
-        x_all[:, e] = 1.0
-        x_sq_all = torch.linalg.vector_norm(x_all[:, :e], dim=1).square_()
-        nearest = features.new_empty(p)  # PatchCore pixel scores: nearest with-edge distance
-        coor = features.new_empty(p)
+        x_all = features.reshape(p, e)
+        x_aug = ws.get("x", (p, e + 1), features)  # [x - c, 1]
+        torch.sub(x_all, self.centre, out=x_aug[:, :e])
+        x_aug[:, e] = 1.0
+        x_sq_all = torch.linalg.vector_norm(x_aug[:, :e], dim=1).square_()
+        # squared distances (exact, float64) of the entries each map takes
+        sq = {name: features.new_empty(n, dtype=torch.float64) for name, n in (("nearest", p), ("coor", p))}
+        sq.update((name, features.new_empty(p_int, dtype=torch.float64)) for name in ("nb", "position"))
         # With-edge coreset, all positions: PatchCore and the coor map.
         for s, t in row_chunks(p, cfg.chunk_size):
-            q = self._products(x_all[s:t], "with_edge")
-            q_min = q.amin(dim=1)
-            nearest[s:t] = _distance(q_min, x_sq_all[s:t])
-            best = self.allowed_with_edge.nearest_allowed(q, s, t, ws)
-            coor[s:t] = _distance(select_position(q, best, self.keep2, q_min, ws), x_sq_all[s:t])
+            dist = self._distances("with_edge", x_aug[s:t], x_sq_all[s:t], x_all[s:t])
+            near_ids, _ = dist.nearest()
+            sq["nearest"][s:t] = near = dist.exact(None, near_ids)
+            ids, v = self.allowed_with_edge.nearest_allowed(dist, s, t)
+            sq["coor"][s:t] = dist.values(dist.select(ids, v, self.keep2, near_ids), near_ids, near)
         # Without-edge coreset, interior positions: nb and the position score of nb_coor.
-        nb = features.new_empty(p_int)
-        pos_score = features.new_empty(p_int)
-        x_int = torch.index_select(x_all, 0, inner, out=ws.get("x_interior", (p_int, e + 1), features))
+        x_int = x_all.index_select(0, inner)
+        x_aug_int = torch.index_select(x_aug, 0, inner, out=ws.get("x_interior", (p_int, e + 1), features))
         x_sq_int = x_sq_all[inner]
         for s, t in row_chunks(p_int, cfg.chunk_size):
-            q = self._products(x_int[s:t], "without_edge")
-            q_min = q.amin(dim=1)
-            nb[s:t] = _distance(self._neighbourhood_select(q, q_min, x_int[s:t], nb_logits[s:t]), x_sq_int[s:t])
-            best = self.allowed_interior.nearest_allowed(q, s, t, ws)
-            pos_score[s:t] = _distance(select_position(q, best, self.keep1, q_min, ws), x_sq_int[s:t])
+            dist = self._distances("without_edge", x_aug_int[s:t], x_sq_int[s:t], x_int[s:t])
+            near_ids, _ = dist.nearest()
+            near = dist.exact(None, near_ids)
+            nb_ids = self._neighbourhood_select(dist, near_ids, x_aug_int[s:t], nb_logits[s:t])
+            sq["nb"][s:t] = dist.values(nb_ids, near_ids, near)
+            ids, v = self.allowed_interior.nearest_allowed(dist, s, t)
+            sq["position"][s:t] = dist.values(dist.select(ids, v, self.keep1, near_ids), near_ids, near)
         g = cfg.prob_gamma
-        nb = g * nb - math.log(g)
-        pos_score = g * pos_score - math.log(g)
-        coor = g * coor - math.log(g)
+        nearest = sq["nearest"].sqrt()
+        nb, pos_score, coor = (g * sq[name].sqrt() - math.log(g) for name in ("nb", "position", "coor"))
         nb_coor = 0.5 * (nb + pos_score)
 
         # PatchCore image score: the anomaly_nn distances of the highest-scoring position.
-        worst = int(nearest.argmax())
-        x = x_all[worst : worst + 1]
-        q = x @ self.coresets["with_edge"].T  # (1, K2)
-        x_sq = torch.linalg.vector_norm(x[:, :e], dim=1).square_()[:, None]
-        knn = _distance(q.topk(cfg.anomaly_nn, dim=1, largest=False, sorted=True).values, x_sq)
-        _, image_pc = patchcore_scores(knn[:, None, :])
+        worst, n = int(nearest.argmax()), cfg.anomaly_nn
+        repeat = torch.full((n,), worst, device=features.device)  # one row per neighbour
+        dist = self._distances("with_edge", x_aug[repeat], x_sq_all[repeat], x_all[repeat])
+        knn = dist.exact(None, dist.kth(torch.arange(n, device=features.device), dist.nearest()[0])).sqrt()
+        _, image_pc = patchcore_scores(knn[None, None, :])
         image = [float(nb.amax()), float(coor.amax()), float(image_pc[0]), float(nb_coor.amax())]
 
         r_int, c_int = rows - 2 * self.pp, cols - 2 * self.pp
@@ -415,33 +366,35 @@ class Scorer:
                 nearest.reshape(rows, cols),
                 pad_interior(nb_coor.reshape(r_int, c_int), self.pp),
             ]
-        )  # (4, R, C) in MAP_NAMES order
-        full = resize_and_blur(coarse, cfg.imagesize, cfg.blursigma)
+        )  # (4, R, C) in MAP_NAMES order, float64
+        full = resize_and_blur(coarse, cfg.imagesize, cfg.blursigma).to(features.dtype)
+        coarse = coarse.to(features.dtype)
         return ImageScores(
             coarse={n: coarse[j] for j, n in enumerate(MAP_NAMES)},
             maps={n: full[j] for j, n in enumerate(MAP_NAMES)},
             image={n: image[j] for j, n in enumerate(MAP_NAMES)},
         )
 
-    def _neighbourhood_select(self, q: Tensor, q_min: Tensor, x: Tensor, nb_logits: Tensor) -> Tensor:
-        """``q`` ``(n, K1)`` at the entry the neighbourhood mask selects -> ``(n,)``, from the
-        rows ``x`` ``(n, E + 1)`` and their logits ``(n, D)``."""
+    def _neighbourhood_select(
+        self, dist: ChunkDistances, nearest_ids: Tensor, x_aug: Tensor, nb_logits: Tensor
+    ) -> Tensor:
+        """Id ``(n,)`` of the entry the neighbourhood mask selects, from the rows' distances
+        ``dist`` to the without-edge coreset, their nearest entries, their rows ``[x - c, 1]``
+        and their logits ``(n, D)``."""
         cfg, ws = self.cfg, self.workspace
         blocked_d = blocked_distribution(nb_logits, cfg.softmax_temperature_alpha, cfg.softmax_nb_gamma, self.k1, ws)
         if self.rank_columns is not None:  # original: sorted column k allowed where rank m(k) is
-            q_d = self._products(x, "distribution")
-            first = self.rank_columns.first_allowed(q_d, blocked_d, self.k1 - 1, ws)
-            return kth_smallest(q, first, q_min, ws)
+            to_distribution = self._distances("distribution", x_aug, dist.x_sq, dist.x)
+            return dist.kth(self.rank_columns.first_allowed(to_distribution, blocked_d, self.k1 - 1), nearest_ids)
         # paper: entry k is allowed where m(k) is
         blocked = torch.index_select(
-            blocked_d, 1, self.art.embedding_to_distribution, out=ws.get("blocked_embedding", tuple(q.shape), q)
+            blocked_d,
+            1,
+            self.art.embedding_to_distribution,
+            out=ws.get("blocked_embedding", tuple(dist.q.shape), dist.q),
         )
-        return select_position(q, masked_min(q, blocked, ws), None, q_min, ws)
-
-
-def _distance(q: Tensor, x_sq: Tensor) -> Tensor:
-    """Euclidean distances from squared distances less ``|x - c|^2`` and ``|x - c|^2``."""
-    return (q + x_sq).clamp_min_(0.0).sqrt_()
+        ids, v = dist.nearest(masked(dist.q, blocked, ws, "masked"))
+        return dist.select(ids, v, None, nearest_ids)
 
 
 def score_image(features: Tensor, nb_logits: Tensor, art: ScoringArtefacts, cfg: ScoringConfig) -> ImageScores:

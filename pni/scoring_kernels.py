@@ -1,18 +1,25 @@
-"""Vectorised kernels behind :mod:`pni.scoring`: distance products, masked row minima, rank
-counts and k-th smallest values over ``(n, K)`` matrices, and the scratch memory they reuse.
+"""Vectorised kernels behind :mod:`pni.scoring`: distance products and their exact
+decisions, masks, rank columns, scratch memory, and the resize-and-blur operators.
 
-Every kernel works on ``q``, any per-row increasing function of the distance (the distance
-itself, or the squared distance less a row constant, as :mod:`pni.scoring` holds it): a mask
-only decides which entry's distance a row takes. Pure torch, device-agnostic.
+A chunk of rows against a coreset is held as ``q`` ``(n, K)``, the squared distance less a
+row constant, from one float32 matrix product; :class:`ChunkDistances` turns it into exact
+answers (the nearest entry, the nearest allowed one, an entry's rank, the k-th nearest, the
+farthest, the whole order): comparisons ``q`` decides within its error bound are taken from
+``q``, the others and every returned distance come from float64 direct differences.
+Pure torch, device-agnostic.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from pni.errors import PNIError
 
 BLOCKED = 1e30  # added to the entries a mask blocks: larger than any distance, finite in float32
 
@@ -44,10 +51,11 @@ def pairwise_distances(x: Tensor, y: Tensor, chunk_size: int | None = None) -> T
 
 
 def nearest_ids(x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Id of the nearest row of ``y`` (K, E) for each row of ``x`` (N, E) -> (N,) long."""
+    """Id of the nearest row of ``y`` (K, E) for each row of ``x`` (N, E) -> (N,) long, by
+    exact distances (ties: the lower id)."""
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for s, e in row_chunks(x.shape[0], chunk_size):
-        out[s:e] = pairwise_distances(x[s:e], y).argmin(dim=1)
+        out[s:e] = ChunkDistances.between(x[s:e], y).nearest()[0]
     return out
 
 
@@ -85,12 +93,10 @@ def blocked_indicator(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return (~allowed).to(dtype)
 
 
-def masked_min(q: Tensor, blocked: Tensor, workspace: Workspace | None, name: str = "masked") -> Tensor:
-    """Row minimum of ``q`` over the entries whose ``blocked`` indicator (:func:`blocked_indicator`)
-    is 0 (``inf`` where every entry is blocked)."""
+def masked(q: Tensor, blocked: Tensor, workspace: Workspace | None, name: str) -> Tensor:
+    """``q + BLOCKED * blocked`` (:func:`blocked_indicator`), in scratch memory ``name``."""
     out = workspace.get(name, tuple(q.shape), q) if workspace is not None else None
-    best = torch.add(q, blocked, alpha=BLOCKED, out=out).amin(dim=1)
-    return best.masked_fill_(best >= 0.5 * BLOCKED, float("inf"))
+    return torch.add(q, blocked, alpha=BLOCKED, out=out)
 
 
 def count_below(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str = "below") -> Tensor:
@@ -101,37 +107,272 @@ def count_below(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str
     return torch.lt(q, bound[:, None], out=out).sum(dim=1)
 
 
-def select_position(
-    q: Tensor,
-    nearest_allowed: Tensor,
-    keep: int | None = None,
-    row_min: Tensor | None = None,
-    workspace: Workspace | None = None,
-) -> Tensor:
-    """Per row, the value of ``q`` ``(n, K)`` at the entry a position mask selects, from the
-    row minimum over the allowed entries ``nearest_allowed`` ``(n,)`` (``inf`` where none) -> ``(n,)``.
+# ---------------------------------------------------------------------------------------------
+# Exact decisions from the float32 product
+#
+# ``q = |y - c|^2 - 2 (x - c).(y - c)`` (float32, one matrix product) differs from the exact
+# ``|x - y|^2 - fl(|x - c|^2)`` by at most ``tau = expansion_bound(...)`` (docs/METHOD.md,
+# "Distances"). A comparison between two entries whose ``q`` differ by more than ``2 tau`` is
+# therefore decided by ``q``; the few closer ones, and every distance a map takes, come from
+# float64 direct differences ``|x - y|``. Ties between equal distances go to the lower id (the
+# order of a stable sort of the distances).
 
-    The selected entry is the nearest allowed one; when ``keep`` is given, only if it is among
-    the ``keep`` nearest (the original's position masks, whose loop over ranks loses all but
-    the first ``parent_share`` of its writes); otherwise, and when nothing is allowed, the
-    farthest entry (the original's fallback: the last sorted column is always allowed).
-    ``row_min``: ``q``'s row minimum, if known (a row whose nearest entry is allowed needs no
-    rank); ``workspace``: scratch memory for the ``(n, K)`` temporaries.
+
+def unit_roundoff(q: Tensor) -> float:
+    """``u`` of the arithmetic that made ``q``: half the dtype's epsilon (TF32's for a float32
+    product on a CUDA device that allows TF32)."""
+    if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11
+    return torch.finfo(q.dtype).eps / 2
+
+
+def expansion_bound(x_sq: Tensor, entries_sq_max: float, dim: int, u: float) -> Tensor:
+    """``tau`` ``(n,)``: a bound on ``|q - (|x - y|^2 - x_sq)|`` over the entries ``y`` of one
+    coreset, from the rows' ``x_sq = |x - c|^2`` ``(n,)``, the entries' largest ``|y - c|^2``,
+    the dimension ``E`` and the unit roundoff: ``(4 E + 16) u (|x - c|^2 + max |y - c|^2)``."""
+    return (4 * dim + 16) * u * (x_sq + entries_sq_max)
+
+
+def exact_sq_distances(
+    x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor, workspace: Workspace | None = None
+) -> Tensor:
+    """``|x[rows] - y[cols]|^2`` ``(m,)`` from float64 ``x`` and ``y`` by direct differences
+    (``rows`` None: ``0..m-1``), a few thousand pairs at a time (in scratch memory when there is
+    a workspace: a fresh allocation is page-faulted in again every time)."""
+    out = torch.empty(cols.numel(), dtype=torch.float64, device=x.device)
+    step = max(16, 2**22 // max(1, x.shape[1]))
+    for s in range(0, cols.numel(), step):
+        c = cols[s : s + step]
+        if workspace is None:
+            xs = x[s : s + step] if rows is None else x.index_select(0, rows[s : s + step])
+            ys = y.index_select(0, c)
+        else:
+            ys = torch.index_select(y, 0, c, out=workspace.get("exact_y", (c.numel(), y.shape[1]), y))
+            xs = x[s : s + step]
+            if rows is not None:
+                xs = torch.index_select(x, 0, rows[s : s + step], out=workspace.get("exact_x", tuple(ys.shape), x))
+        d = torch.cdist(xs[:, None, :], ys[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")
+        out[s : s + step] = d.view(-1).square_()
+    return out
+
+
+def count_at_most(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str = "below") -> Tensor:
+    """Entries of each row of ``q`` at most that row's ``bound``, as floats (see :func:`count_below`)."""
+    out = workspace.get(name, tuple(q.shape), q) if workspace is not None else torch.empty_like(q)
+    return torch.le(q, bound[:, None], out=out).sum(dim=1)
+
+
+def _group_min(groups: Tensor, values: Tensor, ids: Tensor, n: int, width: int) -> Tensor:
+    """Per group ``0..n-1``: the id of the smallest ``(value, id)`` pair -> ``(n,)``."""
+    best = torch.full((n,), math.inf, dtype=values.dtype, device=values.device)
+    best = best.scatter_reduce(0, groups, values, reduce="amin")
+    on = values == best[groups]
+    first = torch.full((n,), width, dtype=torch.long, device=values.device)
+    return first.scatter_reduce(0, groups[on], ids[on], reduce="amin")
+
+
+def _kth_of_groups(groups: Tensor, values: Tensor, ids: Tensor, k: Tensor) -> Tensor:
+    """The id of the ``k[g]``-th smallest ``(value, id)`` pair (0-based, clamped to the group)
+    of each group; ``groups`` ascending with ``ids`` ascending within each, ``0..len(k)-1``
+    each present."""
+    counts = torch.bincount(groups, minlength=k.numel())
+    start = torch.cumsum(counts, dim=0) - counts
+    slot = torch.arange(groups.numel(), device=groups.device) - start[groups]
+    padded = torch.full((k.numel(), int(counts.max())), math.inf, dtype=values.dtype, device=values.device)
+    padded[groups, slot] = values
+    padded_ids = torch.zeros(padded.shape, dtype=torch.long, device=ids.device)
+    padded_ids[groups, slot] = ids
+    order = padded.sort(dim=1, stable=True).indices  # ids ascending among equal values
+    pick = torch.minimum(k.clamp_min(0), counts - 1)
+    return padded_ids.gather(1, order.gather(1, pick[:, None]))[:, 0]
+
+
+class ChunkDistances:
+    """One chunk of rows against one coreset: ``q`` ``(n, K)`` from the float32 product and
+    what makes its decisions exact: the rows ``x`` ``(n, E)`` as given and the ``entries``
+    ``(K, E)`` in float64 (for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in
+    ``q``'s units and the bound ``tau`` ``(n,)`` (:func:`expansion_bound`).
+
+    Selections return entry ids; ties between equal distances go to the lower id (the order
+    of a stable sort). A selection that ``q`` decides within ``2 tau`` is taken from ``q``;
+    the others compare exact distances of the few entries within ``2 tau``.
     """
-    n = q.shape[0]
-    best = nearest_allowed.clone()
-    found = torch.isfinite(best)
-    if keep is not None and keep < q.shape[1]:
-        ranked = found if row_min is None else found & (best > row_min)
-        rows = torch.nonzero(ranked).squeeze(1)
-        if rows.numel() > n // 4:  # counting every row is cheaper than copying most of them
-            found &= count_below(q, best, workspace) < keep
-        elif rows.numel():
-            found[rows] = count_below(take_rows(q, rows, workspace), best[rows], workspace) < keep
-    if not bool(found.all()):
+
+    def __init__(
+        self, q: Tensor, x_sq: Tensor, tau: Tensor, x: Tensor, entries: Tensor, workspace: Workspace | None
+    ) -> None:
+        self.q, self.x_sq, self.tau, self.x, self.entries, self.ws = q, x_sq, tau, x, entries, workspace
+        self.n, self.width = q.shape
+        self.all = torch.arange(self.n, device=q.device)
+        self._x64: Tensor | None = None
+
+    @classmethod
+    def between(cls, x: Tensor, entries: Tensor, workspace: Workspace | None = None) -> ChunkDistances:
+        """All rows ``x`` ``(n, E)`` against ``entries`` ``(K, E)``, centred on the entries' mean."""
+        centre = entries.mean(dim=0)
+        a, b = x - centre, entries - centre
+        a_sq, b_sq = (a * a).sum(dim=1), (b * b).sum(dim=1)
+        q = b_sq - 2.0 * (a @ b.T)
+        tau = expansion_bound(a_sq, float(b_sq.max()), x.shape[1], unit_roundoff(q))
+        return cls(q, a_sq, tau, x, entries.double(), workspace)
+
+    def exact(self, rows: Tensor | None, cols: Tensor) -> Tensor:
+        """Exact squared distances (float64) of the pairs ``(rows, cols)`` (chunk rows, entry
+        ids; ``rows`` None: one pair per row)."""
+        if self._x64 is None:
+            like = self.entries
+            x64 = (
+                self.ws.get("x64", tuple(self.x.shape), like)
+                if self.ws is not None
+                else torch.empty_like(self.x, dtype=like.dtype)
+            )
+            self._x64 = x64.copy_(self.x)
+        return exact_sq_distances(self._x64, self.entries, rows, cols, self.ws)
+
+    def values(self, ids: Tensor, known_ids: Tensor, known: Tensor) -> Tensor:
+        """Exact squared distances of entries ``ids`` ``(n,)``, one per row, reusing ``known``
+        (those of ``known_ids``) where the ids agree."""
+        rows = torch.nonzero(ids != known_ids).squeeze(1)
+        return known.index_put((rows,), self.exact(rows, ids[rows])) if rows.numel() else known.clone()
+
+    def nearest(self, source: Tensor | None = None, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The nearest entry of each row: ids ``(n,)`` and ``q``'s smallest value ``(n,)``
+        (``>= BLOCKED / 2`` where no entry is allowed).
+
+        ``source`` ``(n, w)``: ``q`` with the blocked entries raised by :data:`BLOCKED` (default
+        ``q``); ``columns`` ``(n, w)``: the entry id of each of its columns (default: the
+        column). Where a second entry comes within ``2 tau`` of the smallest value, the
+        entries within ``2 tau`` are compared exactly."""
+        src = self.q if source is None else source
+        v, slot = src.min(dim=1)
+        ids = slot if columns is None else columns.gather(1, slot[:, None])[:, 0]
+        bound = v + 2.0 * self.tau
+        src.scatter_(1, slot[:, None], math.inf)  # the runner-up: does a second entry come close?
+        runner_up = src.amin(dim=1)
+        src.scatter_(1, slot[:, None], v[:, None])
+        rows = torch.nonzero((runner_up <= bound) & (v < 0.5 * BLOCKED)).squeeze(1)
+        if rows.numel():
+            r, c = torch.nonzero(src.index_select(0, rows) <= bound[rows, None], as_tuple=True)
+            if columns is not None:
+                c = columns[rows[r], c]
+            ids[rows] = _group_min(r, self.exact(rows[r], c), c, rows.numel(), self.width)
+        return ids, v
+
+    def _band(self, q: Tensor, v: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Entries of ``q`` ``(m, K)`` below ``v - 2 tau`` (nearer than the entry at ``q = v``,
+        for certain) and at most ``v + 2 tau`` (all that may be nearer, and that entry), as
+        long ``(m,)``, and the rows where those counts leave something to decide."""
+        below = count_below(q, v - 2.0 * tau, self.ws).long()
+        at_most = count_at_most(q, v + 2.0 * tau, self.ws).long()
+        return below, at_most, torch.nonzero(at_most - below > 1).squeeze(1)
+
+    def _band_pairs(self, rows: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The entries within ``2 tau`` of ``v`` ``(m,)`` in ``rows``: group (0..m-1), entry id,
+        exact squared distance."""
+        sub = self.q.index_select(0, rows)
+        lo, hi = (v - 2.0 * self.tau[rows])[:, None], (v + 2.0 * self.tau[rows])[:, None]
+        r, c = torch.nonzero((sub >= lo) & (sub <= hi), as_tuple=True)
+        return r, c, self.exact(rows[r], c)
+
+    def rank(self, rows: Tensor, ids: Tensor, v: Tensor) -> Tensor:
+        """Exact rank ``(m,)`` long of entries ``ids`` among the entries of ``rows``, the
+        number of entries nearer or as near with a lower id, from ``v``, each entry's ``q``
+        (or a value within ``tau`` of its exact one, as :meth:`nearest` gives)."""
+        if 4 * rows.numel() < self.n:
+            below, _, amb = self._band(take_rows(self.q, rows, self.ws), v, self.tau[rows])
+        else:  # counting every row is cheaper than copying most of them
+            spread = torch.full_like(self.tau, math.inf).index_put_((rows,), v)
+            below, _, amb = self._band(self.q, spread, self.tau)
+            below = below[rows]
+            flagged = torch.zeros(self.n, dtype=torch.bool, device=rows.device).index_fill_(0, amb, True)
+            amb = torch.nonzero(flagged[rows]).squeeze(1)
+        if amb.numel():
+            r, c, e = self._band_pairs(rows[amb], v[amb])
+            target = self.exact(rows[amb], ids[amb])[r]
+            before = ((e < target) | ((e == target) & (c < ids[amb][r]))).long()
+            below[amb] = below[amb] + torch.zeros_like(amb).scatter_add_(0, r, before)
+        return below
+
+    def fewer_before(self, rows: Tensor, ids: Tensor, v: Tensor, keep: int) -> Tensor:
+        """Whether fewer than ``keep`` entries come before entries ``ids`` (see :meth:`rank`)
+        in ``rows``, bool ``(m,)``: from ``q``'s counts where they decide it."""
+        q = take_rows(self.q, rows, self.ws) if 4 * rows.numel() < self.n else self.q
+        tau = self.tau[rows] if q is not self.q else self.tau
+        vv = v if q is not self.q else torch.full_like(self.tau, math.inf).index_put_((rows,), v)
+        at_most = count_at_most(q, vv + 2.0 * tau, self.ws)
+        out = (at_most if q is not self.q else at_most[rows]) <= keep  # rank <= at_most - 1
+        open_rows = torch.nonzero(~out).squeeze(1)
+        if open_rows.numel():  # rank >= the entries certainly before it
+            sub = take_rows(self.q, rows[open_rows], self.ws)
+            below = count_below(sub, v[open_rows] - 2.0 * self.tau[rows[open_rows]], self.ws)
+            undecided = open_rows[below < keep]
+            if undecided.numel():
+                out[undecided] = self.rank(rows[undecided], ids[undecided], v[undecided]) < keep
+        return out
+
+    def farthest(self, rows: Tensor) -> Tensor:
+        """Id of the farthest entry of each of ``rows`` ``(m,)``."""
+        q = take_rows(self.q, rows, self.ws)
+        v, ids = q.max(dim=1)
+        close = self.width - count_below(q, v - 2.0 * self.tau[rows], self.ws)
+        amb = torch.nonzero(close > 1).squeeze(1)
+        if amb.numel():
+            r, c, e = self._band_pairs(rows[amb], v[amb])
+            ids[amb] = -_group_min(r, -e, -c, amb.numel(), self.width)  # the last in a stable sort
+        return ids
+
+    def kth(self, k: Tensor, nearest_ids: Tensor) -> Tensor:
+        """Id of each row's ``k``-th nearest entry (0-based) ``(n,)``, from the nearest ones
+        ``nearest_ids``: the ``k``-th smallest ``q`` (partial sorts of the few nearest
+        entries: 16, 128, 1024, ... at a time), exactly among the entries within ``2 tau``."""
+        out = nearest_ids.clone()
+        last = torch.nonzero(k == self.width - 1).squeeze(1)
+        if self.width > 1 and last.numel():
+            out[last] = self.farthest(last)
+        pending = (k > 0) & (k < self.width - 1)
+        bound = 16
+        while bool(pending.any()):
+            bound = min(bound, self.width)
+            rows = torch.nonzero(pending & (k < bound)).squeeze(1)
+            if rows.numel():
+                q = take_rows(self.q, rows, self.ws)
+                top = q.topk(bound, dim=1, largest=False, sorted=True)
+                v = top.values.gather(1, k[rows, None])[:, 0]
+                out[rows] = top.indices.gather(1, k[rows, None])[:, 0]
+                below, _, amb = self._band(q, v, self.tau[rows])
+                if amb.numel():
+                    r, c, e = self._band_pairs(rows[amb], v[amb])
+                    out[rows[amb]] = _kth_of_groups(r, e, c, k[rows[amb]] - below[amb])
+            pending &= k >= bound
+            bound *= 8
+        return out
+
+    def order(self) -> Tensor:
+        """Entry ids of each row by exact distance, ties by id ``(n, K)``: ``q``'s order with
+        every entry that has a neighbour within ``2 tau`` placed by its exact distance."""
+        v, order = self.q.sort(dim=1)
+        close = (v[:, 1:] - v[:, :-1]) <= 2.0 * self.tau[:, None]
+        near = torch.zeros_like(v, dtype=torch.bool)
+        near[:, 1:] |= close
+        near[:, :-1] |= close
+        r, pos = torch.nonzero(near, as_tuple=True)
+        c = order[r, pos]
+        keys = self.q.double()
+        keys[r, c] = self.exact(r, c) - self.x_sq[r].double()
+        return torch.sort(keys, dim=1, stable=True).indices
+
+    def select(self, ids: Tensor, v: Tensor, keep: int | None, nearest_ids: Tensor) -> Tensor:
+        """What a position mask selects, ids ``(n,)``: the nearest allowed entry ``ids`` (``q``
+        ``v``, ``>= BLOCKED / 2`` where none), only if fewer than ``keep`` entries come before
+        it (``keep`` None: always; the original's lost writes), else the farthest entry (the
+        original's fallback). ``nearest_ids``: each row's nearest entry (rank 0)."""
+        found = v < 0.5 * BLOCKED
+        if keep is not None and keep < self.width:
+            rows = torch.nonzero(found & (ids != nearest_ids)).squeeze(1)
+            if rows.numel():
+                found[rows] = self.fewer_before(rows, ids[rows], v[rows], keep)
         rows = torch.nonzero(~found).squeeze(1)
-        best = best.index_put((rows,), take_rows(q, rows, workspace).amax(dim=1))
-    return best
+        return ids.index_put((rows,), self.farthest(rows)) if rows.numel() else ids
 
 
 class PositionMask:
@@ -152,23 +393,20 @@ class PositionMask:
         slot = torch.arange(rows.numel(), device=allowed.device) - start[rows]
         ids = torch.zeros(allowed.shape[0], width, dtype=torch.long, device=allowed.device)
         ids[rows, slot] = cols
-        # pad with each row's first allowed id (a repeat does not change the minimum)
+        # padding: each row's first allowed id, raised by BLOCKED
         pad = torch.arange(width, device=allowed.device)[None, :] >= counts[:, None]
         self.ids = torch.where(pad, ids[:, :1], ids)
-        self.empty = counts == 0
+        self.padding = BLOCKED * pad.to(dtype)
 
-    def nearest_allowed(self, q: Tensor, start: int, stop: int, workspace: Workspace | None = None) -> Tensor:
-        """Row minimum of ``q`` ``(n, K)`` over the entries allowed at positions
-        ``start..stop-1`` (``inf`` where none is)."""
+    def nearest_allowed(self, dist: ChunkDistances, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """The nearest entry allowed at positions ``start..stop-1`` (the rows of ``dist``): ids
+        and ``q`` values ``(n,)`` (:meth:`ChunkDistances.nearest`)."""
+        q, ws = dist.q, dist.ws
         if self.dense is not None:
-            return masked_min(q, self.dense[start:stop], workspace)
+            return dist.nearest(masked(q, self.dense[start:stop], ws, "masked"))
         ids = self.ids[start:stop]
-        picked = (
-            q.gather(1, ids)
-            if workspace is None
-            else torch.gather(q, 1, ids, out=workspace.get("picked", tuple(ids.shape), q))
-        )
-        return picked.amin(dim=1).masked_fill_(self.empty[start:stop], float("inf"))
+        picked = q.gather(1, ids) if ws is None else torch.gather(q, 1, ids, out=ws.get("picked", tuple(ids.shape), q))
+        return dist.nearest(picked.add_(self.padding[start:stop]), ids)
 
 
 @dataclass(frozen=True)
@@ -204,49 +442,81 @@ class RankColumns:
         increasing = bool(has_column.all()) and bool((first[1:] >= first[:-1]).all())
         return cls(first, increasing)
 
-    def first_allowed(
-        self, q_dist: Tensor, blocked_dist: Tensor, last_column: int, workspace: Workspace | None = None
-    ) -> Tensor:
-        """First allowed sorted column of each row, ``(n,)`` long: from ``q_dist`` ``(n, D)``,
-        an increasing function of the distances to the distribution entries, the blocked
-        indicator of the distribution entries ``blocked_dist`` ``(n, D)``
-        (:func:`blocked_indicator`) and the last column ``K1 - 1``."""
+    def first_allowed(self, dist: ChunkDistances, blocked_dist: Tensor, last_column: int) -> Tensor:
+        """First allowed sorted column of each row, ``(n,)`` long: from the distances to the
+        distribution entries ``dist`` (exact order), the blocked indicator of the distribution
+        entries ``blocked_dist`` ``(n, D)`` (:func:`blocked_indicator`) and the last column ``K1 - 1``."""
         ranks = self.first.shape[0]
         last = self.first.new_tensor(last_column)
-        if self.increasing:
-            nearest = masked_min(q_dist, blocked_dist, workspace, "masked_dist")
-            rank = count_below(q_dist, nearest, workspace, "below_dist").long()  # of the nearest allowed entry
-            found = torch.isfinite(nearest) & (rank < ranks)
+        if self.increasing:  # the rank of the nearest allowed distribution entry
+            ids, v = dist.nearest(masked(dist.q, blocked_dist, dist.ws, "masked_dist"))
+            found = v < 0.5 * BLOCKED
+            rank = torch.full_like(ids, ranks)
+            rows = torch.nonzero(found).squeeze(1)
+            if rows.numel():
+                rank[rows] = dist.rank(rows, ids[rows], v[rows])
+            found &= rank < ranks
             return torch.where(found, self.first[rank.clamp_max(ranks - 1)], last)
-        if ranks < q_dist.shape[1]:
-            order = q_dist.topk(ranks, dim=1, largest=False, sorted=True).indices
-        else:
-            order = q_dist.argsort(dim=1)
+        order = dist.order()[:, :ranks]
         by_rank = blocked_dist.gather(1, order) == 0  # (n, R): is the r-th nearest entry allowed
         return torch.where(by_rank, self.first[None, :], last).amin(dim=1)
 
 
-def kth_smallest(q: Tensor, k: Tensor, row_min: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
-    """The ``k[i]``-th smallest value (0-based) of each row of ``q``: ``(n, K), (n,) -> (n,)``.
+# ---------------------------------------------------------------------------------------------
+# Resize and blur
 
-    Rows are grouped by ``k``: the smallest (``row_min``, if known) and the largest by one
-    reduction each, the others by partial sorts of the few nearest entries (16, 128, 1024, ...
-    at a time), so rows that need a small ``k`` never pay for those that need a large one.
+
+def gaussian_kernel1d(
+    sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
+    """Normalised Gaussian weights, radius ``int(4*sigma + 0.5)`` (scipy's ``truncate=4``)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _symmetric_index(n: int, radius: int, device: torch.device) -> Tensor:
+    # scipy 'reflect' (d c b a | a b c d | d c b a), valid for any radius, even > n.
+    i = torch.arange(-radius, n + radius, device=device).remainder(2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(..., H, W)`` maps, same shape.
+
+    Border handling is scipy.ndimage's ``mode='reflect'`` (half-sample symmetric: the edge
+    value is repeated), which the original's ``gaussian_filter`` uses; torch's own 'reflect'
+    padding is scipy's 'mirror', so the padding is done by index here. ``sigma`` may not
+    exceed the map's larger side (PNIError), which bounds the padded copy to 9 times the map.
     """
-    n, width = q.shape
-    out = q.amin(dim=1) if row_min is None else row_min.clone()
-    last = k == width - 1
-    if width > 1 and bool(last.any()):
-        rows = torch.nonzero(last).squeeze(1)
-        out[rows] = take_rows(q, rows, workspace).amax(dim=1)
-    pending = (k > 0) & ~last
-    bound = 16
-    while bool(pending.any()):
-        bound = min(bound, width)
-        rows = torch.nonzero(pending & (k < bound)).squeeze(1)
-        if rows.numel():
-            nearest = take_rows(q, rows, workspace).topk(bound, dim=1, largest=False, sorted=True).values
-            out[rows] = nearest.gather(1, k[rows, None])[:, 0]
-        pending &= k >= bound
-        bound *= 8
-    return out
+    if sigma <= 0:
+        return maps
+    h, w = maps.shape[-2:]
+    if sigma > max(h, w):  # the padding grows with sigma: bound it (a wider blur only flattens the map)
+        raise PNIError(f"--blursigma {sigma:g} is wider than the {h}x{w} map; use at most {max(h, w)}")
+    kernel = gaussian_kernel1d(sigma, maps.dtype, maps.device)
+    r = (kernel.numel() - 1) // 2
+    x = maps.reshape(-1, 1, h, w)
+    x = x.index_select(3, _symmetric_index(w, r, maps.device))
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = x.index_select(2, _symmetric_index(h, r, maps.device))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x.reshape(maps.shape)
+
+
+@lru_cache(maxsize=32)
+def _resize_blur_operator(n_in: int, size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(size, n_in)``: the 1-d bilinear resize (align_corners=False) followed by the blur,
+    as a matrix (both are linear and act on the two axes separately)."""
+    eye = torch.eye(n_in, dtype=dtype, device=device)
+    resized = F.interpolate(eye[None], size=size, mode="linear", align_corners=False)[0]  # row i: e_i resized
+    return gaussian_blur(resized[:, None, :], sigma)[:, 0, :].T.contiguous()  # a 1-row map blurs along its row
+
+
+def resize_and_blur(maps: Tensor, imagesize: int, sigma: float) -> Tensor:
+    """Bilinear resize (align_corners=False) then blur: ``(N, R, C) -> (N, S, S)``, as two
+    small matrix products."""
+    rows = _resize_blur_operator(maps.shape[-2], imagesize, float(sigma), maps.dtype, maps.device)
+    cols = _resize_blur_operator(maps.shape[-1], imagesize, float(sigma), maps.dtype, maps.device)
+    return rows @ maps @ cols.T

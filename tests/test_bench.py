@@ -39,7 +39,9 @@ def test_bench_runs_and_ends_with_a_ratio(name):
         assert re.search(r"\d+x vs the original \(goal >= 15x\)$", lines[-1]), lines[-1]
         # the original's method (serial) and ours under --mask_workers 1 give the same maps
         diff = float(re.search(r"maps within (\S+) of the original's method", lines[-1]).group(1))
-        assert diff <= 1e-4
+        assert diff <= 1e-5
+        of_range = float(re.search(r"and (\S+) of their range from float64 \(rounded", lines[-1]).group(1))
+        assert of_range <= 1e-6
 
 
 def test_goals_fail_a_benchmark_that_misses_them(capsys):

@@ -92,7 +92,7 @@ def test_flag_typo_keeps_the_trained_model(tiny_run, tmp_path, capsys):
 
 
 def test_blur_wider_than_the_image_is_refused_and_normal_blurs_match_scipy(tiny_run, capsys):
-    from pni.scoring import gaussian_blur
+    from pni.scoring_kernels import gaussian_blur
 
     expect_one_error(tcd.main, tiny_run.argv("--blursigma", "1e6"), capsys, "--blursigma", "--imagesize (64)")
     with pytest.raises(PNIError, match="--blursigma 1e\\+06 is wider than the 16x16 map"):

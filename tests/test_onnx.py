@@ -43,7 +43,7 @@ from pni.errors import PNIError
 from pni.maps import MAP_NAMES
 from pni.model import ARTEFACT_NAMES, PNIModel
 from pni.scoring import ScoringArtefacts, interior_indices, parent_share, position_allowed
-from pni.scoring_kernels import RankColumns, blocked_indicator, pairwise_distances
+from pni.scoring_kernels import ChunkDistances, RankColumns, blocked_indicator, pairwise_distances
 
 REPO = Path(__file__).resolve().parents[1]
 MAP_TOLERANCE = 1e-4  # of each map's range
@@ -150,7 +150,7 @@ def selection_counts(model: PNIModel, images: np.ndarray) -> dict[str, int]:
         d1 = pairwise_distances(x_int, model.embedding_without_edge)
         if original:
             rc = RankColumns.build(model.embedding_to_distribution, parent_share(d, cfg.mask_workers))
-            first = rc.first_allowed(pairwise_distances(x_int, model.distribution_coreset), blocked_d, k1 - 1)
+            first = rc.first_allowed(ChunkDistances.between(x_int, model.distribution_coreset), blocked_d, k1 - 1)
             counts["first_inner"] += int(((first > 0) & (first < k1 - 1)).sum())
             counts["first_last"] += int((first == k1 - 1).sum())
         else:

@@ -55,8 +55,8 @@ from pni.errors import PNIError
 from pni.features import PatchFeatureExtractor
 from pni.maps import MAP_NAMES
 from pni.model import ARTEFACT_NAMES, PNIModel
-from pni.scoring import interior_indices, pad_interior, parent_share, patchcore_scores, resize_and_blur
-from pni.scoring_kernels import RankColumns
+from pni.scoring import interior_indices, pad_interior, parent_share, patchcore_scores
+from pni.scoring_kernels import RankColumns, resize_and_blur
 
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 2**24  # external data above this (protobuf refuses 2 GiB; leave room for the graph)
