@@ -134,13 +134,20 @@ def main(argv=None) -> int:
     p.add_argument("--num_epochs", type=int, default=1, help="MLP epochs of the large case")
     p.add_argument("--large_train", type=int, default=12, help="training images of the large case")
     p.add_argument("--large_test", type=int, default=6, help="test images per type (and good) of the large case")
+    p.add_argument(
+        "--demo_test",
+        type=int,
+        default=4,
+        help="test images per type (and good) of the demo's categories (4 as the demo; more for AUROCs that "
+        "mean something)",
+    )
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
     cases = []
     if "demo" in args.cases.split(","):
-        data, calib = make_data(out, "demo", 128, 16, 4, DEMO_CATEGORIES)
+        data, calib = make_data(out, "demo", 128, 16, args.demo_test, DEMO_CATEGORIES)
         cases += [("demo", data, calib, c, DEMO_FLAGS) for c in DEMO_CATEGORIES]
     if "large" in args.cases.split(","):
         data, calib = make_data(out, "large", 256, args.large_train, args.large_test, ["board"])

@@ -76,6 +76,7 @@ from pni.lightning import (
     window_loader,
 )
 from pni.model import PNIModel
+from pni.precision import compute_dtype
 from pni.results import append_score_result, check_score_result, format_score_table, write_image_scores
 from pni.runtime import (
     build_trainer,
@@ -218,7 +219,7 @@ def train_neighbourhood(
     dcs = settings.coreset.dist_coreset_size
     module = NeighbourhoodModule(nb.input_size(dim), dcs, nb.num_layers, train.learning_rate, train.step_size, on_best)
     train_ids, val_ids = split_train_val(labels.size, settings.seed)
-    collate = WindowCollate(bank, labels, pad, nb.dist_padding, nb.variant)
+    collate = WindowCollate(bank, labels, pad, nb.dist_padding, nb.variant, compute_dtype(settings.runtime.precision))
     workers = settings.data.num_workers
     train_loader = window_loader(train_ids, collate, train.dist_batchsize, True, settings.seed, workers)
     val_loader = window_loader(val_ids, collate, train.dist_batchsize, False, settings.seed, workers)
