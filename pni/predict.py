@@ -290,6 +290,18 @@ def onnx_batch_size(imagesize: int) -> int:
     return max(1, min(32, ONNX_BATCH_PIXELS // imagesize**2))
 
 
+def require_torch() -> None:
+    """The torch runtime needs PyTorch: where it cannot be imported, one-line PNIError
+    pointing to the onnxruntime runtime."""
+    try:
+        import torch  # noqa: F401  # imported here only
+    except ImportError as exc:
+        raise PNIError(
+            f"runtime torch needs PyTorch, which cannot be imported here ({first_line(exc)}): predict with "
+            "--runtime onnxruntime (runtime='onnxruntime'), from a bundle exported with --onnx"
+        ) from None
+
+
 def load_scorer(
     path: str | os.PathLike,
     runtime: str = "torch",
@@ -304,13 +316,7 @@ def load_scorer(
     bundle's ``model.onnx``, float32, on the CPU; imports no torch; ``precision`` must be
     ``None`` or ``32-true``)."""
     if runtime == "torch":
-        try:
-            import torch  # noqa: F401  # imported here only
-        except ImportError as exc:
-            raise PNIError(
-                f"runtime torch needs PyTorch, which cannot be imported here ({first_line(exc)}): predict with "
-                "--runtime onnxruntime (runtime='onnxruntime'), from a bundle exported with --onnx"
-            ) from None
+        require_torch()
         from pni.deploy.torch_runtime import load_torch_scorer
 
         return load_torch_scorer(path, device, backbone_weights, precision, runs_on)

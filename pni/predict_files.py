@@ -29,7 +29,15 @@ from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
 from pni.io import CsvStream, check_output_dir, make_dir, save_npy, write_csv
 from pni.maps import MAP_NAMES, MapScores
-from pni.predict import ImageScorer, Predictor, check_choices, check_onnx_precision, load_scorer, onnx_batch_size
+from pni.predict import (
+    ImageScorer,
+    Predictor,
+    check_choices,
+    check_onnx_precision,
+    load_scorer,
+    onnx_batch_size,
+    require_torch,
+)
 from pni.viz import save_jpeg, save_png
 
 PREDICTION_COLUMNS = (
@@ -340,6 +348,7 @@ def predict_files(settings: PredictSettings) -> int:
     if onnx:
         check_onnx_precision(settings.precision)
     else:
+        require_torch()
         from pni.precision import check_precision, device_type
 
         runs_on = device_type(settings.accelerator)
