@@ -158,6 +158,7 @@ def main(argv=None):
 
     def test_parts(precision: str, x: torch.Tensor, parts: dict[str, float]) -> None:
         """The test image's parts one by one (fastest of the calls), as ``PNIModel.score`` runs them."""
+        mlp.eval()  # as at test time (the training steps set it to train)
         with torch.no_grad(), autocast(precision, device.type):
             t_features, feats = timed(lambda: extractor(x), device)
             t_mlp, logits = timed(lambda: model.nb_logits(feats[0]), device)
@@ -170,6 +171,7 @@ def main(argv=None):
 
     def test_image(precision: str, x: torch.Tensor) -> float:
         current["name"] = precision
+        mlp.eval()  # as at test time: no dropout, running BatchNorm statistics, weights cast once
         batch = {"image": x, "label": torch.zeros(1), "stem": ["x"], "defect_type": ["good"]}
         with autocast(precision, device.type):
             return timed(lambda: module.test_step(batch, 0), device)[0]
@@ -182,13 +184,13 @@ def main(argv=None):
     collates = {
         name: WindowCollate(bank, labels, pp, args.dist_padding, "original", compute_dtype(name)) for name in PRECISIONS
     }
-    mlp.train()
     optimizers = {
         name: torch.optim.Adam(mlp.parameters(), lr=1e-3, **adam_options(name, device.type)) for name in PRECISIONS
     }
     ids_gen = torch.Generator().manual_seed(0)
 
     def training_step(precision: str, parts: dict[str, float] | None = None) -> float:
+        mlp.train()
         ids = torch.randint(0, labels.size, (args.batch,), generator=ids_gen).tolist()
         t_windows, (x, y) = timed(lambda: collates[precision](ids), device)
         x, y = x.to(device), y.to(device)
@@ -208,6 +210,7 @@ def main(argv=None):
         return sum(times.values())
 
     def count_training_flops() -> float:
+        mlp.train()
         ids = torch.randint(0, labels.size, (args.batch,), generator=ids_gen).tolist()
         x, y = collates["32-true"](ids)
         flops, _ = flops_of(lambda: F.cross_entropy(mlp(x.to(device)), y.to(device)).backward())
@@ -243,9 +246,9 @@ def main(argv=None):
     fp32_rate, bf16_rate = rates["32-true"], rates["bf16-mixed"]
     test_bound = (backbone_flops + mlp_flops) / bf16_rate + scoring_flops / fp32_rate
     train_bound = train_flops / bf16_rate
-    m, k, n = RATE_SHAPE
+    rm, rk, rn = RATE_SHAPE
     print(
-        f"matrix-product rate ({m}x{k} @ {k}x{n} torch.mm): float32 {fp32_rate / 1e9:.0f} GFLOP/s, bfloat16 "
+        f"matrix-product rate ({rm}x{rk} @ {rk}x{rn} torch.mm): float32 {fp32_rate / 1e9:.0f} GFLOP/s, bfloat16 "
         f"{bf16_rate / 1e9:.0f} GFLOP/s ({bf16_rate / fp32_rate:.1f}x)"
     )
     print(
@@ -279,7 +282,7 @@ def main(argv=None):
     table = [
         ("operation", "float32", "bf16 (autocast)", "ratio"),
         (
-            f"{m}x{k} @ {k}x{n} matmul",
+            f"{rm}x{rk} @ {rk}x{rn} matmul",
             f"{fp32_rate / 1e9:,.0f} GFLOP/s",
             f"{bf16_rate / 1e9:,.0f} GFLOP/s",
             f"{bf16_rate / fp32_rate:.1f}x",
@@ -303,6 +306,7 @@ def main(argv=None):
     print("\n".join(["| " + " | ".join(r) + " |" for r in table[:1]] + ["|---|---|---|---|"]))
     print("\n".join("| " + " | ".join(r) + " |" for r in table[1:]))
     if args.profile:
+        test_image("bf16-mixed", images[0])  # the MLP's inference-cast weights, again after training
         print("one bf16-mixed test image, operators by self CPU time:")
         print(top_ops(lambda: test_image("bf16-mixed", images[0])))
         print(f"one bf16-mixed training step of {args.batch} windows, operators by self CPU time:")
