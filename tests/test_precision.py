@@ -481,6 +481,19 @@ def units(monkeypatch):
     return set_units
 
 
+def test_check_and_note_prints_on_rank_0_only(units, capsys):
+    """What the CLIs call before any work: the refusal, then the note unless ``note=False``
+    (the DDP ranks above 0)."""
+    units("Intel AMX")
+    precision.check_and_note("32-true", "cpu", note=False)
+    assert capsys.readouterr().err == ""
+    precision.check_and_note("32-true", "cpu")
+    precision.check_and_note("32-true", "cpu")
+    assert _notes(capsys.readouterr().err) == [precision.precision_note("32-true", "cpu")]
+    with pytest.raises(PNIError, match="16-mixed is for GPUs"):
+        precision.check_and_note("16-mixed", "cpu", note=False)
+
+
 def test_16_mixed_on_a_cpu_is_one_line_and_exit_2_before_any_work(tiny_run, tmp_path, capsys):
     cpu = ["--precision", "16-mixed", "--accelerator", "cpu"]
     fragment = "--precision 16-mixed is for GPUs"
