@@ -196,8 +196,8 @@ def precision_note(precision: str, device_type: str) -> str | None:
         gain = "faster backbone and MLP (not measured on such a CPU: bench/bench_precision.py measures it)"
     return (
         f"note: this CPU has bf16 matrix units ({units}): --precision bf16-mixed runs the backbone and the "
-        f"neighbourhood MLP in bfloat16, {gain}; maps change slightly (the default 32-true reproduces the "
-        "published code)"
+        f"neighbourhood MLP in bfloat16, {gain}; coresets and maps change (README, Precision; the default "
+        "32-true reproduces the published code)"
     )
 
 
