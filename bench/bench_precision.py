@@ -3,8 +3,9 @@
 training step, each path as the product runs it, in one run; and each bfloat16 figure over
 its FLOP bound at the bfloat16 rate measured in the same run.
 
-- Rates: one large matrix product (4096^3) in float32 and in bfloat16 (``torch.mm``),
-  measured before and after the timed work (the larger of the two readings).
+- Rates: the matrix product of issue 18's table, ``(3600 x 4096) @ (4096 x 2048)`` (the shape
+  of the MLP's hidden layers over a test image's windows), in float32 and in bfloat16
+  (``torch.mm``), measured before and after the timed work (the larger of the two readings).
 - Test stage per image: what ``trainer.test`` runs per image
   (``pni.lightning.ScoringModule.test_step`` around ``pni.model.PNIModel.score``: backbone
   and patch aggregation, the neighbourhood MLP over every interior window, the PNI scoring),
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_inference import artefacts_from_features
-from common import add_device_flag, gemm_rate, machine, pick_device, sync
+from common import add_device_flag, best, machine, pick_device, sync, timeit
 from torch.utils.flop_counter import FlopCounterMode
 
 from pni.distributions import NeighbourhoodMLP
@@ -49,6 +50,31 @@ from pni.precision import adam_options, autocast, compute_dtype, cpu_bf16_units
 from pni.scoring import MAP_NAMES, ScoringConfig
 
 PRECISIONS = ("32-true", "bf16-mixed")
+RATE_SHAPE = (3600, 4096, 2048)  # issue 18's table: (3600 x 4096) @ (4096 x 2048)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int] = RATE_SHAPE) -> float:
+    """Measured FLOP/s of one ``(m x k) @ (k x n)`` product in ``dtype`` on ``device``."""
+    m, k, n = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+    t = best(timeit(lambda: a @ b, device, repeats=3, warmup=1))
+    return 2.0 * m * k * n / t
+
+
+def top_ops(fn, rows: int = 10) -> str:
+    """The operators of one call of ``fn`` by self CPU time (torch.profiler), as lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return "\n".join(
+        f"    {e.key:<40} {e.self_cpu_time_total / 1e6:7.2f} s  {100 * e.self_cpu_time_total / total:5.1f}%  x{e.count}"
+        for e in events[:rows]
+    )
 
 
 def flops_of(fn) -> tuple[float, object]:
@@ -79,6 +105,11 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=2, help="timed test images per precision (after a warm-up)")
     p.add_argument("--steps", type=int, default=2, help="timed training steps per precision (after a warm-up)")
     p.add_argument("--no_goals", action="store_true", help="report missed goals without failing")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the operators of one bf16 test image and one bf16 training step by self CPU time",
+    )
     add_device_flag(p)
     args = p.parse_args(argv)
     device = pick_device(args)
@@ -128,6 +159,7 @@ def main(argv=None):
 
     def test_parts(precision: str, x: torch.Tensor, parts: dict[str, float]) -> None:
         """The test image's parts one by one (fastest of the calls), as ``PNIModel.score`` runs them."""
+        mlp.eval()  # as at test time (the training steps set it to train)
         with torch.no_grad(), autocast(precision, device.type):
             t_features, feats = timed(lambda: extractor(x), device)
             t_mlp, logits = timed(lambda: model.nb_logits(feats[0]), device)
@@ -140,6 +172,7 @@ def main(argv=None):
 
     def test_image(precision: str, x: torch.Tensor) -> float:
         current["name"] = precision
+        mlp.eval()  # as at test time: no dropout, running BatchNorm statistics, weights cast once
         batch = {"image": x, "label": torch.zeros(1), "stem": ["x"], "defect_type": ["good"]}
         with autocast(precision, device.type):
             return timed(lambda: module.test_step(batch, 0), device)[0]
@@ -152,13 +185,13 @@ def main(argv=None):
     collates = {
         name: WindowCollate(bank, labels, pp, args.dist_padding, "original", compute_dtype(name)) for name in PRECISIONS
     }
-    mlp.train()
     optimizers = {
         name: torch.optim.Adam(mlp.parameters(), lr=1e-3, **adam_options(name, device.type)) for name in PRECISIONS
     }
     ids_gen = torch.Generator().manual_seed(0)
 
     def training_step(precision: str, parts: dict[str, float] | None = None) -> float:
+        mlp.train()
         ids = torch.randint(0, labels.size, (args.batch,), generator=ids_gen).tolist()
         t_windows, (x, y) = timed(lambda: collates[precision](ids), device)
         x, y = x.to(device), y.to(device)
@@ -178,6 +211,7 @@ def main(argv=None):
         return sum(times.values())
 
     def count_training_flops() -> float:
+        mlp.train()
         ids = torch.randint(0, labels.size, (args.batch,), generator=ids_gen).tolist()
         x, y = collates["32-true"](ids)
         flops, _ = flops_of(lambda: F.cross_entropy(mlp(x.to(device)), y.to(device)).backward())
@@ -187,7 +221,8 @@ def main(argv=None):
     train_flops = count_training_flops()
 
     # ------------------------------------------------------------ timed, in turns
-    rates = {"32-true": gemm_rate(device), "bf16-mixed": gemm_rate(device, dtype=torch.bfloat16)}
+    dtypes = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
+    rates = {name: matmul_rate(device, dtypes[name]) for name in PRECISIONS}
     images = [torch.randn(1, 3, args.imagesize, args.imagesize, device=device) for _ in range(args.images + 1)]
     test_times: dict[str, list[float]] = {name: [] for name in PRECISIONS}
     test_part_times: dict[str, dict[str, float]] = {name: {} for name in PRECISIONS}
@@ -204,8 +239,7 @@ def main(argv=None):
             t = training_step(name, parts[name] if i > 0 else None)
             if i > 0:
                 step_times[name].append(t)
-    rates["32-true"] = max(rates["32-true"], gemm_rate(device))
-    rates["bf16-mixed"] = max(rates["bf16-mixed"], gemm_rate(device, dtype=torch.bfloat16))
+    rates = {name: max(rates[name], matmul_rate(device, dtypes[name])) for name in PRECISIONS}
 
     # ------------------------------------------------------------ figures
     test = {name: min(v) for name, v in test_times.items()}
@@ -213,8 +247,9 @@ def main(argv=None):
     fp32_rate, bf16_rate = rates["32-true"], rates["bf16-mixed"]
     test_bound = (backbone_flops + mlp_flops) / bf16_rate + scoring_flops / fp32_rate
     train_bound = train_flops / bf16_rate
+    rm, rk, rn = RATE_SHAPE
     print(
-        f"matrix-product rate (4096^3 torch.mm): float32 {fp32_rate / 1e9:.0f} GFLOP/s, bfloat16 "
+        f"matrix-product rate ({rm}x{rk} @ {rk}x{rn} torch.mm): float32 {fp32_rate / 1e9:.0f} GFLOP/s, bfloat16 "
         f"{bf16_rate / 1e9:.0f} GFLOP/s ({bf16_rate / fp32_rate:.1f}x)"
     )
     print(
@@ -242,6 +277,41 @@ def main(argv=None):
         "bf16-mixed maps against 32-true, largest difference over the largest value (random weights and "
         f"artefacts, so masks flip on near ties: not an accuracy figure): {', '.join(diffs)}"
     )
+
+    # issue 18's table, re-measured (docs/PERFORMANCE.md, "Precision")
+    a, b = test_part_times["32-true"], test_part_times["bf16-mixed"]
+    table = [
+        ("operation", "float32", "bf16 (autocast)", "ratio"),
+        (
+            f"{rm}x{rk} @ {rk}x{rn} matmul",
+            f"{fp32_rate / 1e9:,.0f} GFLOP/s",
+            f"{bf16_rate / 1e9:,.0f} GFLOP/s",
+            f"{bf16_rate / fp32_rate:.1f}x",
+        ),
+        (
+            f"the MLP over {(rows - 2 * args.dist_padding) * (cols - 2 * args.dist_padding):,} windows (inference)",
+            f"{a['MLP']:.2f} s",
+            f"{b['MLP']:.2f} s",
+            f"{a['MLP'] / b['MLP']:.1f}x",
+        ),
+        (
+            f"{args.backbone} forward + aggregation, {args.imagesize} px",
+            f"{a['backbone + aggregation']:.2f} s",
+            f"{b['backbone + aggregation']:.2f} s",
+            f"{a['backbone + aggregation'] / b['backbone + aggregation']:.1f}x",
+        ),
+    ] + [
+        (what, f"{t['32-true']:.2f} s", f"{t['bf16-mixed']:.2f} s", f"{t['32-true'] / t['bf16-mixed']:.1f}x")
+        for what, t in (("test stage per image", test), (f"MLP training step ({args.batch} windows)", train))
+    ]
+    print("\n".join(["| " + " | ".join(r) + " |" for r in table[:1]] + ["|---|---|---|---|"]))
+    print("\n".join("| " + " | ".join(r) + " |" for r in table[1:]))
+    if args.profile:
+        test_image("bf16-mixed", images[0])  # the MLP's inference-cast weights, again after training
+        print("one bf16-mixed test image, operators by self CPU time:")
+        print(top_ops(lambda: test_image("bf16-mixed", images[0])))
+        print(f"one bf16-mixed training step of {args.batch} windows, operators by self CPU time:")
+        print(top_ops(lambda: training_step("bf16-mixed")))
 
     values = {
         "precision_test_speedup": test["32-true"] / test["bf16-mixed"],

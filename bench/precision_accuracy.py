@@ -87,13 +87,31 @@ def one_run(out: Path, data: Path, calib: Path, category: str, flags: list[str],
     bundle = root / f"bundle_{category}"
     run(["export_model.py", *common_flags, "--output", str(bundle), "--calibration_dir",
          str(calib / category / "train" / "good")], out / "log.txt")  # fmt: skip
+    return read_run(root / "result", category, flags, bundle, seconds)
+
+
+def test_stage_only(out: Path, data: Path, category: str, flags: list[str]) -> dict:
+    """The test stage alone under bf16-mixed on the 32-true run's artefacts (the inference
+    arithmetic without the training's different paths); verdicts at the 32-true bundle's
+    thresholds."""
+    root32 = out / "32-true"
+    project = out / "bf16-mixed_test_only" / "result"
+    run(["train_coreset_distribution.py", "--dataset_path", str(data), "--category", category, "--project_root_path",
+         str(project), "--embedding_root_path", str(root32), "--precision", "bf16-mixed", *flags],
+        out / "log.txt")  # fmt: skip
+    return read_run(project, category, flags, root32 / f"bundle_{category}", 0.0)
+
+
+def read_run(project: Path, category: str, flags: list[str], bundle: Path, seconds: float) -> dict:
+    """What the table needs of the latest test run of ``category`` in ``project``, verdicts
+    at ``bundle``'s calibrated image thresholds."""
     backbone = flags[flags.index("--backbone") + 1]
     runs = sorted(
-        (root / "result" / category / backbone / "anomaly" / "lightning_logs").glob("version_*"),
+        (project / category / backbone / "anomaly" / "lightning_logs").glob("version_*"),
         key=lambda p: int(p.name.split("_")[1]),
     )
     version = runs[-1]
-    with open(root / "result" / "score_result.csv", newline="") as fh:
+    with open(project / "score_result.csv", newline="") as fh:
         row = [r for r in csv.DictReader(fh) if r["category"] == category and r["version"] == version.name][-1]
     with open(version / "image_scores.csv", newline="") as fh:
         images = list(csv.DictReader(fh))
@@ -134,13 +152,26 @@ def main(argv=None) -> int:
     p.add_argument("--num_epochs", type=int, default=1, help="MLP epochs of the large case")
     p.add_argument("--large_train", type=int, default=12, help="training images of the large case")
     p.add_argument("--large_test", type=int, default=6, help="test images per type (and good) of the large case")
+    p.add_argument(
+        "--test_stage_only",
+        action="store_true",
+        help="also score each case's test set under bf16-mixed with the 32-true artefacts (rows 'bf16 test "
+        "stage only': the inference arithmetic alone, verdicts at the 32-true thresholds)",
+    )
+    p.add_argument(
+        "--demo_test",
+        type=int,
+        default=4,
+        help="test images per type (and good) of the demo's categories (4 as the demo; more for AUROCs that "
+        "mean something)",
+    )
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
     cases = []
     if "demo" in args.cases.split(","):
-        data, calib = make_data(out, "demo", 128, 16, 4, DEMO_CATEGORIES)
+        data, calib = make_data(out, "demo", 128, 16, args.demo_test, DEMO_CATEGORIES)
         cases += [("demo", data, calib, c, DEMO_FLAGS) for c in DEMO_CATEGORIES]
     if "large" in args.cases.split(","):
         data, calib = make_data(out, "large", 256, args.large_train, args.large_test, ["board"])
@@ -157,8 +188,11 @@ def main(argv=None) -> int:
             prec: one_run(out / case.split()[0], data, calib, category, list(flags), prec) for prec in PRECISIONS
         }
         table += compare(case, category, results["32-true"], results["bf16-mixed"])
+        if args.test_stage_only:
+            alone = test_stage_only(out / case.split()[0], data, category, list(flags))
+            table += compare(f"{case.split(',')[0]}, bf16 test stage only", category, results["32-true"], alone)
         times.append(f"{category}: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in results.items()))
-        print("\n".join(table[-len(MAPS) :]), flush=True)
+        print("\n".join(table[-len(MAPS) * (2 if args.test_stage_only else 1) :]), flush=True)
     print("\nrun times (all stages, train_coreset_distribution.py): " + "; ".join(times))
     print("\n".join(table))
     return 0

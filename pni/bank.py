@@ -73,7 +73,15 @@ def extract_bank(
     )
     if progress is not None:
         progress.add_total(len(loader))
-    trainer = build_trainer(settings.runtime, progress, devices=1, strategy="auto", callbacks=[_TestHookCallback()])
+    # the backbone under the run's precision (autocast); the features handed on stay float32
+    trainer = build_trainer(
+        settings.runtime,
+        progress,
+        devices=1,
+        strategy="auto",
+        precision=settings.runtime.precision,
+        callbacks=[_TestHookCallback()],
+    )
     interruptible(trainer.predict, module, loader, return_predictions=False)
     return bank, module
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from pni import __version__
 from pni.artefacts import remove_stale
-from pni.config import FeatureSettings, NeighbourhoodSettings
+from pni.config import DEFAULT_PRECISION, FeatureSettings, NeighbourhoodSettings
 from pni.deploy.onnx_export import export_onnx
 from pni.distributions import dropped_slot, mlp_from_state_dict
 from pni.errors import PNIError
@@ -166,6 +166,7 @@ def write_bundle(
     calibration: dict[str, Any],
     include_backbone: bool,
     onnx: bool = False,
+    precision: str = DEFAULT_PRECISION,
 ) -> Path:
     """Write ``model`` (on the CPU) with its thresholds as a bundle folder ``output`` (checked
     as by :func:`check_output`).
@@ -173,7 +174,8 @@ def write_bundle(
     ``backbone``: ``{file, sha256, random_init, random_init_seed}`` (where the weights came
     from); ``provenance``: the training settings (category, seed, ...); ``onnx``: also write
     ``model.onnx`` (:func:`pni.deploy.onnx_export.export_onnx`), listed with its sha256 like
-    every other file. The folder is built
+    every other file; ``precision``: the one the thresholds were calibrated under (the
+    manifest's ``"precision"``, prediction's default). The folder is built
     under a temporary name beside ``output`` and renamed; an existing bundle there is
     replaced. Temporary folders left by killed exports of ``output`` are removed.
     """
@@ -202,6 +204,7 @@ def write_bundle(
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision,
             **model_settings(model),
             "backbone_weights": backbone,
             "training": provenance,

@@ -39,6 +39,7 @@ from pni.io import file_sha256
 from pni.lightning import IndexedDataset, ScoringModule, interruptible
 from pni.maps import MAP_NAMES
 from pni.model import PNIModel
+from pni.precision import check_and_note
 from pni.predict_files import expand_inputs
 from pni.runtime import build_trainer, check_test_grid, images_per_batch
 from pni.scoring import ImageScores
@@ -137,6 +138,7 @@ def score_calibration(
 def export(settings: Settings, export: ExportSettings) -> Path:
     """Write the bundle of the category ``settings`` name (with ``export``'s output folder
     and calibration); returns its folder."""
+    check_and_note(settings.runtime.precision, settings.runtime.accelerator)  # before any work
     check_output(export.output)  # before any work: a foreign folder or an unwritable place
     if export.onnx and importlib.util.find_spec("onnx") is None:
         raise PNIError("--onnx needs the onnx package: pip install onnx (see requirements.txt)")
@@ -185,6 +187,7 @@ def export(settings: Settings, export: ExportSettings) -> Path:
             info,
             export.include_backbone,
             export.onnx,
+            settings.runtime.precision,
         )
     size = sum(p.stat().st_size for p in bundle.iterdir())
     print(format_thresholds(thresholds, export.target_fpr))
@@ -194,7 +197,8 @@ def export(settings: Settings, export: ExportSettings) -> Path:
     )
     print(
         f"bundle: {bundle} (format {FORMAT_VERSION}, {len(list(bundle.iterdir()))} files, "
-        f"{size / 2**20:.1f} MiB); predict with: python predict.py --model {bundle} --input IMAGES --output DIR"
+        f"{size / 2**20:.1f} MiB, calibrated under --precision {settings.runtime.precision}); "
+        f"predict with: python predict.py --model {bundle} --input IMAGES --output DIR"
         + (" [--runtime onnxruntime]" if export.onnx else "")
     )
     return bundle

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pni import __version__
+from pni.config import DEFAULT_PRECISION, PRECISIONS
 from pni.deploy.onnx_runtime import ONNX_FILE
 from pni.errors import PNIError
 from pni.io import file_sha256, left_by_killed_run
@@ -94,6 +95,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f'{manifest_path}: "backbone_weights" must be an object with the weights\' "file" and "sha256"; '
             "export the model again"
         )
+    precision = manifest.get("precision", DEFAULT_PRECISION)
+    if precision not in PRECISIONS:
+        raise PNIError(
+            f'{manifest_path}: "precision" must be one of {", ".join(PRECISIONS)} (the precision the bundle was '
+            f"calibrated under), got {precision!r}; export the model again"
+        )
     if weights.get("included") and BACKBONE not in files:
         raise PNIError(f"{manifest_path} says the backbone is included but lists no {BACKBONE}")
     thresholds = manifest.get("thresholds")
@@ -128,6 +135,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
                 f"{file} does not match its sha256 in {MANIFEST} (altered or corrupt); export the model again"
             )
     return manifest
+
+
+def bundle_precision(manifest: dict[str, Any]) -> str:
+    """The precision the bundle of the checked ``manifest`` was calibrated under (its
+    ``"precision"``; ``32-true`` for a manifest without one, as every bundle before the key)."""
+    return str(manifest.get("precision", DEFAULT_PRECISION))
 
 
 def _finite(value: Any) -> bool:

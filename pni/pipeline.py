@@ -76,6 +76,7 @@ from pni.lightning import (
     window_loader,
 )
 from pni.model import PNIModel
+from pni.precision import check_and_note, compute_dtype
 from pni.results import append_score_result, check_score_result, format_score_table, write_image_scores
 from pni.runtime import (
     build_trainer,
@@ -161,11 +162,18 @@ def build_coresets(
     for key in ("without_edge", "distribution", "with_edge"):
         cs.save_index(cs.build_index(vectors[key]), out_dir / names[key])
         test_hook("coreset_index")
-    record = {**settings_of(settings, CORESET_KEYS), DIGEST_KEY: coreset_digest(vectors)}
+    record = {**settings_of(settings, CORESET_KEYS), **_informational(settings), DIGEST_KEY: coreset_digest(vectors)}
     save_json(out_dir / "coreset_settings.json", record)
     sizes = (k_emb, k_emb_edge, dcs, n_without, n_with)
     log.info("coresets: %d (interior), %d (with edge), %d (distribution) of %d / %d patches", *sizes)
     return bank
+
+
+def _informational(settings: Settings) -> dict[str, Any]:
+    """What a stage's settings record shows without checking it against later runs: the
+    precision the stage ran its backbone and MLP in (artefacts of either precision load under
+    any --precision)."""
+    return {"precision": settings.runtime.precision}
 
 
 def check_anomaly_nn(settings: Settings, with_edge_size: int) -> None:
@@ -193,7 +201,7 @@ def train_neighbourhood(
     interior = bank[:, pad : n_rows - pad, pad : n_cols - pad]
     labels = np.stack([cs.nearest_ids(index, np.asarray(interior[i]).reshape(-1, dim)) for i in range(n_img)])
     ckpt = out_dir / mlp_file(settings)
-    record = {**settings_of(settings, NB_KEYS), DIGEST_KEY: coreset_digest(coresets)}
+    record = {**settings_of(settings, NB_KEYS), **_informational(settings), DIGEST_KEY: coreset_digest(coresets)}
     child = distributed.is_child()  # DDP ranks > 0 train but write nothing
     # built first: a flag Lightning refuses must not cost the saved model
     trainer = build_trainer(
@@ -218,7 +226,7 @@ def train_neighbourhood(
     dcs = settings.coreset.dist_coreset_size
     module = NeighbourhoodModule(nb.input_size(dim), dcs, nb.num_layers, train.learning_rate, train.step_size, on_best)
     train_ids, val_ids = split_train_val(labels.size, settings.seed)
-    collate = WindowCollate(bank, labels, pad, nb.dist_padding, nb.variant)
+    collate = WindowCollate(bank, labels, pad, nb.dist_padding, nb.variant, compute_dtype(settings.runtime.precision))
     workers = settings.data.num_workers
     train_loader = window_loader(train_ids, collate, train.dist_batchsize, True, settings.seed, workers)
     val_loader = window_loader(val_ids, collate, train.dist_batchsize, False, settings.seed, workers)
@@ -261,7 +269,7 @@ def train_position(
         prior = normalise_rows(counts).numpy()
         save_npy(out_dir / position_prior_file_name(settings.coreset.subsampling_percentage, with_edge), prior)
         test_hook("coor_prior")
-    record = {**settings_of(settings, COOR_KEYS), DIGEST_KEY: coreset_digest(coresets)}
+    record = {**settings_of(settings, COOR_KEYS), **_informational(settings), DIGEST_KEY: coreset_digest(coresets)}
     save_json(out_dir / "coor_settings.json", record)
 
 
@@ -366,6 +374,8 @@ def run(settings: Settings) -> dict[str, Any]:
     """
     settings = dataclasses.replace(settings, runtime=distributed.configure(settings.runtime))
     child = distributed.is_child()
+    # before any work: 16-mixed on a CPU refused; the note that bf16-mixed is available, rank 0 only
+    check_and_note(settings.runtime.precision, settings.runtime.accelerator, note=not child)
     if child:  # one copy of the progress lines and tables, from rank 0
         sys.stdout = open(os.devnull, "w")
     else:

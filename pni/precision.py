@@ -30,10 +30,8 @@ from typing import IO, Any
 
 import torch
 
+from pni.config import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  # defined where no torch is imported
 from pni.errors import PNIError
-
-PRECISIONS: tuple[str, ...] = ("32-true", "16-mixed", "bf16-mixed")
-DEFAULT_PRECISION = "32-true"
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -56,6 +54,32 @@ def check_precision(precision: str, device_type: str) -> None:
             "--precision 16-mixed is for GPUs: float16 has no fast path on a CPU; "
             "use --precision bf16-mixed (or the default 32-true)"
         )
+
+
+def check_and_note(precision: str, accelerator: str, note: bool = True) -> None:
+    """Before any work in a CLI: :func:`check_precision` on the device ``accelerator`` runs
+    on, then (``note``: rank 0 of a DDP run, or a single process) :func:`print_note_once`."""
+    device = device_type(accelerator)
+    check_precision(precision, device)
+    if note:
+        print_note_once(precision, device)
+
+
+def bundle_run_precision(requested: str | None, bundle: str, where: str, device_type: str) -> str:
+    """The precision prediction runs a bundle in: ``requested`` (``--precision``,
+    ``load_model(precision=...)``), else ``bundle``'s (its manifest's, ``where``). Checked for
+    ``device_type`` (:func:`check_precision`); a bundle calibrated under ``16-mixed`` (on a
+    GPU) runs on a CPU only when another precision is requested (one-line PNIError)."""
+    if requested is not None:
+        check_precision(requested, device_type)
+        return requested
+    if bundle == "16-mixed" and device_type == "cpu":
+        raise PNIError(
+            f"{where}: the bundle was calibrated under --precision 16-mixed, a GPU precision: on a CPU predict "
+            "with --precision bf16-mixed or 32-true (load_model(precision=...))"
+        )
+    check_precision(bundle, device_type)
+    return bundle
 
 
 def device_type(accelerator: str) -> str:
@@ -172,8 +196,8 @@ def precision_note(precision: str, device_type: str) -> str | None:
         gain = "faster backbone and MLP (not measured on such a CPU: bench/bench_precision.py measures it)"
     return (
         f"note: this CPU has bf16 matrix units ({units}): --precision bf16-mixed runs the backbone and the "
-        f"neighbourhood MLP in bfloat16, {gain}; maps change slightly (the default 32-true reproduces the "
-        "published code)"
+        f"neighbourhood MLP in bfloat16, {gain}; coresets and maps change (README, Precision; the default "
+        "32-true reproduces the published code)"
     )
 
 

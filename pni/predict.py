@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from pni.config import RUNTIMES
+from pni.config import DEFAULT_PRECISION, RUNTIMES
 from pni.data.images import CropGeometry, first_line, input_array, load_image, to_rgb
 from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
@@ -290,32 +290,52 @@ def onnx_batch_size(imagesize: int) -> int:
     return max(1, min(32, ONNX_BATCH_PIXELS // imagesize**2))
 
 
+def require_torch() -> None:
+    """The torch runtime needs PyTorch: where it cannot be imported, one-line PNIError
+    pointing to the onnxruntime runtime."""
+    try:
+        import torch  # noqa: F401  # imported here only
+    except ImportError as exc:
+        raise PNIError(
+            f"runtime torch needs PyTorch, which cannot be imported here ({first_line(exc)}): predict with "
+            "--runtime onnxruntime (runtime='onnxruntime'), from a bundle exported with --onnx"
+        ) from None
+
+
 def load_scorer(
     path: str | os.PathLike,
     runtime: str = "torch",
     device: str = "auto",
     backbone_weights: str | os.PathLike | None = None,
+    precision: str | None = None,
+    runs_on: str | None = None,
 ) -> tuple[ImageScorer, dict[str, Any]]:
     """The scorer of a bundle folder in ``runtime`` and the bundle's checked manifest:
-    ``torch`` (:func:`pni.deploy.torch_runtime.load_torch_scorer`, on ``device``) or
-    ``onnxruntime`` (the bundle's ``model.onnx``, on the CPU; imports no torch)."""
+    ``torch`` (:func:`pni.deploy.torch_runtime.load_torch_scorer`, on ``device``, in
+    ``precision``, default the bundle's; ``runs_on``: see there) or ``onnxruntime`` (the
+    bundle's ``model.onnx``, float32, on the CPU; imports no torch; ``precision`` must be
+    ``None`` or ``32-true``)."""
     if runtime == "torch":
-        try:
-            import torch  # noqa: F401  # imported here only
-        except ImportError as exc:
-            raise PNIError(
-                f"runtime torch needs PyTorch, which cannot be imported here ({first_line(exc)}): predict with "
-                "--runtime onnxruntime (runtime='onnxruntime'), from a bundle exported with --onnx"
-            ) from None
+        require_torch()
         from pni.deploy.torch_runtime import load_torch_scorer
 
-        return load_torch_scorer(path, device, backbone_weights)
+        return load_torch_scorer(path, device, backbone_weights, precision, runs_on)
     if runtime == "onnxruntime":
         if str(device) not in ("auto", "cpu"):
             raise PNIError(f"runtime onnxruntime runs on the CPU (CPUExecutionProvider), not on {device}")
+        check_onnx_precision(precision)
         manifest = read_manifest(path)
         return OnnxScorer(onnx_graph(path, manifest)), manifest
     raise PNIError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
+def check_onnx_precision(precision: str | None) -> None:
+    """``model.onnx`` is a float32 graph: onnxruntime takes no mixed precision (one-line
+    PNIError naming the flag)."""
+    if precision not in (None, DEFAULT_PRECISION):
+        raise PNIError(
+            f"--precision {precision} applies to --runtime torch: --runtime onnxruntime runs model.onnx in float32"
+        )
 
 
 def load_model(
@@ -326,6 +346,7 @@ def load_model(
     pixel_threshold: str | float = "fpr",
     backbone_weights: str | os.PathLike | None = None,
     runtime: str = "torch",
+    precision: str | None = None,
 ) -> Predictor:
     """Load a model bundle (written by ``export_model.py``) for prediction.
 
@@ -334,8 +355,12 @@ def load_model(
     images at the export's target false-positive rate), ``best_f1`` or a raw score;
     ``backbone_weights``: the weights file when the bundle does not include them;
     ``runtime``: ``torch`` or ``onnxruntime`` (the bundle's ``model.onnx`` from
-    ``export_model.py --onnx``, on the CPU, without torch; it holds the backbone weights).
+    ``export_model.py --onnx``, on the CPU, without torch; it holds the backbone weights);
+    ``precision``: of the backbone and MLP with ``torch`` (``32-true``, ``bf16-mixed``, the
+    fast path on CPUs with bf16 matrix units, or ``16-mixed`` on a GPU); ``None``: the one the
+    bundle was calibrated under (its manifest's ``precision``, ``32-true`` for older bundles).
+    onnxruntime runs ``model.onnx`` in float32.
     """
     check_choices(map_name, image_threshold, pixel_threshold)
-    scorer, manifest = load_scorer(path, runtime, device, backbone_weights)
+    scorer, manifest = load_scorer(path, runtime, device, backbone_weights, precision)
     return Predictor(scorer, manifest, map_name, image_threshold, pixel_threshold, path)

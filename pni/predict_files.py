@@ -29,7 +29,15 @@ from pni.deploy.onnx_runtime import OnnxScorer
 from pni.errors import PNIError
 from pni.io import CsvStream, check_output_dir, make_dir, save_npy, write_csv
 from pni.maps import MAP_NAMES, MapScores
-from pni.predict import ImageScorer, Predictor, check_choices, load_model, onnx_batch_size
+from pni.predict import (
+    ImageScorer,
+    Predictor,
+    check_choices,
+    check_onnx_precision,
+    load_scorer,
+    onnx_batch_size,
+    require_torch,
+)
 from pni.viz import save_jpeg, save_png
 
 PREDICTION_COLUMNS = (
@@ -318,7 +326,11 @@ def score_with_lightning(
         writer(meta, None if result is None else host_scores(result))
 
     with Progress(title) as bar:
-        trainer = build_trainer(RuntimeSettings(accelerator=settings.accelerator), bar, devices=1)
+        # the backbone and MLP under the scorer's precision (the bundle's unless --precision)
+        precision = predictor.scorer.precision
+        trainer = build_trainer(
+            RuntimeSettings(accelerator=settings.accelerator, precision=precision), bar, devices=1, precision=precision
+        )
         interruptible(trainer.predict, ScoringModule(model, sink), loader, return_predictions=False)
 
 
@@ -332,19 +344,33 @@ def predict_files(settings: PredictSettings) -> int:
             f"--runtime onnxruntime runs on the CPU (CPUExecutionProvider): --accelerator {settings.accelerator} "
             "needs --runtime torch"
         )
+    runs_on = None  # the torch runtime's device type (Lightning's); onnxruntime: the CPU, float32
+    if onnx:
+        check_onnx_precision(settings.precision)
+    else:
+        require_torch()
+        from pni.precision import check_precision, device_type
+
+        runs_on = device_type(settings.accelerator)
+        if settings.precision is not None:
+            check_precision(settings.precision, runs_on)
     check_output_dir(settings.output, "--output")
     paths, missing = expand_inputs(settings.inputs)
     if not paths and not missing:
         raise PNIError("--input: no image given")
-    predictor = load_model(
-        settings.model,
-        "cpu",
-        settings.map_name,
-        settings.image_threshold,
-        settings.pixel_threshold,
-        settings.backbone_weights,
-        settings.runtime,
+    # loaded on the CPU: Lightning moves it to --accelerator's device
+    scorer, manifest = load_scorer(
+        settings.model, settings.runtime, "cpu", settings.backbone_weights, settings.precision, runs_on
     )
+    predictor = Predictor(
+        scorer, manifest, settings.map_name, settings.image_threshold, settings.pixel_threshold, settings.model
+    )
+    if runs_on is not None:  # the torch runtime: the note once, for the precision it runs in
+        from pni.deploy.torch_runtime import TorchScorer
+        from pni.precision import print_note_once
+
+        assert isinstance(scorer, TorchScorer)
+        print_note_once(scorer.precision, runs_on)
     out_dir = make_dir(settings.output, "--output")
     writer = PredictionWriter(predictor, out_dir, output_names(paths), settings.save_maps)
     for text, message in missing:

@@ -5,7 +5,9 @@ tiny run end to end) against float32 with stated tolerances."""
 from __future__ import annotations
 
 import io
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,12 @@ import pytorch_lightning as pl
 import reference
 import torch
 import torch.nn.functional as F
-from helpers import MAPS, TINY, TRAIN, aurocs_from_saved, path_flags
+from helpers import MAPS, TINY, TRAIN, aurocs_from_saved, expect_one_error, path_flags
 
+import export_model
+import predict as predict_cli
 import train_coreset_distribution as tcd
-from pni import precision
+from pni import load_model, precision
 from pni.data.synthetic import make_dataset
 from pni.distributions import NeighbourhoodMLP, bf16_linear, bit_dropout, gather_windows, grid_windows
 from pni.errors import PNIError
@@ -443,3 +447,163 @@ def test_tiny_run_with_every_stage_under_bf16(runs):
     assert all(d <= 0.25 for d in diffs.values()), diffs
     aurocs = aurocs_from_saved(runs["bf16 all stages"])
     assert len(aurocs) == 2 * len(MAPS) and all(math.isfinite(v) for v in aurocs.values())
+
+
+def test_stage_records_show_the_precision(runs):
+    """Each stage's settings record shows the precision it ran in (informational: artefacts of
+    either precision load under any --precision, as the bf16 test stage on float32 artefacts
+    shows)."""
+    for name, expected in (("float32", "32-true"), ("bf16", "bf16-mixed")):
+        emb = runs["float32"].parents[5] if name == "float32" else runs["bf16 all stages"].parents[5]
+        folder = emb / "embeddings_layer2+layer3" / "texture" / "R18"
+        for record in ("coreset_settings.json", "nb_settings.json", "coor_settings.json"):
+            assert json.loads((folder / record).read_text())["precision"] == expected, (name, record)
+    settings = json.loads((runs["bf16 test stage"] / "settings.json").read_text())
+    assert settings["precision"] == "bf16-mixed"
+
+
+# ---------------------------------------------------------------- the CLIs: refusal and note
+
+
+def _notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("note: this CPU has bf16 matrix units")]
+
+
+@pytest.fixture
+def units(monkeypatch):
+    """Pretend this CPU has (``units("Intel AMX")``) or lacks (``units(None)``) bf16 matrix
+    units; each call starts a fresh process's record of printed notes."""
+
+    def set_units(name):
+        monkeypatch.setattr(precision, "cpu_bf16_units", lambda: name)
+        monkeypatch.setattr(precision, "printed_notes", set())
+
+    return set_units
+
+
+def test_check_and_note_prints_on_rank_0_only(units, capsys):
+    """What the CLIs call before any work: the refusal, then the note unless ``note=False``
+    (the DDP ranks above 0)."""
+    units("Intel AMX")
+    precision.check_and_note("32-true", "cpu", note=False)
+    assert capsys.readouterr().err == ""
+    precision.check_and_note("32-true", "cpu")
+    precision.check_and_note("32-true", "cpu")
+    assert _notes(capsys.readouterr().err) == [precision.precision_note("32-true", "cpu")]
+    with pytest.raises(PNIError, match="16-mixed is for GPUs"):
+        precision.check_and_note("16-mixed", "cpu", note=False)
+
+
+def test_16_mixed_on_a_cpu_is_one_line_and_exit_2_before_any_work(tiny_run, tmp_path, capsys):
+    cpu = ["--precision", "16-mixed", "--accelerator", "cpu"]
+    fragment = "--precision 16-mixed is for GPUs"
+    expect_one_error(tcd.main, tiny_run.argv(*TRAIN, *cpu, project=tmp_path / "p", emb_root=tmp_path), capsys, fragment)
+    expect_one_error(export_model.main, tiny_run.argv("--output", str(tmp_path / "b"), *cpu), capsys, fragment)
+    expect_one_error(predict_cli.main, tiny_run.predict_argv(tiny_run.bundle, tmp_path / "o", *cpu), capsys, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_note_once_per_cli_run_with_32_true_on_a_cpu_with_units(tiny_run, tmp_path, units, capsys):
+    """tcd (test stage), export and predict each print the note exactly once."""
+
+    units("Intel AMX")
+    assert tcd.main(tiny_run.argv("--accelerator", "cpu", project=tmp_path / "p")) == 0
+    assert _notes(capsys.readouterr().err) == [precision.precision_note("32-true", "cpu")]
+    units("Intel AMX")
+    bundle = tmp_path / "bundle"
+    argv = tiny_run.argv("--output", str(bundle), "--calibration_dir", str(tiny_run.calibration))
+    assert export_model.main(argv + ["--target_fpr", "0.25"]) == 0
+    assert len(_notes(capsys.readouterr().err)) == 1
+    units("Intel AMX")
+    assert predict_cli.main(tiny_run.predict_argv(tiny_run.bundle, tmp_path / "o")) == 0
+    assert len(_notes(capsys.readouterr().err)) == 1
+
+
+def test_no_note_with_bf16_mixed_or_without_units(tiny_run, tmp_path, units, capsys):
+
+    units("Intel AMX")
+    argv = tiny_run.argv("--accelerator", "cpu", "--precision", "bf16-mixed", project=tmp_path / "p")
+    assert tcd.main(argv) == 0
+    assert _notes(capsys.readouterr().err) == []
+    units("Intel AMX")
+    assert predict_cli.main(tiny_run.predict_argv(tiny_run.bundle, tmp_path / "o1", "--precision", "bf16-mixed")) == 0
+    assert _notes(capsys.readouterr().err) == []
+    units(None)
+    assert predict_cli.main(tiny_run.predict_argv(tiny_run.bundle, tmp_path / "o2")) == 0
+    assert _notes(capsys.readouterr().err) == []
+    # onnxruntime runs model.onnx in float32 and never imports torch: no note, no --precision
+    units("Intel AMX")
+    onnx = tiny_run.predict_argv(tiny_run.bundle, tmp_path / "o3", "--runtime", "onnxruntime")
+    expect_one_error(predict_cli.main, onnx + ["--precision", "bf16-mixed"], capsys, "applies to --runtime torch")
+
+
+# ---------------------------------------------------------------- bundles record their precision
+
+
+@pytest.fixture
+def autocast_spy(monkeypatch):
+    """The autocast dtype on the CPU at every neighbourhood-MLP forward (None: float32)."""
+    seen: list = []
+    forward = NeighbourhoodMLP.forward
+
+    def spy(self, x):
+        seen.append(precision.active_autocast_dtype("cpu"))
+        return forward(self, x)
+
+    monkeypatch.setattr(NeighbourhoodMLP, "forward", spy)
+    return seen
+
+
+def test_bundle_exported_under_bf16_records_it_and_predicts_under_bf16(tiny_run, tmp_path, units, capsys, autocast_spy):
+    bundle = tmp_path / "bundle"
+    argv = tiny_run.argv(
+        "--output", str(bundle), "--calibration_dir", str(tiny_run.calibration), "--target_fpr", "0.25"
+    )
+    assert export_model.main(argv + ["--precision", "bf16-mixed"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["precision"] == "bf16-mixed"
+    assert json.loads((tiny_run.bundle / "manifest.json").read_text())["precision"] == "32-true"
+    assert autocast_spy and set(autocast_spy) == {BF16}  # calibration scored under bf16
+    # the Python API: the bundle's precision by default, another one when asked
+    autocast_spy.clear()
+    model = load_model(bundle, device="cpu")
+    assert model.scorer.precision == "bf16-mixed"
+    image = tiny_run.ds / "texture" / "test" / "good"
+    first = sorted(image.iterdir())[0]
+    bf16 = model.predict(first)
+    assert autocast_spy and set(autocast_spy) == {BF16}
+    autocast_spy.clear()
+    float32 = load_model(bundle, device="cpu", precision="32-true").predict(first)
+    assert autocast_spy and set(autocast_spy) == {None}
+    assert np.isfinite(bf16.maps["nb_coor"][np.isfinite(float32.maps["nb_coor"])]).all()
+    # predict.py: the bundle's precision unless --precision
+    autocast_spy.clear()
+    units("Intel AMX")
+    assert predict_cli.main(tiny_run.predict_argv(bundle, tmp_path / "o1")) == 0
+    assert set(autocast_spy) == {BF16} and _notes(capsys.readouterr().err) == []
+    autocast_spy.clear()
+    units("Intel AMX")
+    assert predict_cli.main(tiny_run.predict_argv(bundle, tmp_path / "o2", "--precision", "32-true")) == 0
+    assert set(autocast_spy) == {None} and len(_notes(capsys.readouterr().err)) == 1
+
+
+def test_manifest_without_precision_is_32_true_and_an_unknown_one_is_refused(tiny_run, tmp_path, autocast_spy):
+    bundle = tmp_path / "old"
+    shutil.copytree(tiny_run.bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["precision"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    model = load_model(bundle, device="cpu")
+    assert model.scorer.precision == "32-true"
+    model.predict(sorted((tiny_run.ds / "texture" / "test" / "good").iterdir())[0])
+    assert set(autocast_spy) == {None}
+    manifest["precision"] = "8-mixed"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PNIError, match='"precision" must be one of 32-true, 16-mixed, bf16-mixed') as err:
+        load_model(bundle, device="cpu")
+    assert str(bundle / "manifest.json") in str(err.value) and "\n" not in str(err.value)
+    # a bundle calibrated under 16-mixed (on a GPU) runs on a CPU only in another precision
+    manifest["precision"] = "16-mixed"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PNIError, match="calibrated under --precision 16-mixed, a GPU precision"):
+        load_model(bundle, device="cpu")
+    assert load_model(bundle, device="cpu", precision="bf16-mixed").scorer.precision == "bf16-mixed"
