@@ -22,6 +22,9 @@ from torch import Tensor
 from pni.errors import PNIError
 
 BLOCKED = 1e30  # added to the entries a mask blocks: larger than any distance, finite in float32
+# a band of more pairs per row than this is ordered through a float64 product (ChunkDistances._ordering_values)
+DIRECT_PAIRS_PER_ROW = 128
+PRODUCT_ROWS = 256  # rows per float64 product there
 
 
 def row_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -205,6 +208,7 @@ class ChunkDistances:
         self.n, self.width = q.shape
         self.all = torch.arange(self.n, device=q.device)
         self._x64: Tensor | None = None
+        self._product: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None  # (_product_rows)
 
     @classmethod
     def between(cls, x: Tensor, entries: Tensor, workspace: Workspace | None = None) -> ChunkDistances:
@@ -255,7 +259,7 @@ class ChunkDistances:
             r, c = torch.nonzero(src.index_select(0, rows) <= bound[rows, None], as_tuple=True)
             if columns is not None:
                 c = columns[rows[r], c]
-            ids[rows] = _group_min(r, self.exact(rows[r], c), c, rows.numel(), self.width)
+            ids[rows] = _group_min(r, self._pair_values(rows, r, c), c, rows.numel(), self.width)
         return ids, v
 
     def _band(self, q: Tensor, v: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,13 +270,70 @@ class ChunkDistances:
         at_most = count_at_most(q, v + 2.0 * tau, self.ws).long()
         return below, at_most, torch.nonzero(at_most - below > 1).squeeze(1)
 
-    def _band_pairs(self, rows: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _band_pairs(self, rows: Tensor, v: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The entries within ``2 tau`` of ``v`` ``(m,)`` in ``rows``: group (0..m-1), entry id,
-        exact squared distance."""
+        and a squared distance that orders them exactly among themselves and against
+        ``targets`` ``(m,)`` (exact squared distances, one per group) where given
+        (:meth:`_pair_values`)."""
         sub = self.q.index_select(0, rows)
         lo, hi = (v - 2.0 * self.tau[rows])[:, None], (v + 2.0 * self.tau[rows])[:, None]
         r, c = torch.nonzero((sub >= lo) & (sub <= hi), as_tuple=True)
-        return r, c, self.exact(rows[r], c)
+        return r, c, self._pair_values(rows, r, c, targets)
+
+    def _pair_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Squared distances of the pairs ``(rows[r], c)`` (``r`` ascending) that order them
+        exactly within each group and against ``targets`` ``(m,)``: exact distances for a few
+        pairs per row, :meth:`_ordering_values` for many."""
+        if c.numel() <= DIRECT_PAIRS_PER_ROW * rows.numel():
+            return self.exact(rows[r], c)
+        return self._ordering_values(rows, r, c, targets)
+
+    def _product_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, float]:
+        """The float64 product ``|b|^2 - 2 a.b`` ``(n, K)`` made for (at least) ``rows``, the
+        rows' ``|a|^2`` ``(n,)`` and ``max |b|^2`` (``a = x - centre``, ``b = entries - centre``)."""
+        if self._product is None:
+            centre = self.entries.mean(dim=0)
+            b = self.entries - centre
+            b_sq = (b * b).sum(dim=1)
+            q64 = torch.empty((self.n, self.width), dtype=torch.float64, device=self.q.device)
+            a_sq = torch.empty(self.n, dtype=torch.float64, device=self.q.device)
+            done = torch.zeros(self.n, dtype=torch.bool, device=self.q.device)
+            self._product = (centre, b, b_sq, q64, a_sq, done)
+        centre, b, b_sq, q64, a_sq, done = self._product
+        need = torch.unique(rows[~done[rows]])
+        for s in range(0, need.numel(), PRODUCT_ROWS):
+            idx = need[s : s + PRODUCT_ROWS]
+            a = self.x.index_select(0, idx).double() - centre
+            a_sq[idx] = (a * a).sum(dim=1)
+            q64[idx] = torch.addmm(b_sq, a, b.T, alpha=-2.0)
+        done[need] = True
+        return q64, a_sq, float(b_sq.max())
+
+    def _ordering_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None) -> Tensor:
+        """Squared distances of the pairs ``(rows[r], c)`` (``r`` ascending) from a float64
+        product ``|a|^2 + |b|^2 - 2 a.b`` (``a``, ``b`` centred in float64; a row's product is
+        made once and kept), within ``tau64`` = ``(4 E + 64) u64 (|a|^2 + max |b|^2)`` of the exact
+        ones (the expansion's bound in float64, the centring's rounding in the margin); a pair
+        whose value lies within ``2 tau64`` of another of its group or of the group's target is
+        measured exactly. Every comparison the callers make among these values, and against the
+        targets, is then the exact one."""
+        q64, a_sq_all, b_sq_max = self._product_rows(rows)
+        a_sq = a_sq_all[rows]
+        approx = q64[rows[r], c] + a_sq[r]
+        tau = (4 * self.x.shape[1] + 64) * (torch.finfo(torch.float64).eps / 2) * (a_sq + b_sq_max)
+        order = torch.argsort(approx, stable=True)
+        order = order[torch.argsort(r[order], stable=True)]  # by group, then by value
+        ro, vo = r[order], approx[order]
+        close = (ro[1:] == ro[:-1]) & (vo[1:] - vo[:-1] <= 2.0 * tau[ro[1:]])
+        flag = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
+        flag[order[1:][close]] = True
+        flag[order[:-1][close]] = True
+        if targets is not None:
+            flag |= (approx - targets[r]).abs() <= 2.0 * tau[r]
+        pick = torch.nonzero(flag).squeeze(1)
+        if pick.numel():
+            approx[pick] = self.exact(rows[r[pick]], c[pick])
+        return approx
 
     def rank(self, rows: Tensor, ids: Tensor, v: Tensor) -> Tensor:
         """Exact rank ``(m,)`` long of entries ``ids`` among the entries of ``rows``, the
@@ -287,8 +348,9 @@ class ChunkDistances:
             flagged = torch.zeros(self.n, dtype=torch.bool, device=rows.device).index_fill_(0, amb, True)
             amb = torch.nonzero(flagged[rows]).squeeze(1)
         if amb.numel():
-            r, c, e = self._band_pairs(rows[amb], v[amb])
-            target = self.exact(rows[amb], ids[amb])[r]
+            targets = self.exact(rows[amb], ids[amb])
+            r, c, e = self._band_pairs(rows[amb], v[amb], targets)
+            target = targets[r]
             before = ((e < target) | ((e == target) & (c < ids[amb][r]))).long()
             below[amb] = below[amb] + torch.zeros_like(amb).scatter_add_(0, r, before)
         return below

@@ -11,6 +11,7 @@ import torch
 from reference import bilinear_resize, bilinear_weights, full_size_maps, naive_m, naive_scores, pymp_split
 from scipy.ndimage import gaussian_filter
 
+import pni.scoring_kernels as scoring_kernels
 from pni.errors import PNIError
 from pni.features import patch_padding
 from pni.scoring import (
@@ -195,7 +196,18 @@ def test_original_and_paper_variants():
         torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(nearest, PP))
 
 
-def test_exact_kth_rank_and_order_equal_sorting():
+@pytest.fixture(params=["direct", "product"])
+def band_ordering(request, monkeypatch):
+    """Both ways a band of near entries is ordered: exact distances of every pair, or (what
+    dense bands take) the float64 product with exact distances where values lie close; forced
+    here on every band, a few rows per product."""
+    if request.param == "product":
+        monkeypatch.setattr(scoring_kernels, "DIRECT_PAIRS_PER_ROW", 0)
+        monkeypatch.setattr(scoring_kernels, "PRODUCT_ROWS", 3)
+    return request.param
+
+
+def test_exact_kth_rank_and_order_equal_sorting(band_ordering):
     """The exact k-th nearest entry, ranks and order of :class:`ChunkDistances` against a
     float64 sort, on rows with many near-ties (entries repeated and shifted by 1e-4, features
     far from the origin), for every group of the partial sorts, the first and the last."""
@@ -528,7 +540,7 @@ def near_tie_inputs(seed: int, duplicate_distribution: bool):
 
 @pytest.mark.parametrize("duplicate_distribution", [False, True])
 @pytest.mark.parametrize("variant,workers", [("original", 1), ("original", 8), ("paper", 1), ("paper", 8)])
-def test_near_ties_within_1e6_of_a_float64_reference(variant, workers, duplicate_distribution):
+def test_near_ties_within_1e6_of_a_float64_reference(variant, workers, duplicate_distribution, band_ordering):
     """float32 scoring of near-tied inputs: maps within 1e-6 of their range from the float64
     loops of ``tests/reference.py`` on the same float32 values, though the float32 expansion
     alone misses these distances by more than 1e-4."""
