@@ -35,6 +35,9 @@ class Bench(NamedTuple):
     takes_device: bool = True
 
 
+# the tiny backbone and MLP of the benchmarks that run both (--quick)
+TINY_MLP = "--backbone R18 --imagesize 64 --dim 64 --num_layers 3 --dcs 64 --dist_padding 2".split()
+
 BENCHES: dict[str, Bench] = {
     "scoring": Bench(
         "bench_scoring.py",
@@ -44,50 +47,10 @@ BENCHES: dict[str, Bench] = {
     "coreset": Bench(
         "bench_coreset.py", ["--n", "20000", "--dim", "16", "--iterations", "5", "--repeats", "2"], "coreset"
     ),
-    "inference": Bench(
-        "bench_inference.py",
-        [
-            "--backbone",
-            "R18",
-            "--imagesize",
-            "64",
-            "--dim",
-            "64",
-            "--num_layers",
-            "3",
-            "--dcs",
-            "64",
-            "--dist_padding",
-            "2",
-            "--images",
-            "1",
-        ],
-        "inference",
-    ),
+    "inference": Bench("bench_inference.py", [*TINY_MLP, "--images", "1"], "inference"),
     "precision": Bench(
         "bench_precision.py",
-        [
-            "--backbone",
-            "R18",
-            "--imagesize",
-            "64",
-            "--dim",
-            "64",
-            "--num_layers",
-            "3",
-            "--dcs",
-            "64",
-            "--dist_padding",
-            "2",
-            "--batch",
-            "64",
-            "--bank_images",
-            "2",
-            "--images",
-            "1",
-            "--steps",
-            "1",
-        ],
+        [*TINY_MLP, "--batch", "64", "--bank_images", "2", "--images", "1", "--steps", "1"],
         "precision",
     ),
     "memory": Bench(
