@@ -37,6 +37,7 @@ from pni.features import patch_padding
 from pni.maps import MAP_NAMES
 from pni.scoring_kernels import (
     ChunkDistances,
+    ExactEntries,
     PositionMask,
     RankColumns,
     Workspace,
@@ -275,7 +276,7 @@ class Scorer:
         }
         self.coresets, self.largest_sq, self.exact_entries = {}, {}, {}
         for name, entries in self.entries.items():
-            self.exact_entries[name] = entries.double()  # for direct differences
+            self.exact_entries[name] = ExactEntries(entries)  # for direct differences
             centred = entries - self.centre
             sq = (centred * centred).sum(dim=1, keepdim=True)
             self.coresets[name] = torch.cat([-2.0 * centred, sq], dim=1)

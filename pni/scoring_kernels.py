@@ -190,10 +190,29 @@ def _kth_of_groups(groups: Tensor, values: Tensor, ids: Tensor, k: Tensor) -> Te
     return padded_ids.gather(1, order.gather(1, pick[:, None]))[:, 0]
 
 
+class ExactEntries:
+    """A coreset ``(K, E)`` in float64 (``values``, for direct differences) and, made on first
+    use and kept, its centred copy for the float64 products of dense bands
+    (:meth:`ChunkDistances._ordering_values`): one per scorer, not per chunk."""
+
+    def __init__(self, entries: Tensor) -> None:
+        self.values = entries.double()
+        self._centred: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def centred(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``centre`` ``(E,)`` (the entries' mean), ``b = values - centre`` ``(K, E)`` and
+        ``|b|^2`` ``(K,)``."""
+        if self._centred is None:
+            centre = self.values.mean(dim=0)
+            b = self.values - centre
+            self._centred = (centre, b, (b * b).sum(dim=1))
+        return self._centred
+
+
 class ChunkDistances:
     """One chunk of rows against one coreset: ``q`` ``(n, K)`` from the float32 product and
-    what makes its decisions exact: the rows ``x`` ``(n, E)`` as given and the ``entries``
-    ``(K, E)`` in float64 (for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in
+    what makes its decisions exact: the rows ``x`` ``(n, E)`` as given and the coreset's
+    :class:`ExactEntries` (float64, for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in
     ``q``'s units and the bound ``tau`` ``(n,)`` (:func:`expansion_bound`).
 
     Selections return entry ids; ties between equal distances go to the lower id (the order
@@ -202,13 +221,14 @@ class ChunkDistances:
     """
 
     def __init__(
-        self, q: Tensor, x_sq: Tensor, tau: Tensor, x: Tensor, entries: Tensor, workspace: Workspace | None
+        self, q: Tensor, x_sq: Tensor, tau: Tensor, x: Tensor, entries: ExactEntries, workspace: Workspace | None
     ) -> None:
-        self.q, self.x_sq, self.tau, self.x, self.entries, self.ws = q, x_sq, tau, x, entries, workspace
+        self.q, self.x_sq, self.tau, self.x, self.ws = q, x_sq, tau, x, workspace
+        self.exact_entries, self.entries = entries, entries.values
         self.n, self.width = q.shape
         self.all = torch.arange(self.n, device=q.device)
         self._x64: Tensor | None = None
-        self._product: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None  # (_product_rows)
+        self._product: tuple[Tensor, Tensor, Tensor] | None = None  # (_product_rows)
 
     @classmethod
     def between(cls, x: Tensor, entries: Tensor, workspace: Workspace | None = None) -> ChunkDistances:
@@ -218,7 +238,7 @@ class ChunkDistances:
         a_sq, b_sq = (a * a).sum(dim=1), (b * b).sum(dim=1)
         q = b_sq - 2.0 * (a @ b.T)
         tau = expansion_bound(a_sq, float(b_sq.max()), x.shape[1], unit_roundoff(q))
-        return cls(q, a_sq, tau, x, entries.double(), workspace)
+        return cls(q, a_sq, tau, x, ExactEntries(entries), workspace)
 
     def exact(self, rows: Tensor | None, cols: Tensor) -> Tensor:
         """Exact squared distances (float64) of the pairs ``(rows, cols)`` (chunk rows, entry
@@ -291,15 +311,13 @@ class ChunkDistances:
     def _product_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, float]:
         """The float64 product ``|b|^2 - 2 a.b`` ``(n, K)`` made for (at least) ``rows``, the
         rows' ``|a|^2`` ``(n,)`` and ``max |b|^2`` (``a = x - centre``, ``b = entries - centre``)."""
+        centre, b, b_sq = self.exact_entries.centred()
         if self._product is None:
-            centre = self.entries.mean(dim=0)
-            b = self.entries - centre
-            b_sq = (b * b).sum(dim=1)
             q64 = torch.empty((self.n, self.width), dtype=torch.float64, device=self.q.device)
             a_sq = torch.empty(self.n, dtype=torch.float64, device=self.q.device)
             done = torch.zeros(self.n, dtype=torch.bool, device=self.q.device)
-            self._product = (centre, b, b_sq, q64, a_sq, done)
-        centre, b, b_sq, q64, a_sq, done = self._product
+            self._product = (q64, a_sq, done)
+        q64, a_sq, done = self._product
         need = torch.unique(rows[~done[rows]])
         for s in range(0, need.numel(), PRODUCT_ROWS):
             idx = need[s : s + PRODUCT_ROWS]
