@@ -221,7 +221,8 @@ def blocked_distribution(
     """The neighbourhood mask over the distribution entries as a blocked indicator: ``(n, D)``
     logits -> ``(n, D)``, 1.0 where ``softmax(logits / alpha)`` is at most ``nb_gamma / K1``
     (the original divides by the embedding coreset size K1, not by D), 0.0 where allowed."""
-    probs = torch.softmax(nb_logits / temperature_alpha, dim=-1)
+    scaled = workspace.get("scaled_logits", tuple(nb_logits.shape), nb_logits)
+    probs = torch.softmax(torch.div(nb_logits, temperature_alpha, out=scaled), dim=-1)
     out = workspace.get("blocked_distribution", tuple(probs.shape), probs)
     return torch.le(probs, nb_gamma / embedding_coreset_size, out=out)
 

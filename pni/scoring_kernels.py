@@ -25,6 +25,8 @@ BLOCKED = 1e30  # added to the entries a mask blocks: larger than any distance, 
 # a band of more pairs per row than this is ordered through a float64 product (ChunkDistances._ordering_values)
 DIRECT_PAIRS_PER_ROW = 128
 PRODUCT_ROWS = 256  # rows per float64 product there
+MIN_BLOCK = 64  # columns per block of smallest_two
+COUNT_ROWS = 512  # rows per block of the counts (count_below, count_at_most)
 
 
 def row_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -102,12 +104,81 @@ def masked(q: Tensor, blocked: Tensor, workspace: Workspace | None, name: str) -
     return torch.add(q, blocked, alpha=BLOCKED, out=out)
 
 
+def _count(compare, q: Tensor, bound: Tensor, workspace: Workspace | None, name: str) -> Tensor:
+    """``compare(q, bound[:, None])`` counted per row, as floats (exact: below 2^24), a block
+    of :data:`COUNT_ROWS` rows at a time: comparing into a float buffer that stays in cache
+    and summing it is several times faster on the CPU than summing a bool tensor."""
+    n, w = q.shape
+    step = min(n, COUNT_ROWS)
+    buf = workspace.get(name, (step, w), q) if workspace is not None else q.new_empty(step, w)
+    out = q.new_empty(n)
+    for s in range(0, n, step):
+        t = min(n, s + step)
+        torch.sum(compare(q[s:t], bound[s:t, None], out=buf[: t - s]), dim=1, out=out[s:t])
+    return out
+
+
 def count_below(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str = "below") -> Tensor:
-    """Entries of each row of ``q`` ``(n, K)`` below that row's ``bound`` ``(n,)``, as floats
-    (exact: below 2^24); comparing into a float buffer and summing it is several times
-    faster on the CPU than summing a bool tensor."""
-    out = workspace.get(name, tuple(q.shape), q) if workspace is not None else torch.empty_like(q)
-    return torch.lt(q, bound[:, None], out=out).sum(dim=1)
+    """Entries of each row of ``q`` ``(n, K)`` below that row's ``bound`` ``(n,)``, as floats."""
+    return _count(torch.lt, q, bound, workspace, name)
+
+
+def smallest_two(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's smallest value, its column (the first among equal values) and the
+    runner-up (the smallest of the other columns; ``inf`` for one column): ``(n,)`` each, from
+    ``q`` ``(n, w)``.
+
+    One pass over ``q`` takes the minima of blocks of :data:`MIN_BLOCK` columns; the rest works
+    on those minima and on the winning block's columns. ``min(dim=1)`` tracks an index per
+    element and runs about three times slower on the CPU, and the runner-up would take a
+    second pass."""
+    n, w = q.shape
+    full = w - w % MIN_BLOCK
+    if full < 2 * MIN_BLOCK:
+        v, slot = q.min(dim=1)
+        return v, slot, q.scatter(1, slot[:, None], math.inf).amin(dim=1)
+    block_min = q[:, :full].unflatten(1, (full // MIN_BLOCK, MIN_BLOCK)).amin(dim=2)
+    if full < w:  # the last, narrower block
+        block_min = torch.cat([block_min, q[:, full:].amin(dim=1, keepdim=True)], dim=1)
+    v, block = block_min.min(dim=1)  # the first block holding the minimum
+    other_blocks = block_min.scatter_(1, block[:, None], math.inf).amin(dim=1)
+    cols = block[:, None] * MIN_BLOCK + torch.arange(MIN_BLOCK, device=q.device)
+    inside = cols < w
+    within = q.gather(1, cols.clamp_max(w - 1)).masked_fill_(~inside, math.inf)
+    _, at = within.min(dim=1)
+    runner_up = torch.minimum(within.scatter_(1, at[:, None], math.inf).amin(dim=1), other_blocks)
+    return v, block * MIN_BLOCK + at, runner_up
+
+
+def columns_within(q: Tensor, rows: Tensor, lo: Tensor | None, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The pairs ``(r, c)`` with ``lo[r] <= q[rows[r], c] <= hi[r]`` (``lo`` None: no lower
+    limit), ``r`` ascending and ``c`` ascending within each ``r`` (``torch.nonzero``'s order),
+    from ``q`` ``(n, w)``, ``rows`` ``(m,)`` and ``lo``, ``hi`` ``(m,)``.
+
+    Such bands hold a few entries of a row: only the blocks of :data:`MIN_BLOCK` columns whose
+    minimum is at most ``hi`` are searched (``nonzero`` over whole rows costs several ns per
+    element on the CPU)."""
+    sub = q.index_select(0, rows)
+    m, w = sub.shape
+    full = w - w % MIN_BLOCK
+    if full < 2 * MIN_BLOCK:
+        hit = sub <= hi[:, None]
+        if lo is not None:
+            hit &= sub >= lo[:, None]
+        r, c = torch.nonzero(hit, as_tuple=True)
+        return r, c
+    block_min = sub[:, :full].unflatten(1, (full // MIN_BLOCK, MIN_BLOCK)).amin(dim=2)
+    if full < w:
+        block_min = torch.cat([block_min, sub[:, full:].amin(dim=1, keepdim=True)], dim=1)
+    rb, block = torch.nonzero(block_min <= hi[:, None], as_tuple=True)
+    cols = block[:, None] * MIN_BLOCK + torch.arange(MIN_BLOCK, device=q.device)  # (blocks, MIN_BLOCK)
+    inside = cols < w
+    values = sub.view(-1).index_select(0, (rb[:, None] * w + cols.clamp_max(w - 1)).view(-1)).view(cols.shape)
+    hit = inside & (values <= hi[rb, None])
+    if lo is not None:
+        hit &= values >= lo[rb, None]
+    at, j = torch.nonzero(hit, as_tuple=True)
+    return rb[at], cols[at, j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +231,8 @@ def exact_sq_distances(
 
 
 def count_at_most(q: Tensor, bound: Tensor, workspace: Workspace | None, name: str = "below") -> Tensor:
-    """Entries of each row of ``q`` at most that row's ``bound``, as floats (see :func:`count_below`)."""
-    out = workspace.get(name, tuple(q.shape), q) if workspace is not None else torch.empty_like(q)
-    return torch.le(q, bound[:, None], out=out).sum(dim=1)
+    """Entries of each row of ``q`` ``(n, K)`` at most that row's ``bound`` ``(n,)``, as floats."""
+    return _count(torch.le, q, bound, workspace, name)
 
 
 def _group_min(groups: Tensor, values: Tensor, ids: Tensor, n: int, width: int) -> Tensor:
@@ -268,15 +338,12 @@ class ChunkDistances:
         column). Where a second entry comes within ``2 tau`` of the smallest value, the
         entries within ``2 tau`` are compared exactly."""
         src = self.q if source is None else source
-        v, slot = src.min(dim=1)
+        v, slot, runner_up = smallest_two(src)
         ids = slot if columns is None else columns.gather(1, slot[:, None])[:, 0]
         bound = v + 2.0 * self.tau
-        src.scatter_(1, slot[:, None], math.inf)  # the runner-up: does a second entry come close?
-        runner_up = src.amin(dim=1)
-        src.scatter_(1, slot[:, None], v[:, None])
         rows = torch.nonzero((runner_up <= bound) & (v < 0.5 * BLOCKED)).squeeze(1)
         if rows.numel():
-            r, c = torch.nonzero(src.index_select(0, rows) <= bound[rows, None], as_tuple=True)
+            r, c = columns_within(src, rows, None, bound[rows])
             if columns is not None:
                 c = columns[rows[r], c]
             ids[rows] = _group_min(r, self._pair_values(rows, r, c), c, rows.numel(), self.width)
@@ -295,9 +362,7 @@ class ChunkDistances:
         and a squared distance that orders them exactly among themselves and against
         ``targets`` ``(m,)`` (exact squared distances, one per group) where given
         (:meth:`_pair_values`)."""
-        sub = self.q.index_select(0, rows)
-        lo, hi = (v - 2.0 * self.tau[rows])[:, None], (v + 2.0 * self.tau[rows])[:, None]
-        r, c = torch.nonzero((sub >= lo) & (sub <= hi), as_tuple=True)
+        r, c = columns_within(self.q, rows, v - 2.0 * self.tau[rows], v + 2.0 * self.tau[rows])
         return r, c, self._pair_values(rows, r, c, targets)
 
     def _pair_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:

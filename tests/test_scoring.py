@@ -29,10 +29,12 @@ from pni.scoring_kernels import (
     PositionMask,
     RankColumns,
     blocked_indicator,
+    columns_within,
     gaussian_blur,
     nearest_ids,
     pairwise_distances,
     resize_and_blur,
+    smallest_two,
 )
 
 R = C = 6
@@ -104,7 +106,7 @@ VARIANT_WORKERS = [("original", 1), ("original", 3), ("original", 8), ("paper", 
 @pytest.mark.parametrize("variant,workers", VARIANT_WORKERS)
 @pytest.mark.parametrize("anomaly_nn", [1, 3])
 @pytest.mark.parametrize("prefix,density", [(True, 0.4), (False, 0.06)])
-def test_matches_naive_reference(variant, workers, anomaly_nn, prefix, density):
+def test_matches_naive_reference(variant, workers, anomaly_nn, prefix, density, min_blocks):
     """Also with a distribution coreset that is no prefix (the neighbourhood mask's ranks are
     sorted) and sparse priors (kept as lists of allowed ids)."""
     inputs = make_inputs(1, prefix, density)
@@ -194,6 +196,46 @@ def test_original_and_paper_variants():
     for got in (orig, pap):
         torch.testing.assert_close(got.coarse["nb"], pad_interior(nearest, PP))
         torch.testing.assert_close(got.coarse["nb_coor"], pad_interior(nearest, PP))
+
+
+@pytest.fixture(params=["rows", "blocks"])
+def min_blocks(request, monkeypatch):
+    """Both ways minima and bands are found: whole rows (the small widths of these tests), or
+    blocks of columns, forced here with blocks of 4 columns (widths 11, 21 and 26 leave a
+    narrower last block)."""
+    if request.param == "blocks":
+        monkeypatch.setattr(scoring_kernels, "MIN_BLOCK", 4)
+    return request.param
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 127, 128, 129, 200, 256, 300])
+def test_smallest_two_and_columns_within_equal_numpy(width):
+    """Smallest value, its first column and the runner-up; the columns in a band; on rows
+    with repeated values (ties in and across blocks), against numpy."""
+    rng = np.random.default_rng(width)
+    q = rng.integers(0, 40, size=(50, width)).astype(np.float32)
+    q[:5] = 3.0  # whole rows tied
+    q[5:10, -1] = -1.0  # the minimum in the last (narrower) block
+    v, slot, runner_up = (t.numpy() for t in smallest_two(torch.from_numpy(q)))
+    np.testing.assert_array_equal(v, q.min(1))
+    np.testing.assert_array_equal(slot, q.argmin(1))  # numpy: the first of equal minima
+    second = np.sort(q, axis=1)[:, 1] if width > 1 else np.full(50, np.inf)
+    np.testing.assert_array_equal(runner_up, second)
+    rows = np.array([0, 3, 5, 7, 8, 20, 49])
+    hi = q[rows].min(1) + rng.integers(0, 6, len(rows))
+    lo = hi - 3.0
+    for low in (None, lo):
+        hit = q[rows] <= hi[:, None]
+        if low is not None:
+            hit &= q[rows] >= low[:, None]
+        want = np.nonzero(hit)
+        got = columns_within(
+            torch.from_numpy(q),
+            torch.from_numpy(rows),
+            None if low is None else torch.from_numpy(low),
+            torch.from_numpy(hi),
+        )
+        assert [t.tolist() for t in got] == [w.tolist() for w in want]
 
 
 @pytest.fixture(params=["direct", "product"])
@@ -540,7 +582,9 @@ def near_tie_inputs(seed: int, duplicate_distribution: bool):
 
 @pytest.mark.parametrize("duplicate_distribution", [False, True])
 @pytest.mark.parametrize("variant,workers", [("original", 1), ("original", 8), ("paper", 1), ("paper", 8)])
-def test_near_ties_within_1e6_of_a_float64_reference(variant, workers, duplicate_distribution, band_ordering):
+def test_near_ties_within_1e6_of_a_float64_reference(
+    variant, workers, duplicate_distribution, band_ordering, min_blocks
+):
     """float32 scoring of near-tied inputs: maps within 1e-6 of their range from the float64
     loops of ``tests/reference.py`` on the same float32 values, though the float32 expansion
     alone misses these distances by more than 1e-4."""
