@@ -367,11 +367,24 @@ class ChunkDistances:
 
     def _pair_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
         """Squared distances of the pairs ``(rows[r], c)`` (``r`` ascending) that order them
-        exactly within each group and against ``targets`` ``(m,)``: exact distances for a few
-        pairs per row, :meth:`_ordering_values` for many."""
-        if c.numel() <= DIRECT_PAIRS_PER_ROW * rows.numel():
+        exactly within each group and against ``targets`` ``(m,)``: exact distances in groups of
+        at most :data:`DIRECT_PAIRS_PER_ROW` pairs, :meth:`_ordering_values` in larger ones."""
+        counts = torch.bincount(r, minlength=rows.numel())
+        dense = counts > DIRECT_PAIRS_PER_ROW
+        if not bool(dense.any()):
             return self.exact(rows[r], c)
-        return self._ordering_values(rows, r, c, targets)
+        if bool(dense.all()):
+            return self._ordering_values(rows, r, c, targets)
+        in_dense = dense[r]
+        out = torch.empty(c.numel(), dtype=self.entries.dtype, device=c.device)
+        few = torch.nonzero(~in_dense).squeeze(1)
+        out[few] = self.exact(rows[r[few]], c[few])
+        many = torch.nonzero(in_dense).squeeze(1)
+        group = torch.cumsum(dense, dim=0) - 1  # a dense group's index among the dense groups
+        out[many] = self._ordering_values(
+            rows[dense], group[r[many]], c[many], None if targets is None else targets[dense]
+        )
+        return out
 
     def _product_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, float]:
         """The float64 product ``|b|^2 - 2 a.b`` ``(n, K)`` made for (at least) ``rows``, the

@@ -238,13 +238,14 @@ def test_smallest_two_and_columns_within_equal_numpy(width):
         assert [t.tolist() for t in got] == [w.tolist() for w in want]
 
 
-@pytest.fixture(params=["direct", "product"])
+@pytest.fixture(params=["direct", "product", "mixed"])
 def band_ordering(request, monkeypatch):
     """Both ways a band of near entries is ordered: exact distances of every pair, or (what
     dense bands take) the float64 product with exact distances where values lie close; forced
-    here on every band, a few rows per product."""
-    if request.param == "product":
-        monkeypatch.setattr(scoring_kernels, "DIRECT_PAIRS_PER_ROW", 0)
+    here on every band ("product", a few rows per product), or on the bands of more than two
+    entries ("mixed": both ways within one call)."""
+    if request.param != "direct":
+        monkeypatch.setattr(scoring_kernels, "DIRECT_PAIRS_PER_ROW", 0 if request.param == "product" else 2)
         monkeypatch.setattr(scoring_kernels, "PRODUCT_ROWS", 3)
     return request.param
 
