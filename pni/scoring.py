@@ -41,12 +41,10 @@ from pni.scoring_kernels import (
     PositionMask,
     RankColumns,
     Workspace,
-    expansion_bound,
     masked,
     nearest_ids,
     resize_and_blur,
     row_chunks,
-    unit_roundoff,
 )
 
 VARIANTS: tuple[str, ...] = ("original", "paper")
@@ -275,13 +273,12 @@ class Scorer:
             "without_edge": art.embedding_without_edge,
             "distribution": art.distribution_coreset,
         }
-        self.coresets, self.largest_sq, self.exact_entries = {}, {}, {}
+        self.coresets, self.exact_entries = {}, {}
         for name, entries in self.entries.items():
             self.exact_entries[name] = ExactEntries(entries)  # for direct differences
             centred = entries - self.centre
             sq = (centred * centred).sum(dim=1, keepdim=True)
             self.coresets[name] = torch.cat([-2.0 * centred, sq], dim=1)
-            self.largest_sq[name] = float(sq.max())
         self.inner = interior_indices(rows, cols, self.pp, art.position_prior.device)
         gamma = cfg.softmax_coor_gamma
         self.allowed_with_edge = PositionMask(position_allowed(art.position_prior_with_edge, gamma, self.k2), dtype)
@@ -298,8 +295,7 @@ class Scorer:
         ``x`` ``(n, E)`` against coreset ``name``."""
         entries = self.coresets[name]
         q = torch.mm(x_aug, entries.T, out=self.workspace.get("q_" + name, (x.shape[0], entries.shape[0]), x))
-        tau = expansion_bound(x_sq, self.largest_sq[name], x.shape[1], unit_roundoff(q))
-        return ChunkDistances(q, x_sq, tau, x, self.exact_entries[name], self.workspace)
+        return ChunkDistances(q, x_sq, entries[:, -1], x, self.exact_entries[name], self.workspace)
 
     def __call__(self, features: Tensor, nb_logits: Tensor) -> ImageScores:
         """Score one image: features ``(R, C, E)``, neighbourhood-MLP logits ``(P_int, D)`` of

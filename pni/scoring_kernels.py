@@ -150,35 +150,39 @@ def smallest_two(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return v, block * MIN_BLOCK + at, runner_up
 
 
-def columns_within(q: Tensor, rows: Tensor, lo: Tensor | None, hi: Tensor) -> tuple[Tensor, Tensor]:
+def columns_within(q: Tensor, rows: Tensor, lo: Tensor | None, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The pairs ``(r, c)`` with ``lo[r] <= q[rows[r], c] <= hi[r]`` (``lo`` None: no lower
     limit), ``r`` ascending and ``c`` ascending within each ``r`` (``torch.nonzero``'s order),
-    from ``q`` ``(n, w)``, ``rows`` ``(m,)`` and ``lo``, ``hi`` ``(m,)``.
+    and their values, from ``q`` ``(n, w)``, ``rows`` ``(m,)`` and ``lo``, ``hi`` ``(m,)``.
 
-    Such bands hold a few entries of a row: only the blocks of :data:`MIN_BLOCK` columns whose
-    minimum is at most ``hi`` are searched (``nonzero`` over whole rows costs several ns per
-    element on the CPU)."""
+    Such bands mostly hold a few entries of a row: then only the blocks of :data:`MIN_BLOCK`
+    columns whose minimum is at most ``hi`` are searched (``nonzero`` over whole rows costs
+    several ns per element on the CPU)."""
     sub = q.index_select(0, rows)
     m, w = sub.shape
     full = w - w % MIN_BLOCK
-    if full < 2 * MIN_BLOCK:
-        hit = sub <= hi[:, None]
-        if lo is not None:
-            hit &= sub >= lo[:, None]
-        r, c = torch.nonzero(hit, as_tuple=True)
-        return r, c
-    block_min = sub[:, :full].unflatten(1, (full // MIN_BLOCK, MIN_BLOCK)).amin(dim=2)
-    if full < w:
-        block_min = torch.cat([block_min, sub[:, full:].amin(dim=1, keepdim=True)], dim=1)
-    rb, block = torch.nonzero(block_min <= hi[:, None], as_tuple=True)
-    cols = block[:, None] * MIN_BLOCK + torch.arange(MIN_BLOCK, device=q.device)  # (blocks, MIN_BLOCK)
-    inside = cols < w
-    values = sub.view(-1).index_select(0, (rb[:, None] * w + cols.clamp_max(w - 1)).view(-1)).view(cols.shape)
-    hit = inside & (values <= hi[rb, None])
-    if lo is not None:
-        hit &= values >= lo[rb, None]
-    at, j = torch.nonzero(hit, as_tuple=True)
-    return rb[at], cols[at, j]
+
+    def within(values: Tensor, groups: Tensor) -> Tensor:
+        hit = values <= hi[groups, None]
+        return hit if lo is None else hit.logical_and_(values >= lo[groups, None])
+
+    if full >= 2 * MIN_BLOCK:
+        blocks = sub[:, :full].unflatten(1, (full // MIN_BLOCK, MIN_BLOCK))
+        searched = blocks.amin(dim=2) <= hi[:, None]
+        if 4 * int(searched.sum()) <= searched.numel():  # else as dense as whole rows
+            rb, block = torch.nonzero(searched, as_tuple=True)
+            values = blocks[rb, block]  # (blocks, MIN_BLOCK)
+            at, j = torch.nonzero(within(values, rb), as_tuple=True)
+            r, c, v = rb[at], block[at] * MIN_BLOCK + j, values[at, j]
+            if full < w:  # the narrower last block, merged in row order
+                rt, ct = torch.nonzero(within(sub[:, full:], torch.arange(m, device=q.device)), as_tuple=True)
+                order = torch.argsort(torch.cat([r, rt]), stable=True)
+                r = torch.cat([r, rt])[order]
+                c = torch.cat([c, ct + full])[order]
+                v = torch.cat([v, sub[rt, ct + full]])[order]
+            return r, c, v
+    r, c = torch.nonzero(within(sub, torch.arange(m, device=q.device)), as_tuple=True)
+    return r, c, sub[r, c]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +207,14 @@ def unit_roundoff(q: Tensor) -> float:
 def expansion_bound(x_sq: Tensor, entries_sq_max: float, dim: int, u: float) -> Tensor:
     """``tau`` ``(n,)``: a bound on ``|q - (|x - y|^2 - x_sq)|`` over the entries ``y`` of one
     coreset, from the rows' ``x_sq = |x - c|^2`` ``(n,)``, the entries' largest ``|y - c|^2``,
-    the dimension ``E`` and the unit roundoff: ``(4 E + 16) u (|x - c|^2 + max |y - c|^2)``."""
-    return (4 * dim + 16) * u * (x_sq + entries_sq_max)
+    the dimension ``E`` and the unit roundoff: ``(4 E + 16) u (|x - c|^2 + max |y - c|^2)``.
+    The same sum with one entry's ``|y - c|^2`` bounds that entry's error alone."""
+    return expansion_scale(dim, u) * (x_sq + entries_sq_max)
+
+
+def expansion_scale(dim: int, u: float) -> float:
+    """``(4 E + 16) u``: the factor of :func:`expansion_bound`."""
+    return (4 * dim + 16) * u
 
 
 def exact_sq_distances(
@@ -283,17 +293,31 @@ class ChunkDistances:
     """One chunk of rows against one coreset: ``q`` ``(n, K)`` from the float32 product and
     what makes its decisions exact: the rows ``x`` ``(n, E)`` as given and the coreset's
     :class:`ExactEntries` (float64, for direct differences), ``x_sq`` ``(n,)`` = the ``|x - c|^2`` in
-    ``q``'s units and the bound ``tau`` ``(n,)`` (:func:`expansion_bound`).
+    ``q``'s units, the entries' ``entries_sq`` ``(K,)`` = ``|y - c|^2``, and from them the bound
+    ``tau`` ``(n,)`` of a row (:func:`expansion_bound`).
 
     Selections return entry ids; ties between equal distances go to the lower id (the order
     of a stable sort). A selection that ``q`` decides within ``2 tau`` is taken from ``q``;
-    the others compare exact distances of the few entries within ``2 tau``.
+    among the entries within ``2 tau`` (full passes over ``q`` use ``tau``, with the largest
+    ``|y - c|^2``), each entry's own bound, with its own ``|y - c|^2``, leaves fewer to compare by
+    exact distances.
     """
 
     def __init__(
-        self, q: Tensor, x_sq: Tensor, tau: Tensor, x: Tensor, entries: ExactEntries, workspace: Workspace | None
+        self,
+        q: Tensor,
+        x_sq: Tensor,
+        entries_sq: Tensor,
+        x: Tensor,
+        entries: ExactEntries,
+        workspace: Workspace | None,
     ) -> None:
-        self.q, self.x_sq, self.tau, self.x, self.ws = q, x_sq, tau, x, workspace
+        self.q, self.x_sq, self.x, self.ws = q, x_sq, x, workspace
+        self.scale = expansion_scale(x.shape[1], unit_roundoff(q))
+        self.entries_sq = entries_sq
+        self.max_half = self.scale * float(entries_sq.max())
+        self.tau = self.scale * x_sq + self.max_half
+        self.entry_half = self.scale * entries_sq.double()  # (K,) each entry's share of its bound
         self.exact_entries, self.entries = entries, entries.values
         self.n, self.width = q.shape
         self.all = torch.arange(self.n, device=q.device)
@@ -307,8 +331,7 @@ class ChunkDistances:
         a, b = x - centre, entries - centre
         a_sq, b_sq = (a * a).sum(dim=1), (b * b).sum(dim=1)
         q = b_sq - 2.0 * (a @ b.T)
-        tau = expansion_bound(a_sq, float(b_sq.max()), x.shape[1], unit_roundoff(q))
-        return cls(q, a_sq, tau, x, ExactEntries(entries), workspace)
+        return cls(q, a_sq, b_sq, x, ExactEntries(entries), workspace)
 
     def exact(self, rows: Tensor | None, cols: Tensor) -> Tensor:
         """Exact squared distances (float64) of the pairs ``(rows, cols)`` (chunk rows, entry
@@ -335,26 +358,46 @@ class ChunkDistances:
 
         ``source`` ``(n, w)``: ``q`` with the blocked entries raised by :data:`BLOCKED` (default
         ``q``); ``columns`` ``(n, w)``: the entry id of each of its columns (default: the
-        column). Where a second entry comes within ``2 tau`` of the smallest value, the
-        entries within ``2 tau`` are compared exactly."""
+        column). Where a second entry comes within both bounds (``2 tau`` at most) of the
+        smallest value, those that each entry's own bound leaves are compared exactly."""
         src = self.q if source is None else source
         v, slot, runner_up = smallest_two(src)
         ids = slot if columns is None else columns.gather(1, slot[:, None])[:, 0]
-        bound = v + 2.0 * self.tau
+        # an entry may be nearer than the one chosen only within both bounds
+        bound = v + self.scale * (2.0 * self.x_sq + self.entries_sq[ids]) + self.max_half
         rows = torch.nonzero((runner_up <= bound) & (v < 0.5 * BLOCKED)).squeeze(1)
         if rows.numel():
-            r, c = columns_within(src, rows, None, bound[rows])
+            r, c, value = columns_within(src, rows, None, bound[rows])
             if columns is not None:
                 c = columns[rows[r], c]
-            ids[rows] = _group_min(r, self._pair_values(rows, r, c), c, rows.numel(), self.width)
+            # each entry's own bound: drop those certainly farther than another of the row
+            lower, upper = self._interval(rows, r, c, value)
+            least_upper = torch.full((rows.numel(),), math.inf, dtype=upper.dtype, device=upper.device)
+            least_upper.scatter_reduce_(0, r, upper, reduce="amin")
+            keep = lower <= least_upper[r]
+            counts = torch.bincount(r[keep], minlength=rows.numel())
+            keep &= counts[r] > 1  # one left: the smallest q, already chosen
+            r, c = r[keep], c[keep]
+            if r.numel():
+                open_rows = torch.nonzero(counts > 1).squeeze(1)
+                chosen = _group_min(r, self._pair_values(rows, r, c), c, rows.numel(), self.width)
+                ids[rows[open_rows]] = chosen[open_rows]
         return ids, v
 
-    def _band(self, q: Tensor, v: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Entries of ``q`` ``(m, K)`` below ``v - 2 tau`` (nearer than the entry at ``q = v``,
-        for certain) and at most ``v + 2 tau`` (all that may be nearer, and that entry), as
+    def _interval(self, rows: Tensor, r: Tensor, c: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Where the exact ``|x - y|^2 - x_sq`` of the pairs ``(rows[r], c)`` lies, from their
+        ``q`` values ``value``: ``value -+`` the pair's own bound (:func:`expansion_bound` with
+        entry ``c``'s ``|y - c|^2``), float64 ``(p,)`` each."""
+        half = self.scale * self.x_sq.index_select(0, rows).double()[r] + self.entry_half[c]
+        value = value.double()
+        return value - half, value + half
+
+    def _band(self, q: Tensor, v: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Entries of ``q`` ``(m, K)`` below ``v - half`` (nearer than the entry at ``q = v``,
+        for certain) and at most ``v + half`` (all that may be nearer, and that entry), as
         long ``(m,)``, and the rows where those counts leave something to decide."""
-        below = count_below(q, v - 2.0 * tau, self.ws).long()
-        at_most = count_at_most(q, v + 2.0 * tau, self.ws).long()
+        below = count_below(q, v - half, self.ws).long()
+        at_most = count_at_most(q, v + half, self.ws).long()
         return below, at_most, torch.nonzero(at_most - below > 1).squeeze(1)
 
     def _band_pairs(self, rows: Tensor, v: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -362,13 +405,14 @@ class ChunkDistances:
         and a squared distance that orders them exactly among themselves and against
         ``targets`` ``(m,)`` (exact squared distances, one per group) where given
         (:meth:`_pair_values`)."""
-        r, c = columns_within(self.q, rows, v - 2.0 * self.tau[rows], v + 2.0 * self.tau[rows])
+        r, c, _ = columns_within(self.q, rows, v - 2.0 * self.tau[rows], v + 2.0 * self.tau[rows])
         return r, c, self._pair_values(rows, r, c, targets)
 
     def _pair_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
         """Squared distances of the pairs ``(rows[r], c)`` (``r`` ascending) that order them
-        exactly within each group and against ``targets`` ``(m,)``: exact distances in groups of
-        at most :data:`DIRECT_PAIRS_PER_ROW` pairs, :meth:`_ordering_values` in larger ones."""
+        exactly within each group, or (``targets`` ``(m,)`` given, exact squared distances, one
+        per group) against their group's target: exact distances in groups of at most
+        :data:`DIRECT_PAIRS_PER_ROW` pairs, :meth:`_ordering_values` in larger ones."""
         counts = torch.bincount(r, minlength=rows.numel())
         dense = counts > DIRECT_PAIRS_PER_ROW
         if not bool(dense.any()):
@@ -410,62 +454,81 @@ class ChunkDistances:
         product ``|a|^2 + |b|^2 - 2 a.b`` (``a``, ``b`` centred in float64; a row's product is
         made once and kept), within ``tau64`` = ``(4 E + 64) u64 (|a|^2 + max |b|^2)`` of the exact
         ones (the expansion's bound in float64, the centring's rounding in the margin); a pair
-        whose value lies within ``2 tau64`` of another of its group or of the group's target is
-        measured exactly. Every comparison the callers make among these values, and against the
-        targets, is then the exact one."""
+        whose value lies within ``2 tau64`` of another of its group (``targets`` None) or of its
+        group's target is measured exactly. Every comparison the callers make among these
+        values, or against the targets, is then the exact one."""
         q64, a_sq_all, b_sq_max = self._product_rows(rows)
         a_sq = a_sq_all[rows]
         approx = q64[rows[r], c] + a_sq[r]
         tau = (4 * self.x.shape[1] + 64) * (torch.finfo(torch.float64).eps / 2) * (a_sq + b_sq_max)
-        order = torch.argsort(approx, stable=True)
-        order = order[torch.argsort(r[order], stable=True)]  # by group, then by value
-        ro, vo = r[order], approx[order]
-        close = (ro[1:] == ro[:-1]) & (vo[1:] - vo[:-1] <= 2.0 * tau[ro[1:]])
-        flag = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
-        flag[order[1:][close]] = True
-        flag[order[:-1][close]] = True
         if targets is not None:
-            flag |= (approx - targets[r]).abs() <= 2.0 * tau[r]
+            flag = (approx - targets[r]).abs() <= 2.0 * tau[r]
+        else:
+            order = torch.argsort(approx, stable=True)
+            order = order[torch.argsort(r[order], stable=True)]  # by group, then by value
+            ro, vo = r[order], approx[order]
+            close = (ro[1:] == ro[:-1]) & (vo[1:] - vo[:-1] <= 2.0 * tau[ro[1:]])
+            flag = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
+            flag[order[1:][close]] = True
+            flag[order[:-1][close]] = True
         pick = torch.nonzero(flag).squeeze(1)
         if pick.numel():
             approx[pick] = self.exact(rows[r[pick]], c[pick])
         return approx
 
-    def rank(self, rows: Tensor, ids: Tensor, v: Tensor) -> Tensor:
+    def rank(self, rows: Tensor, ids: Tensor) -> Tensor:
         """Exact rank ``(m,)`` long of entries ``ids`` among the entries of ``rows``, the
-        number of entries nearer or as near with a lower id, from ``v``, each entry's ``q``
-        (or a value within ``tau`` of its exact one, as :meth:`nearest` gives)."""
+        number of entries nearer or as near with a lower id."""
+        centre, half = self._target_band(rows, ids)
         if 4 * rows.numel() < self.n:
-            below, _, amb = self._band(take_rows(self.q, rows, self.ws), v, self.tau[rows])
+            below, _, amb = self._band(take_rows(self.q, rows, self.ws), centre, half)
         else:  # counting every row is cheaper than copying most of them
-            spread = torch.full_like(self.tau, math.inf).index_put_((rows,), v)
-            below, _, amb = self._band(self.q, spread, self.tau)
+            spread = torch.full_like(self.tau, math.inf).index_put_((rows,), centre)
+            below, _, amb = self._band(self.q, spread, torch.zeros_like(self.tau).index_put_((rows,), half))
             below = below[rows]
             flagged = torch.zeros(self.n, dtype=torch.bool, device=rows.device).index_fill_(0, amb, True)
             amb = torch.nonzero(flagged[rows]).squeeze(1)
         if amb.numel():
-            targets = self.exact(rows[amb], ids[amb])
-            r, c, e = self._band_pairs(rows[amb], v[amb], targets)
-            target = targets[r]
-            before = ((e < target) | ((e == target) & (c < ids[amb][r]))).long()
+            rows_a, ids_a, centre_a, half_a = rows[amb], ids[amb], centre[amb], half[amb]
+            r, c, value = columns_within(self.q, rows_a, centre_a - half_a, centre_a + half_a)
+            # each entry's own bound: entries certainly nearer or farther than the target need
+            # no exact distance
+            lower, upper = self._interval(rows_a, r, c, value)
+            target_lower, target_upper = self._interval(rows_a, self.all[: amb.numel()], ids_a, centre_a)
+            before = (upper < target_lower[r]).long()
+            open_pairs = torch.nonzero((before == 0) & (lower <= target_upper[r])).squeeze(1)
+            if open_pairs.numel():
+                targets = self.exact(rows_a, ids_a)
+                ro, co = r[open_pairs], c[open_pairs]
+                e, target = self._pair_values(rows_a, ro, co, targets), targets[ro]
+                before[open_pairs] = ((e < target) | ((e == target) & (co < ids_a[ro]))).long()
             below[amb] = below[amb] + torch.zeros_like(amb).scatter_add_(0, r, before)
         return below
 
-    def fewer_before(self, rows: Tensor, ids: Tensor, v: Tensor, keep: int) -> Tensor:
+    def _target_band(self, rows: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``q`` of entries ``ids`` in ``rows`` and a half-width ``(m,)`` each: an entry whose
+        ``q`` lies further from the first than the second is nearer or farther than that entry
+        for certain (its bound and the target's, the largest ``|y - c|^2`` for the former)."""
+        centre = self.q[rows, ids]
+        return centre, self.scale * (2.0 * self.x_sq[rows] + self.entries_sq[ids]) + self.max_half
+
+    def fewer_before(self, rows: Tensor, ids: Tensor, keep: int) -> Tensor:
         """Whether fewer than ``keep`` entries come before entries ``ids`` (see :meth:`rank`)
         in ``rows``, bool ``(m,)``: from ``q``'s counts where they decide it."""
-        q = take_rows(self.q, rows, self.ws) if 4 * rows.numel() < self.n else self.q
-        tau = self.tau[rows] if q is not self.q else self.tau
-        vv = v if q is not self.q else torch.full_like(self.tau, math.inf).index_put_((rows,), v)
-        at_most = count_at_most(q, vv + 2.0 * tau, self.ws)
-        out = (at_most if q is not self.q else at_most[rows]) <= keep  # rank <= at_most - 1
+        centre, half = self._target_band(rows, ids)
+        if 4 * rows.numel() < self.n:
+            at_most = count_at_most(take_rows(self.q, rows, self.ws), centre + half, self.ws)
+        else:  # counting every row is cheaper than copying most of them
+            spread = torch.full_like(self.tau, -math.inf).index_put_((rows,), centre + half)
+            at_most = count_at_most(self.q, spread, self.ws)[rows]
+        out = at_most <= keep  # rank <= at_most - 1
         open_rows = torch.nonzero(~out).squeeze(1)
         if open_rows.numel():  # rank >= the entries certainly before it
             sub = take_rows(self.q, rows[open_rows], self.ws)
-            below = count_below(sub, v[open_rows] - 2.0 * self.tau[rows[open_rows]], self.ws)
+            below = count_below(sub, centre[open_rows] - half[open_rows], self.ws)
             undecided = open_rows[below < keep]
             if undecided.numel():
-                out[undecided] = self.rank(rows[undecided], ids[undecided], v[undecided]) < keep
+                out[undecided] = self.rank(rows[undecided], ids[undecided]) < keep
         return out
 
     def farthest(self, rows: Tensor) -> Tensor:
@@ -497,7 +560,7 @@ class ChunkDistances:
                 top = q.topk(bound, dim=1, largest=False, sorted=True)
                 v = top.values.gather(1, k[rows, None])[:, 0]
                 out[rows] = top.indices.gather(1, k[rows, None])[:, 0]
-                below, _, amb = self._band(q, v, self.tau[rows])
+                below, _, amb = self._band(q, v, 2.0 * self.tau[rows])
                 if amb.numel():
                     r, c, e = self._band_pairs(rows[amb], v[amb])
                     out[rows[amb]] = _kth_of_groups(r, e, c, k[rows[amb]] - below[amb])
@@ -528,7 +591,7 @@ class ChunkDistances:
         if keep is not None and keep < self.width:
             rows = torch.nonzero(found & (ids != nearest_ids)).squeeze(1)
             if rows.numel():
-                found[rows] = self.fewer_before(rows, ids[rows], v[rows], keep)
+                found[rows] = self.fewer_before(rows, ids[rows], keep)
         rows = torch.nonzero(~found).squeeze(1)
         return ids.index_put((rows,), self.farthest(rows)) if rows.numel() else ids
 
@@ -612,7 +675,7 @@ class RankColumns:
             rank = torch.full_like(ids, ranks)
             rows = torch.nonzero(found).squeeze(1)
             if rows.numel():
-                rank[rows] = dist.rank(rows, ids[rows], v[rows])
+                rank[rows] = dist.rank(rows, ids[rows])
             found &= rank < ranks
             return torch.where(found, self.first[rank.clamp_max(ranks - 1)], last)
         order = dist.order()[:, :ranks]

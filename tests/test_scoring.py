@@ -222,20 +222,26 @@ def test_smallest_two_and_columns_within_equal_numpy(width):
     second = np.sort(q, axis=1)[:, 1] if width > 1 else np.full(50, np.inf)
     np.testing.assert_array_equal(runner_up, second)
     rows = np.array([0, 3, 5, 7, 8, 20, 49])
-    hi = q[rows].min(1) + rng.integers(0, 6, len(rows))
-    lo = hi - 3.0
-    for low in (None, lo):
-        hit = q[rows] <= hi[:, None]
+    sparse = 100.0 + q  # a few low values per row: few blocks to search
+    sparse[rng.random(q.shape) < 0.002] = 50.0
+    sparse[rows, -1] = 50.0  # and in the last block
+    cases = []
+    for values in (q, sparse):
+        hi = values[rows].min(1) + rng.integers(0, 6, len(rows))
+        cases += [(values, None, hi), (values, hi - 3.0, hi)]
+    for values, low, hi in cases:
+        hit = values[rows] <= hi[:, None]
         if low is not None:
-            hit &= q[rows] >= low[:, None]
+            hit &= values[rows] >= low[:, None]
         want = np.nonzero(hit)
-        got = columns_within(
-            torch.from_numpy(q),
+        r, c, found = columns_within(
+            torch.from_numpy(values),
             torch.from_numpy(rows),
             None if low is None else torch.from_numpy(low),
             torch.from_numpy(hi),
         )
-        assert [t.tolist() for t in got] == [w.tolist() for w in want]
+        assert [r.tolist(), c.tolist()] == [w.tolist() for w in want]
+        assert found.tolist() == values[rows][want].tolist()
 
 
 @pytest.fixture(params=["direct", "product", "mixed"])
@@ -275,7 +281,7 @@ def test_exact_kth_rank_and_order_equal_sorting(band_ordering):
     assert kth.tolist() == order[np.arange(300), k].tolist()
     assert dist.order().tolist() == order.tolist()
     pick = torch.from_numpy(order[np.arange(300), k])
-    assert dist.rank(dist.all, pick, dist.q.gather(1, pick[:, None])[:, 0]).tolist() == k.tolist()
+    assert dist.rank(dist.all, pick).tolist() == k.tolist()
     assert nearest_ids(torch.from_numpy(x), torch.from_numpy(y), 7).tolist() == order[:, 0].tolist()
 
 
