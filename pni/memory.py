@@ -60,9 +60,9 @@ def rows_for(
 
 def scoring_rows(widest_coreset: int, device: torch.device | str | None = None) -> int:
     """Feature rows whose distance matrices ``pni.scoring`` holds at once: about six
-    ``(rows, widest_coreset)`` float32 matrices in 1/8 of the free memory of the scoring
-    device, 256 to 16,384 rows."""
-    return rows_for(6 * 4 * widest_coreset, fraction=0.125, device=device, lo=256, hi=16384)
+    ``(rows, widest_coreset)`` float32 matrices and one float64 (the product that orders dense
+    bands) in 1/8 of the free memory of the scoring device, 256 to 16,384 rows."""
+    return rows_for(8 * 4 * widest_coreset, fraction=0.125, device=device, lo=256, hi=16384)
 
 
 def release_pages(array: np.ndarray) -> None:

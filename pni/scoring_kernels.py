@@ -435,7 +435,12 @@ class ChunkDistances:
         rows' ``|a|^2`` ``(n,)`` and ``max |b|^2`` (``a = x - centre``, ``b = entries - centre``)."""
         centre, b, b_sq = self.exact_entries.centred()
         if self._product is None:
-            q64 = torch.empty((self.n, self.width), dtype=torch.float64, device=self.q.device)
+            shape = (self.n, self.width)
+            q64 = (
+                self.ws.get("q64", shape, self.q, torch.float64)
+                if self.ws is not None
+                else torch.empty(shape, dtype=torch.float64, device=self.q.device)
+            )
             a_sq = torch.empty(self.n, dtype=torch.float64, device=self.q.device)
             done = torch.zeros(self.n, dtype=torch.bool, device=self.q.device)
             self._product = (q64, a_sq, done)
