@@ -350,6 +350,8 @@ class ChunkDistances:
         """Exact squared distances of entries ``ids`` ``(n,)``, one per row, reusing ``known``
         (those of ``known_ids``) where the ids agree."""
         rows = torch.nonzero(ids != known_ids).squeeze(1)
+        if 2 * rows.numel() > self.n:  # most rows: measuring all is cheaper than gathering them
+            return self.exact(None, ids)
         return known.index_put((rows,), self.exact(rows, ids[rows])) if rows.numel() else known.clone()
 
     def nearest(self, source: Tensor | None = None, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
