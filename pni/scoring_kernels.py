@@ -402,13 +402,11 @@ class ChunkDistances:
         at_most = count_at_most(q, v + half, self.ws).long()
         return below, at_most, torch.nonzero(at_most - below > 1).squeeze(1)
 
-    def _band_pairs(self, rows: Tensor, v: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _band_pairs(self, rows: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The entries within ``2 tau`` of ``v`` ``(m,)`` in ``rows``: group (0..m-1), entry id,
-        and a squared distance that orders them exactly among themselves and against
-        ``targets`` ``(m,)`` (exact squared distances, one per group) where given
-        (:meth:`_pair_values`)."""
+        and a squared distance that orders them exactly among themselves (:meth:`_pair_values`)."""
         r, c, _ = columns_within(self.q, rows, v - 2.0 * self.tau[rows], v + 2.0 * self.tau[rows])
-        return r, c, self._pair_values(rows, r, c, targets)
+        return r, c, self._pair_values(rows, r, c)
 
     def _pair_values(self, rows: Tensor, r: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
         """Squared distances of the pairs ``(rows[r], c)`` (``r`` ascending) that order them
