@@ -285,6 +285,34 @@ def test_exact_kth_rank_and_order_equal_sorting(band_ordering):
     assert nearest_ids(torch.from_numpy(x), torch.from_numpy(y), 7).tolist() == order[:, 0].tolist()
 
 
+def test_each_entry_bound_holds_and_narrows_the_nearest():
+    """Each pair's interval ``q -+ (4E + 16) u (|x - c|^2 + |y - c|^2)`` holds its exact value
+    (entries whose ``|y - c|^2`` differ a hundredfold), and the nearest entry found through
+    these intervals is the exact one (ties: the lower id)."""
+    rng = np.random.default_rng(3)
+    e = 32
+    scales = np.where(rng.random(600) < 0.1, 10.0, 1.0)[:, None]  # a few entries far out
+    y = (5.0 + scales * rng.normal(size=(600, e))).astype(np.float32)
+    y[300:320] = y[:20]  # exact duplicates
+    x = (y[rng.integers(0, 300, 200)] + 0.05 * rng.normal(size=(200, e))).astype(np.float32)
+    dist = ChunkDistances.between(torch.from_numpy(x), torch.from_numpy(y))
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    exact = ((x64[:, None] - y64[None]) ** 2).sum(-1)
+    centre = y.mean(0)  # as ``between`` centres (float32)
+    a_sq = ((x - centre) ** 2).sum(1).astype(np.float64)
+    b_sq = ((y - centre) ** 2).sum(1).astype(np.float64)
+    assert b_sq.max() > 50 * np.median(b_sq)
+    r, c = np.meshgrid(np.arange(200), np.arange(600), indexing="ij")
+    r, c = torch.from_numpy(r.ravel()), torch.from_numpy(c.ravel())
+    lower, upper = dist._interval(dist.all, r, c, dist.q[r, c])
+    half = (4 * e + 16) * 2.0**-24 * (a_sq[r.numpy()] + b_sq[c.numpy()])
+    np.testing.assert_allclose(((upper - lower) / 2).numpy(), half, rtol=1e-5)
+    shifted = exact.ravel() - dist.x_sq.double().numpy()[r.numpy()]  # the exact value of q
+    assert (lower.numpy() <= shifted).all() and (shifted <= upper.numpy()).all()
+    order = np.lexsort((np.broadcast_to(np.arange(600), exact.shape), exact), axis=1)
+    assert dist.nearest()[0].tolist() == order[:, 0].tolist()
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_rank_columns_without_sorting_when_increasing(workers):
     """With ``m(k) = k`` below ``D`` (a prefix distribution coreset) the first allowed column
