@@ -12,6 +12,7 @@ Pure torch, device-agnostic.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -104,7 +105,7 @@ def masked(q: Tensor, blocked: Tensor, workspace: Workspace | None, name: str) -
     return torch.add(q, blocked, alpha=BLOCKED, out=out)
 
 
-def _count(compare, q: Tensor, bound: Tensor, workspace: Workspace | None, name: str) -> Tensor:
+def _count(compare: Callable[..., Tensor], q: Tensor, bound: Tensor, workspace: Workspace | None, name: str) -> Tensor:
     """``compare(q, bound[:, None])`` counted per row, as floats (exact: below 2^24), a block
     of :data:`COUNT_ROWS` rows at a time: comparing into a float buffer that stays in cache
     and summing it is several times faster on the CPU than summing a bool tensor."""
@@ -316,7 +317,7 @@ class ChunkDistances:
         self.scale = expansion_scale(x.shape[1], unit_roundoff(q))
         self.entries_sq = entries_sq
         self.max_half = self.scale * float(entries_sq.max())
-        self.tau = self.scale * x_sq + self.max_half
+        self.tau = expansion_bound(x_sq, float(entries_sq.max()), x.shape[1], unit_roundoff(q))
         self.entry_half = self.scale * entries_sq.double()  # (K,) each entry's share of its bound
         self.exact_entries, self.entries = entries, entries.values
         self.n, self.width = q.shape
