@@ -316,8 +316,9 @@ class ChunkDistances:
         self.q, self.x_sq, self.x, self.ws = q, x_sq, x, workspace
         self.scale = expansion_scale(x.shape[1], unit_roundoff(q))
         self.entries_sq = entries_sq
-        self.max_half = self.scale * float(entries_sq.max())
-        self.tau = expansion_bound(x_sq, float(entries_sq.max()), x.shape[1], unit_roundoff(q))
+        largest_sq = float(entries_sq.max())
+        self.max_half = self.scale * largest_sq
+        self.tau = expansion_bound(x_sq, largest_sq, x.shape[1], unit_roundoff(q))
         self.entry_half = self.scale * entries_sq.double()  # (K,) each entry's share of its bound
         self.exact_entries, self.entries = entries, entries.values
         self.n, self.width = q.shape
