@@ -314,11 +314,11 @@ class ChunkDistances:
         workspace: Workspace | None,
     ) -> None:
         self.q, self.x_sq, self.x, self.ws = q, x_sq, x, workspace
-        self.scale = expansion_scale(x.shape[1], unit_roundoff(q))
+        u, largest_sq = unit_roundoff(q), float(entries_sq.max())
+        self.scale = expansion_scale(x.shape[1], u)
         self.entries_sq = entries_sq
-        largest_sq = float(entries_sq.max())
         self.max_half = self.scale * largest_sq
-        self.tau = expansion_bound(x_sq, largest_sq, x.shape[1], unit_roundoff(q))
+        self.tau = expansion_bound(x_sq, largest_sq, x.shape[1], u)
         self.entry_half = self.scale * entries_sq.double()  # (K,) each entry's share of its bound
         self.exact_entries, self.entries = entries, entries.values
         self.n, self.width = q.shape
@@ -367,8 +367,7 @@ class ChunkDistances:
         src = self.q if source is None else source
         v, slot, runner_up = smallest_two(src)
         ids = slot if columns is None else columns.gather(1, slot[:, None])[:, 0]
-        # an entry may be nearer than the one chosen only within both bounds
-        bound = v + self.scale * (2.0 * self.x_sq + self.entries_sq[ids]) + self.max_half
+        bound = v + self._either_way(self.x_sq, ids)
         rows = torch.nonzero((runner_up <= bound) & (v < 0.5 * BLOCKED)).squeeze(1)
         if rows.numel():
             r, c, value = columns_within(src, rows, None, bound[rows])
@@ -516,8 +515,13 @@ class ChunkDistances:
         """``q`` of entries ``ids`` in ``rows`` and a half-width ``(m,)`` each: an entry whose
         ``q`` lies further from the first than the second is nearer or farther than that entry
         for certain (its bound and the target's, the largest ``|y - c|^2`` for the former)."""
-        centre = self.q[rows, ids]
-        return centre, self.scale * (2.0 * self.x_sq[rows] + self.entries_sq[ids]) + self.max_half
+        return self.q[rows, ids], self._either_way(self.x_sq[rows], ids)
+
+    def _either_way(self, x_sq: Tensor, ids: Tensor) -> Tensor:
+        """How far ``q`` ``(m,)`` of another entry may lie from that of entries ``ids`` ``(m,)``,
+        in rows of ``x_sq`` ``(m,)``, and the two still be in either order: both bounds, the
+        other entry's with the largest ``|y - c|^2``."""
+        return self.scale * (2.0 * x_sq + self.entries_sq[ids]) + self.max_half
 
     def fewer_before(self, rows: Tensor, ids: Tensor, keep: int) -> Tensor:
         """Whether fewer than ``keep`` entries come before entries ``ids`` (see :meth:`rank`)
